@@ -1,0 +1,81 @@
+"""Logic every backend shares and that does not depend on the framework.
+
+Constructor options, canonical-parameter stacks, and the checks of inputs given as shapes and dtype
+names, so that each backend module holds only what is specific to its framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from mlstm_spec.equations import BIAS_FLAGS
+from mlstm_spec.validation import LayerInfo, check_integration_mode, check_params, check_sizes
+
+#: Keyword options every layer takes, with their defaults (the same as mlstm_spec.init_params).
+LAYER_OPTIONS = dict(
+    bias=True,
+    recurrent_bias=True,
+    multiplicative_bias=True,
+    independent_recurrence=False,
+    integration_mode="addition",
+)
+
+
+def check_layer_options(input_size, hidden_size, *, num_layers=1, dropout=0.0, integration_mode="addition",
+                        **flags) -> None:
+    """Validate a layer constructor's arguments (input_size may be None where it is inferred)."""
+    if input_size is None:
+        check_sizes(1, hidden_size)
+    else:
+        check_sizes(input_size, hidden_size)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    check_integration_mode(integration_mode)
+    for name, value in flags.items():
+        if name not in LAYER_OPTIONS:
+            raise TypeError(f"unexpected option {name!r}; the options are {sorted(LAYER_OPTIONS)}")
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def canonical_stack(params) -> tuple[list[dict], list[LayerInfo]]:
+    """Normalise one canonical mapping or a list of them (a stack) and check the stack is coherent:
+    NumPy arrays, each layer valid, one dtype and one set of options throughout, and each layer's
+    input size equal to the previous layer's hidden size."""
+    if isinstance(params, Mapping):
+        layers = [params]
+    elif isinstance(params, Sequence) and not isinstance(params, (str, bytes)) and len(params) > 0:
+        layers = list(params)
+    else:
+        raise TypeError(
+            "params must be a canonical mapping or a non-empty list of them (one per layer), "
+            f"got {type(params).__name__}"
+        )
+    layers = [{k: np.asarray(v) if not isinstance(v, np.ndarray) else v for k, v in p.items()}
+              if isinstance(p, Mapping) else p for p in layers]
+    infos = [check_params(p, argument=f"params[{i}]" if len(layers) > 1 else "params")
+             for i, p in enumerate(layers)]
+    first = infos[0]
+    for i, info in enumerate(infos[1:], start=1):
+        if info.options != first.options or info.dtype != first.dtype:
+            raise ValueError(
+                f"params[{i}] has options {info.options} and dtype {info.dtype}, but params[0] has "
+                f"{first.options} and {first.dtype}; a stack shares one set"
+            )
+        if info.input_size != infos[i - 1].hidden_size or info.hidden_size != first.hidden_size:
+            raise ValueError(
+                f"params[{i}] must take input_size = hidden_size of layer {i - 1} "
+                f"({infos[i - 1].hidden_size}) and have hidden_size {first.hidden_size}, got "
+                f"I={info.input_size}, H={info.hidden_size}"
+            )
+    return layers, infos
+
+
+def present_params(info: LayerInfo) -> list[str]:
+    """Canonical names present in a layer with these options, in canonical order."""
+    names = ["weight_ih", "weight_hh", "weight_mh"]
+    return names + [name for name, flag in BIAS_FLAGS.items() if getattr(info, flag)]

@@ -1,0 +1,180 @@
+"""Input validation shared by the spec and every backend.
+
+Everything here works on shapes, dtypes names and option values, never on a framework's tensors, so a
+backend can call it with ``tuple(tensor.shape)`` and ``str(tensor.dtype)``. Each error names the
+argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .equations import BIAS_FLAGS, INTEGRATION_MODES, PARAM_SHAPES
+
+#: dtypes the NumPy spec computes in (bfloat16 has no NumPy dtype; backends compare it in float64).
+SPEC_DTYPES = ("float16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a canonical parameter mapping says about its layer."""
+
+    input_size: int
+    hidden_size: int
+    bias: bool
+    recurrent_bias: bool
+    multiplicative_bias: bool
+    independent_recurrence: bool
+    dtype: str
+
+    @property
+    def options(self) -> dict:
+        return dict(
+            bias=self.bias,
+            recurrent_bias=self.recurrent_bias,
+            multiplicative_bias=self.multiplicative_bias,
+            independent_recurrence=self.independent_recurrence,
+        )
+
+
+def dtype_name(dtype) -> str:
+    """'float32' for np.float32, a NumPy dtype, a torch/jax/tf dtype or a string."""
+    name = getattr(dtype, "name", None) or str(dtype)
+    return name.replace("torch.", "").replace("<dtype: '", "").rstrip("'>")
+
+
+def check_integration_mode(integration_mode) -> bool:
+    """Validate ``integration_mode``; returns True for multiplicative integration."""
+    if integration_mode not in INTEGRATION_MODES:
+        raise ValueError(
+            f"integration_mode must be one of {INTEGRATION_MODES}, got {integration_mode!r}"
+        )
+    return integration_mode == "multiplicative_integration"
+
+
+def check_sizes(input_size, hidden_size) -> None:
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value}")
+
+
+def expected_shapes(input_size: int, hidden_size: int, independent_recurrence: bool) -> dict:
+    """Concrete shape of every canonical parameter for the given sizes."""
+    sizes = {"I": input_size, "H": hidden_size, "4H": 4 * hidden_size, "5H": 5 * hidden_size}
+    shapes = {name: tuple(sizes[s] for s in dims) for name, dims in PARAM_SHAPES.items()}
+    if independent_recurrence:
+        shapes["weight_hh"] = (hidden_size,)
+    return shapes
+
+
+def check_params(params, *, shape_of=None, dtype_of=None, argument="params") -> LayerInfo:
+    """Check a canonical parameter mapping and return what it describes.
+
+    ``shape_of``/``dtype_of`` read a value's shape and dtype name; by default they require NumPy arrays.
+    Backends pass their own so that one set of rules covers every framework.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"{argument} must be a mapping of parameter name to array, got {type(params).__name__}"
+        )
+    unknown = sorted(set(params) - set(PARAM_SHAPES))
+    if unknown:
+        raise ValueError(
+            f"{argument} has unknown keys {unknown}; expected only {list(PARAM_SHAPES)}"
+        )
+    missing = [w for w in ("weight_ih", "weight_hh", "weight_mh") if w not in params]
+    if missing:
+        raise ValueError(f"{argument} is missing {missing}; the three weights are always required")
+    if shape_of is None:
+        for name, value in params.items():
+            if not isinstance(value, np.ndarray):
+                raise TypeError(
+                    f"{argument}[{name!r}] must be a numpy.ndarray, got {type(value).__name__}"
+                )
+        shape_of = lambda v: v.shape  # noqa: E731
+        dtype_of = lambda v: v.dtype.name  # noqa: E731
+    shapes = {name: tuple(shape_of(v)) for name, v in params.items()}
+    dtypes = {name: dtype_name(dtype_of(v)) for name, v in params.items()}
+    for name, dt in dtypes.items():
+        check_dtype(dt, f"{argument}[{name!r}]")
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"{argument} mixes dtypes {dtypes}; all parameters must share one dtype")
+    w_ih = shapes["weight_ih"]
+    if len(w_ih) != 2 or w_ih[0] % 5 or w_ih[0] == 0 or w_ih[1] == 0:
+        raise ValueError(
+            f"{argument}['weight_ih'] must have shape (5H, I) with H, I >= 1, got {w_ih}"
+        )
+    hidden, inputs = w_ih[0] // 5, w_ih[1]
+    independent = len(shapes["weight_hh"]) == 1
+    expected = expected_shapes(inputs, hidden, independent)
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            dims = ",".join(("H",) if name == "weight_hh" and independent else PARAM_SHAPES[name])
+            raise ValueError(
+                f"{argument}[{name!r}] must have shape ({dims}) = {expected[name]} for "
+                f"I={inputs}, H={hidden} (read from weight_ih {w_ih}), got {shape}"
+            )
+    return LayerInfo(
+        input_size=inputs,
+        hidden_size=hidden,
+        independent_recurrence=independent,
+        dtype=dtypes["weight_ih"],
+        **{flag: key in params for key, flag in BIAS_FLAGS.items()},
+    )
+
+
+def check_dtype(dtype, argument, allowed=SPEC_DTYPES) -> str:
+    name = dtype_name(dtype)
+    if name not in allowed:
+        raise TypeError(f"{argument} must have a floating dtype in {allowed}, got {name}")
+    return name
+
+
+def check_sequence(shape, dtype, info: LayerInfo, argument="xs", allowed=SPEC_DTYPES) -> bool:
+    """Check an input sequence (B, T, I) or (T, I) against the layer; returns True when batched."""
+    shape = tuple(shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(
+            f"{argument} must have shape (B, T, I) or (T, I), got {len(shape)} dimensions {shape}"
+        )
+    if shape[-1] != info.input_size:
+        raise ValueError(
+            f"{argument} must have I={info.input_size} features in its last dimension "
+            f"(from the parameters), got shape {shape}"
+        )
+    if 0 in shape:
+        raise ValueError(f"{argument} must have at least one step and one batch row, got {shape}")
+    check_same_dtype(dtype, info.dtype, argument, allowed)
+    return len(shape) == 3
+
+
+def check_same_dtype(dtype, param_dtype, argument, allowed=SPEC_DTYPES) -> None:
+    name = check_dtype(dtype, argument, allowed)
+    if name != param_dtype:
+        raise TypeError(
+            f"{argument} has dtype {name} but the parameters are {param_dtype}; "
+            "convert one explicitly (nothing is cast silently)"
+        )
+
+
+def check_state(state, batch_shape, info: LayerInfo, argument="state", allowed=SPEC_DTYPES,
+                shape_of=np.shape, dtype_of=lambda v: v.dtype) -> None:
+    """Check an ``(h, c)`` pair: each ``batch_shape + (H,)``, in the parameters' dtype."""
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(
+            f"{argument} must be a pair (h, c) of arrays, got {type(state).__name__}"
+            + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
+        )
+    want = tuple(batch_shape) + (info.hidden_size,)
+    for name, value in zip(("h", "c"), state):
+        if shape_of is np.shape and not isinstance(value, np.ndarray):
+            raise TypeError(f"{argument} {name} must be a numpy.ndarray, got {type(value).__name__}")
+        got = tuple(shape_of(value))
+        if got != want:
+            raise ValueError(f"{argument} {name} must have shape {want}, got {got}")
+        check_same_dtype(dtype_of(value), info.dtype, f"{argument} {name}", allowed)

@@ -1,0 +1,63 @@
+"""Helpers shared by the backend test modules (importable as ``helpers`` from tests)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import backends
+
+
+def requested_backends() -> set[str]:
+    value = os.environ.get("MLSTM_BACKENDS", "")
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def require_backend(name: str):
+    """Import ``backends.<name>``; skip the module with the reason if its framework is missing,
+    or fail if ``MLSTM_BACKENDS`` asked for it."""
+    reason = backends.missing_reason(name)
+    if reason is None:
+        return backends.load(name)
+    if name in requested_backends():
+        pytest.fail(f"MLSTM_BACKENDS requests {name}, but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def gpu_required() -> bool:
+    return os.environ.get("MLSTM_REQUIRE_GPU", "") not in ("", "0")
+
+
+def device_params(backend_module) -> list:
+    """``pytest.param(device)`` for CPU and the GPU: a missing GPU is a skip with its reason (or an
+    error when MLSTM_REQUIRE_GPU is set), never a silent pass."""
+    devices = backend_module.devices()
+    params = [pytest.param("cpu", id="cpu")]
+    gpus = [d for d in devices if d != "cpu"]
+    if gpus:
+        params += [pytest.param(d, id=d.replace(":", "")) for d in gpus]
+    else:
+        name = backend_module.__name__.split(".")[-1]
+        reason = f"no GPU visible to {name} on this machine"
+        marks = [] if gpu_required() else [pytest.mark.skip(reason=reason)]
+        params.append(pytest.param("gpu-missing", id="gpu", marks=marks))
+    return params
+
+
+def conformance_params(backend_module) -> list:
+    """``(device, dtype)`` pairs to run the conformance suite on, with GPU skips as above."""
+    out = []
+    for p in device_params(backend_module):
+        device = p.values[0]
+        if device == "gpu-missing":
+            out.append(pytest.param(device, "any", id="gpu", marks=p.marks))
+            continue
+        for dtype in backend_module.ConformanceAdapter(device).dtypes:
+            out.append(pytest.param(device, dtype, id=f"{p.id}-{dtype}"))
+    return out
+
+
+def assert_gpu_present(device: str) -> None:
+    if device == "gpu-missing":
+        pytest.fail("MLSTM_REQUIRE_GPU is set, but no GPU is visible", pytrace=False)
