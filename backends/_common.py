@@ -6,12 +6,12 @@ names, so that each backend module holds only what is specific to its framework.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
 from mlstm_spec.equations import BIAS_FLAGS
-from mlstm_spec.validation import LayerInfo, check_integration_mode, check_params, check_sizes
+from mlstm_spec.validation import LayerInfo, check_integration_mode, check_sizes, check_stack
 
 #: Keyword options every layer takes, with their defaults (the same as mlstm_spec.init_params).
 LAYER_OPTIONS = dict(
@@ -43,36 +43,14 @@ def check_layer_options(input_size, hidden_size, *, num_layers=1, dropout=0.0, i
 
 
 def canonical_stack(params) -> tuple[list[dict], list[LayerInfo]]:
-    """Normalise one canonical mapping or a list of them (a stack) and check the stack is coherent:
-    NumPy arrays, each layer valid, one dtype and one set of options throughout, and each layer's
-    input size equal to the previous layer's hidden size."""
-    if isinstance(params, Mapping):
-        layers = [params]
-    elif isinstance(params, Sequence) and not isinstance(params, (str, bytes)) and len(params) > 0:
-        layers = list(params)
-    else:
-        raise TypeError(
-            "params must be a canonical mapping or a non-empty list of them (one per layer), "
-            f"got {type(params).__name__}"
-        )
-    layers = [{k: np.asarray(v) if not isinstance(v, np.ndarray) else v for k, v in p.items()}
-              if isinstance(p, Mapping) else p for p in layers]
-    infos = [check_params(p, argument=f"params[{i}]" if len(layers) > 1 else "params")
-             for i, p in enumerate(layers)]
-    first = infos[0]
-    for i, info in enumerate(infos[1:], start=1):
-        if info.options != first.options or info.dtype != first.dtype:
-            raise ValueError(
-                f"params[{i}] has options {info.options} and dtype {info.dtype}, but params[0] has "
-                f"{first.options} and {first.dtype}; a stack shares one set"
-            )
-        if info.input_size != infos[i - 1].hidden_size or info.hidden_size != first.hidden_size:
-            raise ValueError(
-                f"params[{i}] must take input_size = hidden_size of layer {i - 1} "
-                f"({infos[i - 1].hidden_size}) and have hidden_size {first.hidden_size}, got "
-                f"I={info.input_size}, H={info.hidden_size}"
-            )
-    return layers, infos
+    """Normalise one canonical mapping or a list of them (a stack) into a list of NumPy mappings, and
+    check it with :func:`mlstm_spec.validation.check_stack` (valid layers, one dtype and one set of
+    options, each layer's input size equal to the previous hidden size)."""
+    layers = [params] if isinstance(params, Mapping) else params
+    if isinstance(layers, (list, tuple)):
+        layers = [{k: np.asarray(v) for k, v in p.items()} if isinstance(p, Mapping) else p
+                  for p in layers]
+    return list(layers), check_stack(layers)
 
 
 def present_params(info: LayerInfo) -> list[str]:

@@ -7,7 +7,8 @@ from .equations import BIAS_FLAGS, IH_BLOCKS, INTEGRATION_MODES, MH_BLOCKS, PARA
 from .layout import from_julia_sequence, to_batch_major, to_julia_sequence, to_time_major
 from .params import WEIGHT_INITS, block, glorot_uniform, init_params, orthogonal
 from .reference import backward, cell, forward
-from .validation import LayerInfo, check_params
+from .validation import LayerInfo, check_params, check_stack
+from .io import WeightFile, WeightFileError, load, save  # safetensors is imported only when used
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,6 @@ __all__ = [
     "LayerInfo", "backward", "block", "cell", "check_params", "forward", "from_julia_sequence",
     "glorot_uniform", "init_params", "orthogonal", "sigmoid", "to_batch_major", "to_julia_sequence",
     "to_time_major", "__version__",
+    # weight files (mlstm_spec.io; needs the `io` extra when called)
+    "WeightFile", "WeightFileError", "check_stack", "load", "save",
 ]

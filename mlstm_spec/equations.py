@@ -13,8 +13,9 @@ batch-major in NumPy. For input ``x`` (B, I) and state ``(h, c)`` (each (B, H)):
     c' = f * c + i * z
     h' = o * tanh(c')
 
-A switched-off bias is simply not added. ``docs/equations.md`` renders this docstring, and a test checks
-that the block constants below agree with the tables there.
+A switched-off bias is simply not added. ``docs/equations.md`` states the same in mathematical notation;
+``tests/test_docs.py`` checks its tables, and the block lines of this docstring, against the constants
+below, so neither can drift from the code.
 """
 
 from __future__ import annotations

@@ -68,7 +68,11 @@ def init_params(
     Weights are drawn in the order weight_ih, weight_hh, weight_mh, in float64, then cast to ``dtype``.
     """
     check_sizes(input_size, hidden_size)
-    dtype_str = check_dtype(np.dtype(dtype), "dtype")
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:  # a name NumPy does not know (e.g. "bfloat16"): check_dtype names the argument
+        pass
+    dtype_str = check_dtype(dtype, "dtype")
     if weight_init not in WEIGHT_INITS:
         raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
     if forget_bias and not (bias or multiplicative_bias):

@@ -66,6 +66,13 @@ def cell(params, x, state=None, *, integration_mode="addition"):
         raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
     if x.ndim not in (1, 2):
         raise ValueError(f"x must have shape (B, I) or (I,), got {x.ndim} dimensions {x.shape}")
+    input_size = check_params(params).input_size
+    if x.shape[-1] != input_size or x.size == 0:
+        # Checked here so the message shows the shape given, not the (B, 1, I) sequence made from it.
+        raise ValueError(
+            f"x must have shape (B, I) or (I,) with I={input_size} (from the parameters) and B >= 1, "
+            f"got {x.shape}"
+        )
     _, (h, c) = _forward(params, x[..., None, :], state, integration_mode, "x")
     return h, (h, c)
 

@@ -72,11 +72,13 @@ def expected_shapes(input_size: int, hidden_size: int, independent_recurrence: b
     return shapes
 
 
-def check_params(params, *, shape_of=None, dtype_of=None, argument="params") -> LayerInfo:
+def check_params(params, *, shape_of=None, dtype_of=None, argument="params",
+                 allowed=SPEC_DTYPES) -> LayerInfo:
     """Check a canonical parameter mapping and return what it describes.
 
     ``shape_of``/``dtype_of`` read a value's shape and dtype name; by default they require NumPy arrays.
-    Backends pass their own so that one set of rules covers every framework.
+    Backends pass their own so that one set of rules covers every framework, and ``allowed`` the
+    dtype names they compute in (e.g. adding ``"bfloat16"``).
     """
     if not isinstance(params, Mapping):
         raise TypeError(
@@ -101,7 +103,7 @@ def check_params(params, *, shape_of=None, dtype_of=None, argument="params") -> 
     shapes = {name: tuple(shape_of(v)) for name, v in params.items()}
     dtypes = {name: dtype_name(dtype_of(v)) for name, v in params.items()}
     for name, dt in dtypes.items():
-        check_dtype(dt, f"{argument}[{name!r}]")
+        check_dtype(dt, f"{argument}[{name!r}]", allowed)
     if len(set(dtypes.values())) > 1:
         raise TypeError(f"{argument} mixes dtypes {dtypes}; all parameters must share one dtype")
     w_ih = shapes["weight_ih"]
@@ -126,6 +128,42 @@ def check_params(params, *, shape_of=None, dtype_of=None, argument="params") -> 
         dtype=dtypes["weight_ih"],
         **{flag: key in params for key, flag in BIAS_FLAGS.items()},
     )
+
+
+def check_stack(layers, *, shape_of=None, dtype_of=None, argument="params",
+                allowed=SPEC_DTYPES) -> list[LayerInfo]:
+    """Check a stack: a non-empty list of canonical mappings, first layer first.
+
+    Each layer must be valid (:func:`check_params`), all layers must share one dtype and one set of
+    options, and layer ``l > 0`` must take the previous layer's hidden state as input
+    (``I_l = H_{l-1}``) with the same hidden size. Returns one :class:`LayerInfo` per layer.
+    Errors name the layer as ``params[l]``.
+    """
+    if isinstance(layers, (Mapping, str, bytes)) or not isinstance(layers, (list, tuple)) or not layers:
+        raise TypeError(
+            f"{argument} must be a non-empty list of canonical mappings (one per layer), "
+            f"got {type(layers).__name__}" + (" of length 0" if isinstance(layers, (list, tuple)) else "")
+        )
+    single = len(layers) == 1
+    infos = [
+        check_params(p, shape_of=shape_of, dtype_of=dtype_of, allowed=allowed,
+                     argument=argument if single else f"{argument}[{i}]")
+        for i, p in enumerate(layers)
+    ]
+    first = infos[0]
+    for i, info in enumerate(infos[1:], start=1):
+        if info.options != first.options or info.dtype != first.dtype:
+            raise ValueError(
+                f"{argument}[{i}] has options {info.options} and dtype {info.dtype}, but {argument}[0] "
+                f"has {first.options} and {first.dtype}; a stack shares one set"
+            )
+        if info.input_size != infos[i - 1].hidden_size or info.hidden_size != first.hidden_size:
+            raise ValueError(
+                f"{argument}[{i}] must take input_size = hidden_size of layer {i - 1} "
+                f"({infos[i - 1].hidden_size}) and have hidden_size {first.hidden_size}, got "
+                f"I={info.input_size}, H={info.hidden_size}"
+            )
+    return infos
 
 
 def check_dtype(dtype, argument, allowed=SPEC_DTYPES) -> str:

@@ -2,8 +2,8 @@
 
 - Profile: ``--hypothesis-profile NAME`` or ``MLSTM_PROFILE``; ``ci`` by default when ``CI`` is set.
 - ``MLSTM_BACKENDS=torch,jax,tensorflow`` makes those frameworks required: a missing one is an error,
-  not a skip (CI sets it, so it never silently tests less). Unset, a missing framework is skipped
-  with its reason.
+  not a skip. With ``CI`` set and ``MLSTM_BACKENDS`` unset, all three are required (CI installs all,
+  so it never silently tests less). Otherwise a missing framework is skipped with its reason.
 - ``MLSTM_REQUIRE_GPU=1`` makes the GPU checks required: no GPU is then an error, not a skip.
 """
 

@@ -10,7 +10,10 @@ import backends
 
 
 def requested_backends() -> set[str]:
-    value = os.environ.get("MLSTM_BACKENDS", "")
+    """Frameworks that must be present: ``MLSTM_BACKENDS``, or all of them in CI (which installs all)."""
+    value = os.environ.get("MLSTM_BACKENDS")
+    if value is None:
+        return set(backends.FRAMEWORKS) if os.environ.get("CI") else set()
     return {name.strip() for name in value.split(",") if name.strip()}
 
 

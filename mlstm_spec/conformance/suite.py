@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given, seed as hypothesis_seed, settings as hypothesis_settings, strategies as st
 
 from ..equations import INTEGRATION_MODES
 from .cases import Case, reference_forward, reference_gradients
@@ -220,11 +220,14 @@ def check_case(adapter, case: Case, tracker: _Tracker, tol: float, gradients: bo
 # ---- running the property for one adapter and dtype ----
 
 def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
-          raise_on_failure: bool = False, **strategy_options) -> list[CheckResult]:
+          raise_on_failure: bool = False, seed: int | None = None, on_example=None,
+          **strategy_options) -> list[CheckResult]:
     """Run the suite for one adapter and dtype; one result per check in :data:`CHECKS`.
 
     With ``raise_on_failure`` (as the pytest adapters use it) a failure raises after shrinking, so
-    pytest shows Hypothesis's own report; otherwise it is recorded in the results.
+    pytest shows Hypothesis's own report; otherwise it is recorded in the results. ``seed`` fixes
+    Hypothesis's random draws (with ``database=None`` in ``settings`` a run is then reproducible);
+    ``on_example(n)`` is called before the n-th example runs (the runner's progress display).
     """
     device = adapter_device(adapter)
     tol = tolerance(dtype, device)
@@ -239,6 +242,8 @@ def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
     def property_(case):
         __tracebackhide__ = True
         tracker.examples += 1
+        if on_example is not None:
+            on_example(tracker.examples)
         try:
             check_case(adapter, case, tracker, tol, gradients)
         except ConformanceError as exc:
@@ -247,6 +252,8 @@ def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
 
     if settings is not None:
         property_ = settings(property_)
+    if seed is not None:
+        property_ = hypothesis_seed(seed)(property_)
     try:
         property_()
     except ConformanceError:

@@ -1,0 +1,747 @@
+r"""The JAX backend of the mLSTM: a functional core and pytree modules that pass through ``jit``,
+``grad``, ``vmap`` and optax unchanged.
+
+For each element of the input sequence, each layer computes (RecurrentLayers.jl's
+``MultiplicativeLSTMCell``; :mod:`mlstm_spec.equations` holds the reference)::
+
+    p_t = W_ih x_t + b_ih                          blocks  m, i, o, f, z  (each H wide)
+    r_t = W_hh h_{t-1} + b_hh                      (W_hh ⊙ h_{t-1} + b_hh under independent recurrence)
+    m_t = p_m ⊙ r_t
+    q_t = W_mh m_t + b_mh                          blocks  i, o, f, z
+    i_t = σ(p_i ⊕ q_i)     o_t = σ(p_o ⊕ q_o)     f_t = σ(p_f ⊕ q_f)     z_t = tanh(p_z ⊕ q_z)
+    c_t = f_t ⊙ c_{t-1} + i_t ⊙ z_t
+    h_t = o_t ⊙ tanh(c_t)
+
+where ``x_t`` is the input at step t, ``h_t`` the hidden state, ``c_t`` the cell state, ``m_t`` the
+multiplicative state, ``σ`` the logistic sigmoid, ``⊙`` the element-wise product, and ``⊕`` is ``+``
+for ``integration_mode="addition"`` (the default) or ``⊙`` for ``"multiplicative_integration"``.
+A switched-off bias is not added. In a stack, layer ``l > 0`` takes ``h_t`` of layer ``l - 1`` as its
+input.
+
+Parameters of one layer (the canonical mapping shared with :mod:`mlstm_spec`; gate blocks are
+contiguous row blocks, block k is rows ``k*H:(k+1)*H``):
+
+=============  ===============  ====================================================================
+name           shape            role
+=============  ===============  ====================================================================
+``weight_ih``  ``(5H, I)``      input projection, row blocks ``m, i, o, f, z``
+``weight_hh``  ``(H, H)``       hidden state to the multiplicative factor; ``(H,)`` (element-wise)
+                                under ``independent_recurrence=True``
+``weight_mh``  ``(4H, H)``      multiplicative state to the gates, row blocks ``i, o, f, z``
+``bias_ih``    ``(5H,)``        blocks ``m, i, o, f, z``; present when ``bias=True``
+``bias_hh``    ``(H,)``         present when ``recurrent_bias=True``
+``bias_mh``    ``(4H,)``        blocks ``i, o, f, z``; present when ``multiplicative_bias=True``
+=============  ===============  ====================================================================
+
+Shapes (``B`` batch, ``T`` steps, ``I`` input size, ``H`` hidden size, ``L`` number of layers):
+
+=========================================  ====================  ===================================
+call                                       inputs                returns
+=========================================  ====================  ===================================
+``mlstm(params, xs, state)``               ``xs (B, T, I)``,     ``hs (B, T, H)``,
+                                           ``state (h0, c0)``    ``(h_T, c_T)`` each ``(B, H)``
+                                           each ``(B, H)``
+``cell(params, x, state)``                 ``x (B, I)``          ``h (B, H), (h, c)``
+``MLSTM(...)(xs, state)``                  ``xs (B, T, I)``,     ``hs (B, T, H)``,
+                                           ``(h_0, c_0)`` each   ``(h_n, c_n)`` each ``(L, B, H)``
+                                           ``(L, B, H)``
+=========================================  ====================  ===================================
+
+Unbatched inputs drop the ``B`` axis everywhere (``xs (T, I)`` gives ``hs (T, H)``). ``state=None``
+means zeros. ``MLSTM`` keeps a leading layer axis on its state even for one layer, as
+``torch.nn.LSTM`` does; the functional ``mlstm`` and ``cell`` follow :func:`mlstm_spec.forward`.
+
+Speed: the input projection of all T steps is one matrix product before the time loop, and the loop is
+one ``lax.scan`` (``unroll`` steps per iteration), so compile time does not grow with T.
+
+Precision: float32 and float64 compute in their own dtype. float16 and bfloat16 are storage formats:
+parameters, inputs and results are in that dtype, but the computation runs in float32 and only its
+results are rounded (as :mod:`mlstm_spec` does for float16), so they carry one rounding each; their
+gradients likewise. (Rounding the operands of every step's matrix products to bfloat16 instead gave
+gradient errors above 10% on three-step, two-layer cases of the conformance suite.) On a GPU, JAX's
+default matmul precision may use TF32 for float32; wrap calls in
+``jax.default_matmul_precision("highest")`` for full float32 products.
+
+float64 needs JAX's 64-bit mode (``jax.config.update("jax_enable_x64", True)``): without it JAX
+silently turns float64 into float32, so this module raises a ``TypeError`` instead whenever it sees
+float64 values or is asked for a float64 dtype while the mode is off. (Under a ``jax.jit`` of your own,
+JAX converts NumPy float64 arguments to float32 before this module sees them.) Importing this module
+never changes JAX's configuration.
+
+Input checks run at trace time (shapes and dtypes are static), so they cost nothing per call under
+``jit``. Non-finite values are propagated, not checked (a check would force a device sync); a NaN in
+one batch row does not reach the other rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mlstm_spec.equations import IH_BLOCKS, MH_BLOCKS
+from mlstm_spec.validation import (
+    LayerInfo,
+    check_integration_mode,
+    check_params,
+    check_sequence,
+    check_sizes,
+    check_stack,
+    check_state,
+    dtype_name,
+    expected_shapes,
+)
+
+from ._common import LAYER_OPTIONS, check_layer_options
+
+__all__ = ["DTYPES", "MLSTM", "MLSTMCell", "ConformanceAdapter", "cell", "devices", "init", "mlstm",
+           "mlstm_stack"]
+
+#: dtypes this backend computes in.
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+_HALF_DTYPES = ("float16", "bfloat16")
+WEIGHT_INITS = ("glorot_uniform", "orthogonal")
+_BIAS_OPTIONS = ("bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence")
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation (trace time: only shapes and dtypes are read)
+# ---------------------------------------------------------------------------------------------------
+
+def _x64_enabled() -> bool:
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+def _check_x64(dtype: str, argument: str) -> None:
+    if dtype == "float64" and not _x64_enabled():
+        raise TypeError(
+            f"{argument} is float64, but JAX's 64-bit mode is off, so JAX would silently compute in "
+            "float32; call jax.config.update('jax_enable_x64', True) first, or use float32"
+        )
+
+
+def _require_array(value, argument: str) -> None:
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise TypeError(f"{argument} must be a JAX or NumPy array, got {type(value).__name__}")
+
+
+def _shape(value) -> tuple:
+    return tuple(value.shape)
+
+
+def _dtype(value) -> str:
+    return dtype_name(value.dtype)
+
+
+def _check_layer(params, argument: str = "params") -> LayerInfo:
+    """Validate one canonical mapping of arrays (or tracers) and return what it describes."""
+    if isinstance(params, Mapping):
+        for name, value in params.items():
+            _require_array(value, f"{argument}[{name!r}]")
+    info = check_params(params, shape_of=_shape, dtype_of=_dtype, argument=argument, allowed=DTYPES)
+    _check_x64(info.dtype, argument)
+    return info
+
+
+def _check_stack(layers, argument: str = "params") -> list[LayerInfo]:
+    """Validate a list of canonical mappings of arrays (or tracers) with
+    :func:`mlstm_spec.validation.check_stack`: each layer valid, one dtype and one set of options, and
+    each layer's input size equal to the previous layer's hidden size."""
+    if isinstance(layers, (list, tuple)):
+        for i, p in enumerate(layers):
+            if isinstance(p, Mapping):
+                where = f"{argument}[{i}]" if len(layers) > 1 else argument
+                for name, value in p.items():
+                    _require_array(value, f"{where}[{name!r}]")
+    infos = check_stack(layers, shape_of=_shape, dtype_of=_dtype, argument=argument, allowed=DTYPES)
+    _check_x64(infos[0].dtype, argument)
+    return infos
+
+
+def _check_unroll(unroll) -> int:
+    if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
+        raise ValueError(f"unroll must be an int >= 1 (steps per scan iteration), got {unroll!r}")
+    return int(unroll)
+
+
+def _check_state_pair(state, batch_shape, info: LayerInfo, argument: str = "state") -> None:
+    if isinstance(state, (tuple, list)) and len(state) == 2:
+        for name, value in zip(("h", "c"), state):
+            _require_array(value, f"{argument} {name}")
+    check_state(state, batch_shape, info, argument=argument, allowed=DTYPES, shape_of=_shape,
+                dtype_of=_dtype)
+
+
+def _check_sequence(xs, info: LayerInfo, argument: str = "xs") -> bool:
+    _require_array(xs, argument)
+    return check_sequence(_shape(xs), _dtype(xs), info, argument, allowed=DTYPES)
+
+
+def _check_dtype_option(dtype) -> str:
+    try:
+        name = dtype_name(jnp.dtype(dtype))
+    except TypeError:
+        raise TypeError(f"dtype must be one of {DTYPES}, got {dtype!r}") from None
+    if name not in DTYPES:
+        raise TypeError(f"dtype must be one of {DTYPES}, got {name}")
+    _check_x64(name, "dtype")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------
+# the computation (inside jit: no validation, only arrays)
+# ---------------------------------------------------------------------------------------------------
+
+def _compute_dtype(dtype):
+    """float32 for half-precision inputs (see the module docstring), else the dtype itself."""
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype).name in _HALF_DTYPES else jnp.dtype(dtype)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype), tree)
+
+
+def _matmul_t(a, w):
+    """``a @ w.T`` without materialising the transpose: a (..., K), w (N, K) -> (..., N)."""
+    return lax.dot_general(a, w, (((a.ndim - 1,), (1,)), ((), ())))
+
+
+def _step(params, p, h, c, *, multiplicative):
+    """One step from the input projection ``p`` (B, 5H) and the state ``h``, ``c`` (B, H)."""
+    hidden = h.shape[-1]
+    w_hh = params["weight_hh"]
+    r = h * w_hh if w_hh.ndim == 1 else _matmul_t(h, w_hh)
+    if "bias_hh" in params:
+        r = r + params["bias_hh"]
+    m = p[..., :hidden] * r
+    q = _matmul_t(m, params["weight_mh"])
+    if "bias_mh" in params:
+        q = q + params["bias_mh"]
+    p_gates = p[..., hidden:]
+    a = p_gates * q if multiplicative else p_gates + q
+    ifo = jax.nn.sigmoid(a[..., : 3 * hidden])  # blocks i, o, f are contiguous
+    i, o, f = ifo[..., :hidden], ifo[..., hidden : 2 * hidden], ifo[..., 2 * hidden :]
+    z = jnp.tanh(a[..., 3 * hidden :])
+    c = f * c + i * z
+    h = o * jnp.tanh(c)
+    return h, c
+
+
+def _input_projection(params, xs):
+    """``W_ih x_t + b_ih`` for all steps as one product, time-major: (B, T, I) -> (T, B, 5H)."""
+    # Time-major input first: XLA:CPU runs this as one plain GEMM, while the einsum "bti,gi->tbg"
+    # (transposing the result instead) measured 2-7x slower.
+    p = _matmul_t(jnp.swapaxes(xs, 0, 1), params["weight_ih"])
+    if "bias_ih" in params:
+        p = p + params["bias_ih"]
+    return p
+
+
+def _run_layer(params, xs, h0, c0, multiplicative, unroll):
+    """One layer over a batched sequence xs (B, T, I) from (h0, c0) (B, H): hs (B, T, H), (h, c)."""
+
+    def body(carry, p_t):
+        h, c = _step(params, p_t, *carry, multiplicative=multiplicative)
+        return (h, c), h
+
+    (h, c), hs = lax.scan(body, (h0, c0), _input_projection(params, xs), unroll=unroll)
+    return jnp.swapaxes(hs, 0, 1), (h, c)
+
+
+@partial(jax.jit, static_argnames=("multiplicative", "unroll", "layer_axis"))
+def _forward_jit(layers, xs, state, multiplicative, unroll, layer_axis):
+    """A stack over xs (B, T, I) or (T, I); state None or (h0, c0) each (L, [B,] H), or ([B,] H)
+    for one layer without ``layer_axis`` (and the final state alike)."""
+    dtype = xs.dtype
+    work = _compute_dtype(dtype)
+    layers, xs, state = _cast((layers, xs, state), work)
+    if state is not None and not layer_axis:
+        state = (state[0][None], state[1][None])
+    batched = xs.ndim == 3
+    if not batched:
+        xs = xs[None]
+        if state is not None:
+            state = (state[0][:, None], state[1][:, None])
+    batch, hidden = xs.shape[0], layers[0]["weight_hh"].shape[0]
+    finals_h, finals_c = [], []
+    out = xs
+    for layer, params in enumerate(layers):
+        if state is None:
+            h0 = c0 = jnp.zeros((batch, hidden), work)
+        else:
+            h0, c0 = state[0][layer], state[1][layer]
+        out, (h, c) = _run_layer(params, out, h0, c0, multiplicative, unroll)
+        finals_h.append(h)
+        finals_c.append(c)
+    h_n, c_n = jnp.stack(finals_h), jnp.stack(finals_c)
+    if not batched:
+        out, h_n, c_n = out[0], h_n[:, 0], c_n[:, 0]
+    if not layer_axis:
+        h_n, c_n = h_n[0], c_n[0]
+    return _cast((out, (h_n, c_n)), dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the functional API
+# ---------------------------------------------------------------------------------------------------
+
+def mlstm(params, xs, state=None, *, integration_mode="addition", unroll=1):
+    """Run one mLSTM layer over a sequence; the signature and results of :func:`mlstm_spec.forward`.
+
+    Args:
+        params: canonical mapping of JAX (or NumPy) arrays, see the module docstring.
+        xs: inputs, ``(B, T, I)`` batch-major or ``(T, I)`` unbatched, in the parameters' dtype.
+        state: ``(h0, c0)``, each ``(B, H)`` or ``(H,)``; ``None`` means zeros.
+        integration_mode: ``"addition"`` or ``"multiplicative_integration"``.
+        unroll: steps per ``lax.scan`` iteration (trades compile time for speed).
+
+    Returns:
+        ``hs, (h_T, c_T)``: ``hs`` is ``(B, T, H)`` or ``(T, H)``; the final state like ``state``.
+
+    Raises:
+        ValueError, TypeError: at trace time, for shapes, dtypes or parameter sets that do not fit.
+    """
+    multiplicative = check_integration_mode(integration_mode)
+    unroll = _check_unroll(unroll)
+    info = _check_layer(params)
+    batched = _check_sequence(xs, info)
+    if state is not None:
+        _check_state_pair(state, _shape(xs)[:1] if batched else (), info)
+        state = tuple(state)
+    return _forward_jit([dict(params)], xs, state, multiplicative, unroll, layer_axis=False)
+
+
+def mlstm_stack(layers, xs, state=None, *, integration_mode="addition", unroll=1):
+    """Run a stack of layers (a list of canonical mappings, first layer first) over a sequence.
+
+    ``state`` is ``(h_0, c_0)``, each ``(L, B, H)`` (or ``(L, H)`` unbatched), or ``None`` for zeros;
+    returns ``hs, (h_n, c_n)`` with the final state of every layer in the same layout.
+    """
+    multiplicative = check_integration_mode(integration_mode)
+    unroll = _check_unroll(unroll)
+    infos = _check_stack(layers)
+    batched = _check_sequence(xs, infos[0])
+    if state is not None:
+        batch_shape = (len(infos),) + (_shape(xs)[:1] if batched else ())
+        _check_state_pair(state, batch_shape, infos[0])
+        state = tuple(state)
+    return _forward_jit([dict(p) for p in layers], xs, state, multiplicative, unroll, layer_axis=True)
+
+
+def cell(params, x, state=None, *, integration_mode="addition"):
+    """One step, like :func:`mlstm_spec.cell`: ``x`` ``(B, I)`` or ``(I,)``, ``state`` ``(h, c)``
+    each ``(B, H)`` or ``(H,)`` (``None``: zeros). Returns ``h, (h, c)``."""
+    multiplicative = check_integration_mode(integration_mode)
+    info = _check_layer(params)
+    _require_array(x, "x")
+    if len(_shape(x)) not in (1, 2):
+        raise ValueError(f"x must have shape (B, I) or (I,), got {len(_shape(x))} dimensions {_shape(x)}")
+    check_sequence(_shape(x)[:-1] + (1,) + _shape(x)[-1:], _dtype(x), info, "x", allowed=DTYPES)
+    batch_shape = _shape(x)[:-1]
+    if state is not None:
+        _check_state_pair(state, batch_shape, info)
+    return _cell_jit(dict(params), x, state, multiplicative)
+
+
+@partial(jax.jit, static_argnames=("multiplicative",))
+def _cell_jit(params, x, state, multiplicative):
+    dtype = x.dtype
+    work = _compute_dtype(dtype)
+    params, x, state = _cast((params, x, state), work)
+    if state is None:
+        state = (jnp.zeros(x.shape[:-1] + params["weight_hh"].shape[:1], work),) * 2
+    p = _matmul_t(x, params["weight_ih"])
+    if "bias_ih" in params:
+        p = p + params["bias_ih"]
+    h, c = _cast(_step(params, p, *state, multiplicative=multiplicative), dtype)
+    return h, (h, c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# initialisation
+# ---------------------------------------------------------------------------------------------------
+
+def _check_key(key):
+    if not hasattr(key, "shape") or not (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,))
+    ):
+        raise TypeError(
+            "key must be a JAX PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
+            f"got {type(key).__name__}{getattr(key, 'shape', '')}"
+        )
+
+
+def _glorot_uniform(key, shape, draw_dtype):
+    fan_out, fan_in = (shape[0], 1) if len(shape) == 1 else shape  # a vector is an H x 1 matrix
+    limit = float(np.sqrt(6.0 / (fan_in + fan_out)))
+    return jax.random.uniform(key, shape, draw_dtype, minval=-limit, maxval=limit)
+
+
+def _orthogonal(key, shape, blocks, draw_dtype):
+    if len(shape) == 1:  # the diagonal of an orthogonal matrix: random signs
+        return jnp.where(jax.random.bernoulli(key, 0.5, shape), 1.0, -1.0).astype(draw_dtype)
+    rows, cols = shape[0] // blocks, shape[1]
+    parts = []
+    for block_key in jax.random.split(key, blocks):
+        a = jax.random.normal(block_key, (max(rows, cols), min(rows, cols)), draw_dtype)
+        q, r = jnp.linalg.qr(a)
+        q = q * jnp.sign(jnp.diag(r))  # uniform over orthogonal matrices
+        parts.append(q if rows >= cols else q.T)
+    return jnp.concatenate(parts, axis=0)
+
+
+def init(key, input_size, hidden_size, *, dtype=jnp.float32, bias=True, recurrent_bias=True,
+         multiplicative_bias=True, independent_recurrence=False, weight_init="glorot_uniform",
+         forget_bias=0.0) -> dict:
+    """Draw one layer's canonical parameters from ``key``, by the rules of :func:`mlstm_spec.init_params`.
+
+    ``glorot_uniform`` (the default, as RecurrentLayers.jl): each whole stacked matrix
+    ``U(-a, a)`` with ``a = sqrt(6 / (fan_in + fan_out))`` (a vector ``weight_hh`` counts as H x 1);
+    ``orthogonal``: each gate block an independent orthogonal matrix. Biases start at zero;
+    ``forget_bias`` is added to the forget block of ``bias_ih`` (of ``bias_mh`` when ``bias=False``).
+    The three weights use ``jax.random.split(key, 3)`` in the order weight_ih, weight_hh, weight_mh;
+    values are drawn in float32 (float64 for float64) and rounded to ``dtype``.
+    """
+    _check_key(key)
+    check_sizes(input_size, hidden_size)
+    dtype = _check_dtype_option(dtype)
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
+    flags = dict(bias=bias, recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias)
+    check_layer_options(input_size, hidden_size, **flags, independent_recurrence=independent_recurrence)
+    if forget_bias and not (bias or multiplicative_bias):
+        raise ValueError(f"forget_bias={forget_bias} needs bias=True or multiplicative_bias=True to live in")
+    draw_dtype = jnp.float64 if dtype == "float64" else jnp.float32
+    shapes = expected_shapes(input_size, hidden_size, independent_recurrence)
+    blocks = {"weight_ih": len(IH_BLOCKS), "weight_hh": 1, "weight_mh": len(MH_BLOCKS)}
+    params = {}
+    for name, weight_key in zip(("weight_ih", "weight_hh", "weight_mh"), jax.random.split(key, 3)):
+        if weight_init == "glorot_uniform":
+            params[name] = _glorot_uniform(weight_key, shapes[name], draw_dtype)
+        else:
+            params[name] = _orthogonal(weight_key, shapes[name], blocks[name], draw_dtype)
+    for name, flag in (("bias_ih", "bias"), ("bias_hh", "recurrent_bias"), ("bias_mh", "multiplicative_bias")):
+        if flags[flag]:
+            params[name] = jnp.zeros(shapes[name], draw_dtype)
+    if forget_bias:
+        target, order = ("bias_ih", IH_BLOCKS) if bias else ("bias_mh", MH_BLOCKS)
+        k = order.index("f")
+        params[target] = params[target].at[k * hidden_size : (k + 1) * hidden_size].set(forget_bias)
+    return {name: value.astype(dtype) for name, value in params.items()}
+
+
+def _default_key(key):
+    return jax.random.key(0) if key is None else key
+
+
+# ---------------------------------------------------------------------------------------------------
+# modules (pytrees: the parameter mappings are the leaves, the options are static)
+# ---------------------------------------------------------------------------------------------------
+
+def _from_arrays(layers, argument="params"):
+    """Copy canonical mappings (NumPy or JAX arrays) into JAX arrays of the same dtype, exactly."""
+    infos = _check_stack(layers, argument)
+    return [{name: jnp.asarray(value) for name, value in p.items()} for p in layers], infos
+
+
+def _check_flags_match(info: LayerInfo, flags: dict) -> None:
+    for name, value in flags.items():
+        if name not in _BIAS_OPTIONS:
+            raise TypeError(f"unexpected option {name!r}; the options are {sorted(LAYER_OPTIONS) + ['unroll']}")
+        if bool(value) != getattr(info, name):
+            raise ValueError(
+                f"option {name}={value!r} contradicts the parameters, which have {name}={getattr(info, name)} "
+                "(the options are read from which parameters are present)"
+            )
+
+
+@jax.tree_util.register_pytree_node_class
+class MLSTMCell:
+    r"""One mLSTM step as a JAX pytree: ``cell(x, state=None) -> h, (h, c)``.
+
+    Args:
+        input_size: the number of features ``I`` of ``x``.
+        hidden_size: the number of features ``H`` of the hidden state.
+        bias, recurrent_bias, multiplicative_bias: whether ``bias_ih``, ``bias_hh``, ``bias_mh`` exist.
+        independent_recurrence: ``weight_hh`` is a vector ``(H,)`` applied element-wise.
+        integration_mode: ``"addition"`` or ``"multiplicative_integration"`` (static).
+        weight_init, forget_bias: as for :func:`init`.
+        key: a ``jax.random`` key for the initial weights (``None``: ``jax.random.key(0)``).
+        dtype: the parameters' dtype (float64 needs JAX's 64-bit mode).
+
+    Inputs: ``x`` ``(B, I)`` or ``(I,)``; ``state`` ``(h, c)`` each ``(B, H)`` or ``(H,)``, or None.
+
+    Attributes:
+        params: the canonical mapping of JAX arrays (the pytree's leaves); ``weight_ih`` ``(5H, I)``
+            with row blocks ``m, i, o, f, z``, ``weight_hh`` ``(H, H)`` or ``(H,)``, ``weight_mh``
+            ``(4H, H)`` with row blocks ``i, o, f, z``, and the biases that are switched on.
+    """
+
+    def __init__(self, input_size, hidden_size, *, bias=True, recurrent_bias=True, multiplicative_bias=True,
+                 independent_recurrence=False, integration_mode="addition", weight_init="glorot_uniform",
+                 forget_bias=0.0, key=None, dtype=jnp.float32):
+        check_layer_options(input_size, hidden_size, integration_mode=integration_mode)
+        self.params = init(_default_key(key), input_size, hidden_size, dtype=dtype, bias=bias,
+                           recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
+                           independent_recurrence=independent_recurrence, weight_init=weight_init,
+                           forget_bias=forget_bias)
+        self.integration_mode = integration_mode
+
+    def __call__(self, x, state=None):
+        return cell(self.params, x, state, integration_mode=self.integration_mode)
+
+    @classmethod
+    def from_canonical(cls, params, *, integration_mode="addition", **flags):
+        """Build from one canonical mapping (NumPy or JAX arrays), copying values and dtype exactly."""
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be one canonical mapping, got {type(params).__name__}")
+        check_integration_mode(integration_mode)
+        (layer,), (info,) = _from_arrays([params])
+        _check_flags_match(info, flags)
+        return cls._build(layer, integration_mode)
+
+    def to_canonical(self) -> list[dict]:
+        """``[mapping]``: the parameters as NumPy arrays (a one-layer list, like ``MLSTM``)."""
+        return [{name: np.asarray(value) for name, value in self.params.items()}]
+
+    @classmethod
+    def _build(cls, params, integration_mode):
+        obj = object.__new__(cls)
+        obj.params, obj.integration_mode = params, integration_mode
+        return obj
+
+    def tree_flatten(self):
+        return (self.params,), (self.integration_mode,)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls._build(children[0], *aux)
+
+    def __repr__(self):
+        w_ih = self.params["weight_ih"]
+        return (f"MLSTMCell(input_size={w_ih.shape[1]}, hidden_size={w_ih.shape[0] // 5}, "
+                f"params={sorted(self.params)}, integration_mode={self.integration_mode!r}, dtype={w_ih.dtype})")
+
+
+@jax.tree_util.register_pytree_node_class
+class MLSTM:
+    r"""A stack of mLSTM layers over a sequence, as a JAX pytree:
+    ``model(xs, state=None) -> hs, (h_n, c_n)``.
+
+    The parameters (one canonical mapping per layer, in ``model.layers``) are the pytree's leaves, and
+    the options (``integration_mode``, ``unroll``) its static part, so a model passes through
+    ``jax.jit``, ``jax.grad``, ``jax.vmap`` and optax as it is. The equations, parameter table and
+    precision rules are in the module docstring.
+
+    Args:
+        input_size: the number of features ``I`` of the input.
+        hidden_size: the number of features ``H`` of every layer's hidden state.
+        num_layers: the number of stacked layers ``L`` (layer l > 0 reads layer l - 1's outputs).
+        bias, recurrent_bias, multiplicative_bias: whether ``bias_ih``, ``bias_hh``, ``bias_mh`` exist.
+        independent_recurrence: ``weight_hh`` is a vector ``(H,)`` applied element-wise.
+        integration_mode: ``"addition"`` (default) or ``"multiplicative_integration"``.
+        unroll: steps per ``lax.scan`` iteration; more can be faster at the price of compile time.
+        weight_init, forget_bias: as for :func:`init`.
+        key: a ``jax.random`` key for the initial weights (``None``: ``jax.random.key(0)``); layer l
+            draws from ``jax.random.split(key, L)[l]``.
+        dtype: the parameters' dtype (float64 needs JAX's 64-bit mode).
+
+    Inputs: ``xs, (h_0, c_0)``
+        - ``xs``: ``(B, T, I)`` batch-major, or ``(T, I)`` unbatched, in the parameters' dtype.
+        - ``h_0``, ``c_0``: ``(L, B, H)`` (or ``(L, H)`` unbatched); ``None`` means zeros.
+
+    Outputs: ``hs, (h_n, c_n)``
+        - ``hs``: ``(B, T, H)`` (or ``(T, H)``): the last layer's ``h_t`` for every step.
+        - ``h_n``, ``c_n``: ``(L, B, H)`` (or ``(L, H)``): every layer's final state.
+
+    Attributes:
+        layers: list of canonical mappings of JAX arrays, first layer first: ``weight_ih``
+            ``(5H, I)`` (``(5H, H)`` for l > 0), row blocks ``m, i, o, f, z``; ``weight_hh``
+            ``(H, H)`` or ``(H,)``; ``weight_mh`` ``(4H, H)``, row blocks ``i, o, f, z``; and the
+            biases that are switched on.
+    """
+
+    def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, recurrent_bias=True,
+                 multiplicative_bias=True, independent_recurrence=False, integration_mode="addition",
+                 unroll=1, weight_init="glorot_uniform", forget_bias=0.0, key=None, dtype=jnp.float32):
+        check_layer_options(input_size, hidden_size, num_layers=num_layers, integration_mode=integration_mode)
+        self.unroll = _check_unroll(unroll)
+        self.integration_mode = integration_mode
+        keys = jax.random.split(_default_key(key), num_layers)
+        options = dict(dtype=dtype, bias=bias, recurrent_bias=recurrent_bias,
+                       multiplicative_bias=multiplicative_bias, independent_recurrence=independent_recurrence,
+                       weight_init=weight_init, forget_bias=forget_bias)
+        self.layers = [init(keys[layer], input_size if layer == 0 else hidden_size, hidden_size, **options)
+                       for layer in range(num_layers)]
+
+    def __call__(self, xs, state=None):
+        return mlstm_stack(self.layers, xs, state, integration_mode=self.integration_mode, unroll=self.unroll)
+
+    @classmethod
+    def from_canonical(cls, params, *, integration_mode="addition", unroll=1, **flags):
+        """Build from one canonical mapping or a list of them (a stack), copying values and dtype
+        exactly. Bias options may be given but must agree with the parameters present."""
+        check_integration_mode(integration_mode)
+        unroll = _check_unroll(unroll)
+        if isinstance(params, Mapping):
+            layers = [params]
+        elif isinstance(params, Sequence) and not isinstance(params, (str, bytes)) and len(params) > 0:
+            layers = list(params)
+        else:
+            raise TypeError(
+                "params must be a canonical mapping or a non-empty list of them (one per layer), "
+                f"got {type(params).__name__}"
+            )
+        layers, infos = _from_arrays(layers)
+        _check_flags_match(infos[0], {k: v for k, v in flags.items() if k != "num_layers"})
+        if "num_layers" in flags and flags["num_layers"] != len(layers):
+            raise ValueError(f"num_layers={flags['num_layers']!r} contradicts the {len(layers)} layer(s) given")
+        return cls._build(layers, integration_mode, unroll)
+
+    def to_canonical(self) -> list[dict]:
+        """One mapping of NumPy arrays per layer, first layer first (bfloat16 as ml_dtypes.bfloat16)."""
+        return [{name: np.asarray(value) for name, value in layer.items()} for layer in self.layers]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def input_size(self) -> int:
+        return self.layers[0]["weight_ih"].shape[1]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layers[0]["weight_ih"].shape[0] // 5
+
+    @classmethod
+    def _build(cls, layers, integration_mode, unroll):
+        obj = object.__new__(cls)
+        obj.layers, obj.integration_mode, obj.unroll = layers, integration_mode, unroll
+        return obj
+
+    def tree_flatten(self):
+        return (self.layers,), (self.integration_mode, self.unroll)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls._build(children[0], *aux)
+
+    def __repr__(self):
+        first = self.layers[0]
+        return (f"MLSTM(input_size={self.input_size}, hidden_size={self.hidden_size}, "
+                f"num_layers={self.num_layers}, params={sorted(first)}, "
+                f"integration_mode={self.integration_mode!r}, unroll={self.unroll}, "
+                f"dtype={first['weight_ih'].dtype})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# devices and the conformance adapter
+# ---------------------------------------------------------------------------------------------------
+
+def devices() -> list[str]:
+    """``"cpu"`` and every accelerator JAX sees, as ``"<platform>:<id>"`` (e.g. ``"gpu:0"``)."""
+    names = ["cpu"]
+    for device in jax.devices():
+        if device.platform != "cpu":
+            names.append(f"{device.platform}:{device.id}")
+    return names
+
+
+def _jax_device(name: str):
+    platform, _, index = str(name).partition(":")
+    try:
+        return jax.devices(platform)[int(index or 0)]
+    except (RuntimeError, IndexError, ValueError):
+        raise ValueError(f"device must be one of {devices()}, got {name!r}") from None
+
+
+def _apply(model, xs, state):
+    return model(xs, state)
+
+
+_apply_jit = jax.jit(_apply)
+
+
+@jax.jit
+def _apply_vjp_jit(model, xs, state, cotangents):
+    _, pullback = jax.vjp(_apply, model, xs, state)
+    return pullback(cotangents)
+
+
+class ConformanceAdapter:
+    """The conformance suite's adapter (see :mod:`mlstm_spec.conformance.suite`) for this backend.
+
+    It builds the model with :meth:`MLSTM.from_canonical`, computes with jitted functions that JAX
+    caches per shape and options, and takes gradients with ``jax.vjp``. Constructing it turns on JAX's
+    64-bit mode (``jax_enable_x64``) for the whole process: the suite checks float64, which JAX only
+    computes with that mode on. On an accelerator every call runs under
+    ``jax.default_matmul_precision("highest")`` so that float32 means float32 (no TF32).
+    """
+
+    name = "jax"
+
+    def __init__(self, device: str = "cpu"):
+        jax.config.update("jax_enable_x64", True)
+        self.device = str(device)
+        self._device = _jax_device(self.device)
+        self.dtypes = ("float64", "float32", "bfloat16", "float16")
+
+    def supports(self, options) -> bool:
+        return options.get("dtype", "float32") in self.dtypes
+
+    def _context(self):
+        if self._device.platform == "cpu":
+            return contextlib.nullcontext()
+        return jax.default_matmul_precision("highest")
+
+    def _put(self, tree):
+        return jax.device_put(tree, self._device)
+
+    def _inputs(self, params, xs, state, integration_mode):
+        stacked = not isinstance(params, Mapping)
+        model = self._put(MLSTM.from_canonical(params, integration_mode=integration_mode))
+        return stacked, model, self._put(jnp.asarray(xs)), self._put(self._layer_state(state, stacked))
+
+    @staticmethod
+    def _layer_state(state, stacked):
+        """The suite's (h, c) pair (one layer) or list of pairs (stack) -> MLSTM's (h_0, c_0) (L, ..., H)."""
+        if state is None:
+            return None
+        pairs = state if stacked else [state]
+        return tuple(jnp.stack([jnp.asarray(pair[k]) for pair in pairs]) for k in (0, 1))
+
+    @staticmethod
+    def _suite_state(h_n, c_n, stacked):
+        pairs = [(np.asarray(h), np.asarray(c)) for h, c in zip(h_n, c_n)]
+        return pairs if stacked else pairs[0]
+
+    def forward(self, params, xs, state, *, integration_mode):
+        with self._context():
+            stacked, model, xs_, state_ = self._inputs(params, xs, state, integration_mode)
+            hs, (h_n, c_n) = _apply_jit(model, xs_, state_)
+            return np.asarray(hs), self._suite_state(h_n, c_n, stacked)
+
+    def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode):
+        with self._context():
+            stacked, model, xs_, state_ = self._inputs(params, xs, state, integration_mode)
+            layers = model.num_layers
+            batch_shape = np.shape(xs)[:-2]
+            zeros = jnp.zeros((layers,) + batch_shape + (model.hidden_size,), xs_.dtype)
+            if state_ is None:
+                state_ = self._put((zeros, zeros))
+            d_state_ = (zeros, zeros) if d_state is None else self._layer_state(d_state, stacked)
+            cotangents = self._put((jnp.asarray(d_hs), d_state_))
+            d_model, d_xs, (d_h0, d_c0) = _apply_vjp_jit(model, xs_, state_, cotangents)
+        grads = []
+        for layer, d_params in enumerate(d_model.layers):
+            entry = {name: np.asarray(value) for name, value in d_params.items()}
+            entry.update(h0=np.asarray(d_h0[layer]), c0=np.asarray(d_c0[layer]))
+            grads.append(entry)
+        grads[0]["x"] = np.asarray(d_xs)
+        return grads if stacked else grads[0]

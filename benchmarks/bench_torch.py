@@ -1,0 +1,238 @@
+"""Time the PyTorch mLSTM against its peers, side by side in one process.
+
+Compared, at each size (B, T, I, H), one layer, float32, time-major input (T, B, I):
+
+- ``MLSTM``: this project's layer (``backends.torch.MLSTM``, the fused path);
+- ``MLSTM (plain)``: the same layer with ``fused=False`` (ordinary autograd, one step at a time);
+- ``nn.LSTM``: ``torch.nn.LSTM`` at the same sizes (it does 4/5 of the mLSTM's multiply-adds);
+- ``torchrecurrent``: ``MultiplicativeLSTM`` of the published torchrecurrent package, the peer to beat;
+- ``naive``: a per-step loop with a separate ``nn.Linear`` per gate, as forum code writes it.
+
+"forward" is inference (``torch.no_grad()``); "forward+backward" is a forward with autograd recording
+and ``output.sum().backward()``. Each repeat runs every implementation once, in turn, so that a
+change of machine load affects all alike; the table reports the median over the repeats after
+warm-up runs, and ratios of medians.
+
+Usage::
+
+    python benchmarks/bench_torch.py                      # defaults: both sizes, 5 repeats
+    python benchmarks/bench_torch.py --repeats 11 --threads 2 --output docs/performance-torch.md
+    python benchmarks/bench_torch.py --sizes 32,128,64,256 --only MLSTM,nn.LSTM
+
+It is not part of the test command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backends.torch import MLSTM  # noqa: E402
+
+DEFAULT_SIZES = ((32, 128, 64, 256), (64, 100, 512, 512))
+PEER = "torchrecurrent"
+
+
+class NaiveMLSTM(nn.Module):
+    """The mLSTM as forum code writes it: one ``nn.Linear`` per gate and source, one step at a time."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.m_x = nn.Linear(input_size, hidden_size)
+        self.m_h = nn.Linear(hidden_size, hidden_size)
+        for gate in "iofz":
+            setattr(self, f"{gate}_x", nn.Linear(input_size, hidden_size))
+            setattr(self, f"{gate}_m", nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, x):
+        batch = x.shape[1]
+        h = x.new_zeros(batch, self.hidden_size)
+        c = x.new_zeros(batch, self.hidden_size)
+        outputs = []
+        for x_t in x:
+            m = self.m_x(x_t) * self.m_h(h)
+            i = torch.sigmoid(self.i_x(x_t) + self.i_m(m))
+            o = torch.sigmoid(self.o_x(x_t) + self.o_m(m))
+            f = torch.sigmoid(self.f_x(x_t) + self.f_m(m))
+            z = torch.tanh(self.z_x(x_t) + self.z_m(m))
+            c = f * c + i * z
+            h = o * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)
+
+
+def build(name, input_size, hidden_size):
+    if name == "MLSTM":
+        return MLSTM(input_size, hidden_size)
+    if name == "MLSTM (plain)":
+        return MLSTM(input_size, hidden_size, fused=False)
+    if name == "nn.LSTM":
+        return nn.LSTM(input_size, hidden_size)
+    if name == PEER:
+        from torchrecurrent import MultiplicativeLSTM
+
+        return MultiplicativeLSTM(input_size, hidden_size)
+    if name == "naive":
+        return NaiveMLSTM(input_size, hidden_size)
+    raise ValueError(f"unknown implementation {name!r}")
+
+
+IMPLEMENTATIONS = ("MLSTM", "MLSTM (plain)", "nn.LSTM", PEER, "naive")
+
+
+def forward_only(model, x):
+    with torch.no_grad():
+        model(x)
+
+
+def forward_backward(model, x):
+    model.zero_grad(set_to_none=True)
+    output = model(x)[0]
+    output.sum().backward()
+
+
+def time_once(function, model, x):
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    function(model, x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_size(size, names, repeats, warmup, device):
+    B, T, I, H = size
+    torch.manual_seed(0)
+    models = {name: build(name, I, H).to(device) for name in names}
+    x = torch.randn(T, B, I, device=device)
+    x_grad = x.clone().requires_grad_(True)
+    times = {(name, mode): [] for name in names for mode in ("forward", "forward+backward")}
+    for mode, function, inp in (("forward", forward_only, x), ("forward+backward", forward_backward, x_grad)):
+        for name in names:
+            for _ in range(warmup):
+                function(models[name], inp)
+        for _ in range(repeats):
+            for name in names:
+                times[(name, mode)].append(time_once(function, models[name], inp))
+    return {key: statistics.median(values) * 1e3 for key, values in times.items()}
+
+
+def table(results, names):
+    lines = [
+        "| size (B, T, I, H) | implementation | forward ms | forward+backward ms | "
+        "forward: time / MLSTM's | forward+backward: time / MLSTM's |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for size, medians in results.items():
+        base_f, base_b = medians[("MLSTM", "forward")], medians[("MLSTM", "forward+backward")]
+        for name in names:
+            f, b = medians[(name, "forward")], medians[(name, "forward+backward")]
+            lines.append(f"| {size} | {name} | {f:.1f} | {b:.1f} | {f / base_f:.2f} | {b / base_b:.2f} |")
+    return "\n".join(lines)
+
+
+def targets(results):
+    """The issue's targets, each as the measured ratio and whether it is met."""
+    lines = []
+    for size, m in results.items():
+        if (PEER, "forward") in m:
+            for mode in ("forward", "forward+backward"):
+                ratio = m[(PEER, mode)] / m[("MLSTM", mode)]
+                lines.append(f"- {size} {mode}: MLSTM is {ratio:.2f}x faster than torchrecurrent "
+                             f"(target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
+        if ("nn.LSTM", "forward") in m:
+            ratio = m[("MLSTM", "forward")] / m[("nn.LSTM", "forward")]
+            target = " (target <= 1.6x: " + ("met" if ratio <= 1.6 else "NOT met") + ")" \
+                if size == (64, 100, 512, 512) else ""
+            lines.append(f"- {size} forward: MLSTM takes {ratio:.2f}x the time of nn.LSTM{target}")
+            ratio = m[("MLSTM", "forward+backward")] / m[("nn.LSTM", "forward+backward")]
+            lines.append(f"- {size} forward+backward: MLSTM takes {ratio:.2f}x the time of nn.LSTM")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def versions() -> str:
+    parts = [f"Python {platform.python_version()}", f"torch {torch.__version__}"]
+    try:
+        from importlib.metadata import version
+
+        parts.append(f"torchrecurrent {version('torchrecurrent')}")
+    except Exception:  # noqa: BLE001 - the peer is optional
+        pass
+    return ", ".join(parts)
+
+
+def parse_size(text):
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"a size is B,T,I,H (four integers), got {text!r}")
+    return values
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=list(DEFAULT_SIZES),
+                        help="B,T,I,H per size (default: 32,128,64,256 64,100,512,512)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (default: torch's own choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--only", default=",".join(IMPLEMENTATIONS),
+                        help=f"comma-separated subset of {', '.join(IMPLEMENTATIONS)} (MLSTM is always run)")
+    parser.add_argument("--output", type=Path, default=None, help="also write the report (Markdown) here")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    names = ["MLSTM"] + [n for n in args.only.split(",") if n and n != "MLSTM"]
+    unknown = sorted(set(names) - set(IMPLEMENTATIONS))
+    if unknown:
+        parser.error(f"unknown implementations {unknown}; choose from {IMPLEMENTATIONS}")
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    results = {}
+    for size in args.sizes:
+        print(f"timing {size} ...", file=sys.stderr, flush=True)
+        results[tuple(size)] = run_size(tuple(size), names, args.repeats, args.warmup, args.device)
+    date = datetime.date.today().isoformat()
+    device = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    header = (
+        f"Measured {date} on {machine()}; device {device}; torch threads {torch.get_num_threads()}; "
+        f"{versions()}. Median of {args.repeats} runs after {args.warmup} warm-up runs, float32, one "
+        "layer; forward = inference under torch.no_grad(), forward+backward = output.sum().backward()."
+    )
+    report = f"{header}\n\n{table(results, names)}\n\nTargets:\n\n{targets(results)}\n"
+    print(report)
+    if args.output is not None:
+        args.output.write_text(f"# Performance of the PyTorch backend\n\n{report}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

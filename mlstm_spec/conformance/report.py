@@ -1,0 +1,282 @@
+"""The conformance report: one table (implementation x device x dtype x check), the failures with code
+that reproduces them, and the run's metadata, rendered as plain text, with rich, as Markdown or JSON.
+
+The report holds :class:`~mlstm_spec.conformance.suite.CheckResult` objects (or anything with the same
+fields); rows that could not run are results with ``status="skip"`` and the reason in ``message``.
+Nothing here imports Hypothesis, and rich only inside :func:`print_rich`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+#: the suite's checks (mlstm_spec.conformance.suite.CHECKS; repeated so this module needs no Hypothesis)
+CHECKS = ("outputs", "final_state", "gradients")
+#: One table row per (implementation, device, dtype); each check's column holds its worst error.
+COLUMNS = ("implementation", "device", "dtype", *CHECKS, "tolerance", "examples", "result", "note")
+NUMERIC = (*CHECKS, "tolerance", "examples")
+RESULT_WORDS = {"pass": "pass", "fail": "FAIL", "skip": "skip"}
+
+#: Exit statuses of ``mlstm-conformance`` (also documented in its ``--help`` and docs/conformance.md).
+EXIT_PASS = 0  # every check that ran passed (and at least one implementation was checked)
+EXIT_FAIL = 1  # at least one check failed
+EXIT_USAGE = 2  # bad arguments, or a requested backend / device / --impl is not available
+EXIT_NOTHING_CHECKED = 3  # nothing could be checked (no backend installed and no --impl, or no Hypothesis)
+
+
+@dataclass
+class Report:
+    results: list
+    metadata: dict = field(default_factory=dict)
+    exit_status: int = EXIT_PASS
+
+    def counts(self) -> dict:
+        out = {"pass": 0, "fail": 0, "skip": 0}
+        for result in self.results:
+            out[result.status] = out.get(result.status, 0) + 1
+        return out
+
+    def failures(self) -> list:
+        return [r for r in self.results if r.status == "fail"]
+
+    def summary(self) -> str:
+        counts = self.counts()
+        text = f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"
+        seconds = self.metadata.get("wall_time_s")
+        if seconds is not None:
+            text += f" in {seconds:.1f} s"
+        return f"{text}; exit status {self.exit_status} ({describe_exit(self.exit_status)})"
+
+    def as_dict(self) -> dict:
+        return {
+            "tool": "mlstm-conformance",
+            "metadata": self.metadata,
+            "summary": self.counts() | {"exit_status": self.exit_status},
+            "results": [_as_dict(r) for r in self.results],
+        }
+
+
+def describe_exit(status: int) -> str:
+    return {
+        EXIT_PASS: "all checks passed",
+        EXIT_FAIL: "failures",
+        EXIT_USAGE: "usage error or requested target unavailable",
+        EXIT_NOTHING_CHECKED: "nothing could be checked",
+    }.get(status, "unknown")
+
+
+def _as_dict(result) -> dict:
+    out = result.as_dict() if hasattr(result, "as_dict") else dict(vars(result))
+    # JSON has no inf/nan: a crash or NaN output is reported as the string "inf"/"nan"
+    for key, value in out.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = str(value)
+    return out
+
+
+def format_error(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1e}" if math.isfinite(value) else str(value)
+
+
+def groups(results) -> list[list]:
+    """Results grouped by (implementation, device, dtype), in order of first appearance."""
+    out: dict = {}
+    for result in results:
+        out.setdefault((result.implementation, result.device, result.dtype), []).append(result)
+    return list(out.values())
+
+
+def group_status(group) -> str:
+    statuses = {r.status for r in group}
+    return "fail" if "fail" in statuses else "pass" if "pass" in statuses else "skip"
+
+
+def _check_cell(result) -> str:
+    if result is None:
+        return "-"
+    if result.status == "skip":
+        return "skip"
+    if result.check in CHECKS and result.examples == 0:
+        return "FAIL" if result.status == "fail" else "-"
+    if result.status == "fail" and result.worst_error <= result.tolerance:
+        return "FAIL"  # it crashed, or returned the wrong shape or dtype: the note says which
+    value = format_error(result.worst_error)
+    return f"{value} FAIL" if result.status == "fail" else value
+
+
+def _note(group) -> str:
+    """Why a row was skipped, where it failed, or which of its checks were skipped."""
+    notes = []
+    for result in group:
+        label = f"{result.check}: " if result.check in CHECKS else ""
+        if result.status == "fail":
+            exceeded = (result.worst_at and result.tolerance is not None
+                        and not result.worst_error <= result.tolerance)
+            text = f"worst at {result.worst_at}" if exceeded else (result.message.splitlines() or [""])[0]
+            notes.append(label + text)
+        elif result.status == "skip" and result.message and not (
+                group_status(group) == "pass" and result.check not in CHECKS):
+            notes.append(label + result.message)
+    text = "; ".join(notes)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def row(group) -> tuple[str, ...]:
+    """The table's cells for one (implementation, device, dtype)."""
+    first = group[0]
+    by_check = {r.check: r for r in group}
+    ran = [r for r in group if r.check in CHECKS and r.status != "skip"]
+    tolerance = next((r.tolerance for r in group if r.tolerance is not None), None)
+    return (
+        first.implementation,
+        first.device,
+        first.dtype,
+        *(_check_cell(by_check.get(c)) for c in CHECKS),
+        f"{tolerance:.0e}" if tolerance is not None else "-",
+        str(max(r.examples for r in ran)) if ran else "-",
+        RESULT_WORDS[group_status(group)],
+        _note(group),
+    )
+
+
+def failure_title(result) -> str:
+    where = [f"on {result.device}"] if result.device != "-" else []
+    where += [result.dtype] if result.dtype != "-" else []
+    return " ".join([result.implementation, ", ".join(where), f"check {result.check!r}"]).replace("  ", " ")
+
+
+# ---- plain text (no TTY, no rich): readable in CI logs ----
+
+def plain_table(results) -> str:
+    rows = [COLUMNS] + [row(g) for g in groups(results)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    lines = []
+    for i, cells in enumerate(rows):
+        line = "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + "  " + cells[-1]
+        lines.append(line.rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * width for width in widths) + "  " + "-" * 4)
+    return "\n".join(lines)
+
+
+def plain_text(report: Report) -> str:
+    parts = [plain_table(report.results)]
+    for result in report.failures():
+        parts.append(f"FAIL: {failure_title(result)}\n{_indent(result.message)}")
+        if result.reproducer:
+            parts.append("Reproduce with:\n" + _indent(result.reproducer))
+    parts.append(_footer(report))
+    return "\n\n".join(parts) + "\n"
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line if line else line for line in text.splitlines())
+
+
+def _footer(report: Report) -> str:
+    lines = [report.summary()]
+    if report.exit_status == EXIT_NOTHING_CHECKED:
+        lines.append("No implementation was checked: install a backend (pip install 'mlstm-spec[torch]', "
+                     "[jax] or [tensorflow]) or pass --impl MODULE:FACTORY")
+    seed = report.metadata.get("seed")
+    if seed is not None and report.metadata.get("seed_source") == "drawn":
+        lines.append(f"Examples drawn with seed {seed}: rerun them with --seed {seed}")
+    return "\n".join(lines)
+
+
+# ---- rich (a terminal) ----
+
+def print_rich(report: Report, console) -> None:
+    from rich import box
+    from rich.measure import Measurement
+    from rich.table import Table
+    from rich.text import Text
+
+    styles = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+    # The notes go below the table, so that the table itself fits an 80- to 100-column terminal.
+    table = Table(box=box.SIMPLE_HEAD, title="mlstm-conformance", title_justify="left", pad_edge=False,
+                  padding=(0, 2, 0, 0))
+    shown = [c for c in COLUMNS if c != "note"]
+    for name in shown:
+        table.add_column(name.replace("_", " "), justify="right" if name in NUMERIC else "left", no_wrap=True)
+    notes = []
+    for group in groups(report.results):
+        cells = dict(zip(COLUMNS, row(group)))
+        rendered = []
+        for name in shown:
+            text = cells[name]
+            if name in CHECKS and text.endswith(" FAIL"):
+                rendered.append(Text(text[:-5] + " \u2717", style=styles["fail"]))
+            elif name == "result":
+                rendered.append(Text(text + ("*" if cells["note"] else " "), style=styles[group_status(group)]))
+            else:
+                rendered.append(text)
+        table.add_row(*rendered)
+        if cells["note"]:
+            notes.append((f"{cells['implementation']} {cells['device']} {cells['dtype']}".replace(" -", ""),
+                          cells["note"], group_status(group)))
+    if Measurement.get(console, console.options.update_width(100_000), table).maximum <= console.width:
+        console.print(table)
+    else:  # a terminal too narrow for the table: the plain one, whose long lines the terminal wraps
+        console.print(Text(plain_table(report.results)), soft_wrap=True)
+        notes = []
+    if notes:
+        console.print("* notes:")
+        for where, text, status in notes:
+            console.print(Text.assemble("  ", (where, styles[status]), ": ", text))
+        console.print()
+    for result in report.failures():
+        console.print(Text(f"FAIL: {failure_title(result)}", style="bold red"))
+        console.print(Text(_indent(result.message)))
+        if result.reproducer:
+            console.print("Reproduce with:")
+            # soft_wrap: long lines are left whole (the terminal wraps them), so the code copies intact
+            console.print(Text(_indent(result.reproducer), style="cyan"), soft_wrap=True)
+        console.print()
+    style = "bold red" if report.failures() else ("green" if report.exit_status == EXIT_PASS else "yellow")
+    console.print(Text(_footer(report), style=style))
+
+
+# ---- Markdown and JSON files ----
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(report: Report) -> str:
+    meta = report.metadata
+    lines = ["# mlstm-conformance report", ""]
+    facts = [
+        ("date", meta.get("date")),
+        ("command", meta.get("command")),
+        ("profile", meta.get("profile")),
+        ("max examples per implementation, device and dtype", meta.get("max_examples")),
+        ("seed", meta.get("seed") if meta.get("seed") is not None else "derandomized"),
+        ("wall time", f"{meta['wall_time_s']:.1f} s" if "wall_time_s" in meta else None),
+        ("versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())),
+        ("devices", ", ".join(f"{k}: {v}" for k, v in meta.get("devices", {}).items())),
+    ]
+    lines += [f"- **{name}**: {_md_cell(str(value))}" for name, value in facts if value not in (None, "")]
+    lines += ["", "Each check column holds the worst relative error over the examples run "
+              "(see mlstm_spec/conformance/tolerances.py for the metric).", "",
+              "| " + " | ".join(COLUMNS) + " |",
+              "|" + "|".join("---:" if c in NUMERIC else "---" for c in COLUMNS) + "|"]
+    for group in groups(report.results):
+        lines.append("| " + " | ".join(_md_cell(cell) for cell in row(group)) + " |")
+    failures = report.failures()
+    if failures:
+        lines += ["", "## Failures"]
+        for result in failures:
+            lines += ["", f"### {failure_title(result)}", "", "```text", result.message, "```"]
+            if result.reproducer:
+                lines += ["", "Reproduce with:", "", "```python", result.reproducer, "```"]
+    lines += ["", report.summary(), ""]
+    return "\n".join(lines)
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report.as_dict(), indent=2, allow_nan=False) + "\n"

@@ -1,0 +1,633 @@
+"""``mlstm-conformance``: check every installed mLSTM backend, on every device, against ``mlstm_spec``.
+
+With no arguments it finds the installed frameworks among torch, JAX and TensorFlow (importing only
+those that are installed; the others become "skip" rows with the reason), every device each one sees,
+and runs the property-based suite of :mod:`mlstm_spec.conformance` on each (implementation, device,
+dtype): forward outputs, final states and all gradients, over drawn shapes and options. Outside
+implementations plug in with ``--impl module.path:factory``. See docs/conformance.md.
+
+The spec's own low-precision path (row ``mlstm_spec``: float32/float16 computation against the float64
+oracle) is part of a default run; it is cheap and it checks the oracle's rounding. It does not count
+as an implementation: a machine with no framework and no ``--impl`` still exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .report import (EXIT_FAIL, EXIT_NOTHING_CHECKED, EXIT_PASS, EXIT_USAGE, Report, markdown, plain_text,
+                     print_rich, to_json)
+from .tolerances import DTYPES, device_kind
+
+SPEC = "mlstm_spec"
+FRAMEWORK_BACKENDS = ("torch", "jax", "tensorflow")
+BACKEND_NAMES = (SPEC,) + FRAMEWORK_BACKENDS
+ALIASES = {"spec": SPEC, "tf": "tensorflow"}
+PROFILES = ("default", "ci", "thorough")
+INSTALL_HINT = "pip install 'mlstm-spec[conformance]'"
+
+EPILOG = f"""\
+targets:
+  With no --backends and no --impl: the spec's own float32/float16 path ({SPEC}) and every installed
+  backend among {', '.join(FRAMEWORK_BACKENDS)}, on every device each sees. A backend that is not
+  installed, or a GPU that is not present, is a "skip" row with the reason. --impl alone checks only
+  the given implementation(s); add --backends to check backends as well.
+
+exit status:
+  {EXIT_PASS}  every check that ran passed
+  {EXIT_FAIL}  at least one check failed
+  {EXIT_USAGE}  usage error, or a requested backend, device or --impl is not available
+  {EXIT_NOTHING_CHECKED}  nothing could be checked (no backend installed and no --impl, or the
+     conformance extra is missing: {INSTALL_HINT})
+
+examples:
+  mlstm-conformance
+  mlstm-conformance --backends torch --devices gpu --dtypes float32 --profile thorough
+  mlstm-conformance --impl my_package.conformance:make_adapter --markdown report.md
+"""
+
+
+class UsageError(Exception):
+    """A request that cannot be honoured: exit status 2."""
+
+
+# ---- arguments ----
+
+def _comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, got an empty one")
+    return items
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _describe_profiles() -> str:
+    try:
+        from .profiles import EXAMPLES
+    except ImportError:  # no Hypothesis: --help still works
+        return ", ".join(PROFILES)
+    return ", ".join(f"{name} ({EXAMPLES[name]} examples{', derandomized' if name == 'ci' else ''})"
+                     for name in PROFILES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlstm-conformance",
+        description="Check mLSTM implementations against the NumPy spec mlstm_spec with the property-based "
+                    "conformance suite (outputs, final states, gradients; drawn shapes, options, dtypes).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--backends", type=_comma_list, metavar="LIST",
+                        help=f"comma-separated, from {', '.join(BACKEND_NAMES)}, or 'all' or 'none' "
+                             "(default: all; with --impl: none). A requested backend that is not "
+                             f"installed is an error (exit {EXIT_USAGE}).")
+    parser.add_argument("--devices", type=_comma_list, metavar="LIST",
+                        help="'cpu', 'gpu' (any GPU the framework sees) or exact names such as 'cuda:1' "
+                             "(default: every device each backend sees). A requested device that a "
+                             f"selected backend does not see is an error (exit {EXIT_USAGE}).")
+    parser.add_argument("--dtypes", type=_comma_list, metavar="LIST",
+                        help=f"from {', '.join(DTYPES)} (default: every dtype each implementation "
+                             "supports on its device; one it does not support is a 'skip' row)")
+    parser.add_argument("--impl", action="append", default=[], metavar="MODULE:FACTORY",
+                        help="check an outside implementation: MODULE is imported (the current "
+                             "directory is on sys.path) and FACTORY() must return an adapter "
+                             "(see docs/conformance.md). May be given more than once.")
+    parser.add_argument("--profile", choices=PROFILES,
+                        help=f"Hypothesis profile: {_describe_profiles()} (default: $MLSTM_PROFILE, "
+                             "else ci when $CI is set, else default)")
+    parser.add_argument("--max-examples", type=_positive_int, metavar="N",
+                        help="examples per implementation, device and dtype (overrides the profile)")
+    parser.add_argument("--seed", type=_seed, metavar="N",
+                        help="draw the examples from this seed, so that the run is reproducible (a run "
+                             "without --seed draws one and prints it)")
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
+    return parser
+
+
+# ---- what is checked ----
+
+@dataclass
+class Target:
+    """One adapter on one device, and the dtypes to check it in."""
+
+    label: str  # the implementation column before an adapter exists
+    device: str
+    adapter: object
+    dtypes: list
+    setup: str  # Python that builds ADAPTER, for the reproducers
+    counts: bool = True  # False: the spec's own path in a default run (not an implementation)
+    backend: str | None = None
+
+
+@dataclass
+class Plan:
+    targets: list = field(default_factory=list)
+    rows: list = field(default_factory=list)  # skip rows, and fail rows of backends that broke on setup
+
+
+def _skip_row(implementation, device, reason, dtype="-", check="-"):
+    from .suite import CheckResult
+
+    return CheckResult(implementation, device, dtype, check, None, status="skip", message=reason)
+
+
+def _fail_row(implementation, device, message, dtype="-", check="setup"):
+    from .suite import CheckResult
+
+    return CheckResult(implementation, device, dtype, check, None, status="fail", message=message)
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _select_backends(requested: list | None, impls: list) -> tuple[list, bool]:
+    """Backend names to check, and whether the user named them (then each must be available)."""
+    if requested is None:
+        return ([] if impls else list(BACKEND_NAMES)), False
+    names = [ALIASES.get(name.lower(), name.lower()) for name in requested]
+    if "none" in names:
+        if len(names) > 1:
+            raise UsageError("--backends none cannot be combined with other names")
+        return [], True
+    if "all" in names:
+        if len(names) > 1:
+            raise UsageError("--backends all cannot be combined with other names")
+        return list(BACKEND_NAMES), False
+    unknown = [n for n in names if n not in BACKEND_NAMES]
+    if unknown:
+        raise UsageError(f"--backends: unknown backend(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(BACKEND_NAMES)}, all, none")
+    return list(dict.fromkeys(names)), True
+
+
+def _wanted_devices(backend: str, seen: list, requested: list | None) -> list:
+    """The devices of ``seen`` that ``requested`` names; a requested one that is not seen is an error."""
+    if requested is None:
+        return list(seen)
+    chosen = []
+    for token in requested:
+        lowered = token.lower()
+        if lowered in ("cpu", "gpu"):
+            matches = [d for d in seen if device_kind(d) == lowered]
+            if not matches:
+                raise UsageError(f"--devices {token}: no {lowered.upper()} visible to {backend} "
+                                 f"(it sees: {', '.join(seen) or 'nothing'})")
+        else:
+            matches = [d for d in seen if d.lower() == lowered]
+            if not matches:
+                raise UsageError(f"--devices {token}: {backend} does not see a device {token!r} "
+                                 f"(it sees: {', '.join(seen) or 'nothing'})")
+        chosen += [d for d in matches if d not in chosen]
+    return chosen
+
+
+def _add_target(plan: Plan, target: Target, requested_dtypes: list | None) -> None:
+    from .suite import adapter_dtypes
+
+    offered = list(adapter_dtypes(target.adapter))
+    if requested_dtypes is None:
+        target.dtypes = offered
+    else:
+        target.dtypes = [d for d in offered if d in requested_dtypes]
+        for dtype in requested_dtypes:
+            if dtype not in offered:
+                plan.rows.append(_skip_row(target.adapter.name, target.device,
+                                           f"{target.adapter.name} on {target.device} does not offer "
+                                           f"{dtype} (it offers {', '.join(offered) or 'none'})", dtype))
+    plan.targets.append(target)
+
+
+def _plan_spec(plan: Plan, args, explicit: bool) -> None:
+    from .defects import SpecAdapter
+
+    wants_cpu = args.devices is None or any(
+        d.lower() == "cpu" for d in args.devices)
+    if not wants_cpu:
+        if explicit:
+            raise UsageError(f"--devices {','.join(args.devices)}: {SPEC} (NumPy) runs on the CPU only")
+        plan.rows.append(_skip_row(SPEC, "cpu", "--devices excludes the CPU, where the NumPy spec runs"))
+        return
+    target = Target(SPEC, "cpu", SpecAdapter(), [],
+                    "from mlstm_spec.conformance.defects import SpecAdapter\nADAPTER = SpecAdapter()",
+                    counts=explicit)
+    _add_target(plan, target, args.dtypes)
+
+
+def _plan_backend(plan: Plan, name: str, args, explicit: bool) -> None:
+    import backends
+
+    reason = backends.missing_reason(name)
+    if reason is not None:
+        if explicit:
+            raise UsageError(f"--backends requests {name}, but {reason}")
+        plan.rows.append(_skip_row(name, "-", reason))
+        return
+    try:
+        module = backends.load(name)
+        seen = [str(d) for d in module.devices()]
+    except Exception as exc:  # the framework is installed but the backend is broken: a failure
+        plan.rows.append(_fail_row(name, "-", f"backends.{name} could not be loaded: {_error_text(exc)}"))
+        return
+    devices = _wanted_devices(name, seen, args.devices)
+    if args.devices is None and not any(device_kind(d) == "gpu" for d in seen):
+        plan.rows.append(_skip_row(name, "gpu", f"no GPU visible to {name}"))
+    for device in devices:
+        try:
+            adapter = module.ConformanceAdapter(device)
+        except Exception as exc:
+            plan.rows.append(_fail_row(name, device, f"backends.{name}.ConformanceAdapter({device!r}) "
+                                                     f"raised {_error_text(exc)}"))
+            continue
+        setup = f"from backends.{name} import ConformanceAdapter\nADAPTER = ConformanceAdapter({device!r})"
+        _add_target(plan, Target(name, device, adapter, [], setup, backend=name), args.dtypes)
+
+
+def load_impl(spec: str):
+    """Import ``module.path:factory`` (current directory on sys.path), call it, validate the adapter."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise UsageError(f"--impl {spec}: expected MODULE:FACTORY, e.g. my_package.checks:make_adapter")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise UsageError(f"--impl {spec}: cannot import {module_name}: {_error_text(exc)}") from exc
+    factory = module
+    for part in attribute.split("."):
+        try:
+            factory = getattr(factory, part)
+        except AttributeError:
+            raise UsageError(f"--impl {spec}: {module_name} has no attribute {attribute!r}") from None
+    if not callable(factory):
+        raise UsageError(f"--impl {spec}: {attribute} is not callable (it is a {type(factory).__name__})")
+    try:
+        adapter = factory()
+    except Exception as exc:
+        raise UsageError(f"--impl {spec}: {attribute}() raised {_error_text(exc)}") from exc
+    problems = []
+    if not isinstance(getattr(adapter, "name", None), str) or not adapter.name:
+        problems.append("a non-empty str attribute 'name'")
+    if not callable(getattr(adapter, "forward", None)):
+        problems.append("a method forward(params, xs, state, *, integration_mode)")
+    for optional in ("gradients", "supports"):
+        if getattr(adapter, optional, None) is not None and not callable(getattr(adapter, optional)):
+            problems.append(f"'{optional}' to be a method (or absent)")
+    dtypes = getattr(adapter, "dtypes", None)
+    if dtypes is not None:
+        unknown = [d for d in dtypes if d not in DTYPES] if isinstance(dtypes, (list, tuple)) else [dtypes]
+        if unknown:
+            problems.append(f"'dtypes' to be a tuple of names from {', '.join(DTYPES)} (got {dtypes!r})")
+    if problems:
+        raise UsageError(f"--impl {spec}: the adapter {type(adapter).__name__} returned by {attribute}() needs "
+                         + "; ".join(problems) + " (see docs/conformance.md)")
+    setup = (f"import sys\nsys.path.insert(0, {_import_root(module, module_name)!r})\nimport {module_name}\n"
+             f"ADAPTER = {module_name}.{attribute}()")
+    return adapter, setup
+
+
+def _import_root(module, module_name: str) -> str:
+    """The sys.path entry ``module_name`` was imported from (for the reproducers)."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return os.getcwd()
+    path = os.path.abspath(file)
+    levels = module_name.count(".") + (2 if os.path.basename(path) == "__init__.py" else 1)
+    for _ in range(levels):
+        path = os.path.dirname(path)
+    return path
+
+
+def plan_run(args) -> Plan:
+    """Everything the run will check, and the rows it cannot; raises :class:`UsageError`."""
+    from .suite import adapter_device
+
+    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"{option} {path}: the directory {os.path.dirname(os.path.abspath(path))} "
+                             "does not exist")
+    if args.dtypes is not None:
+        unknown = [d for d in args.dtypes if d not in DTYPES]
+        if unknown:
+            raise UsageError(f"--dtypes: unknown dtype(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
+    names, explicit = _select_backends(args.backends, args.impl)
+    plan = Plan()
+    impl_targets = []
+    for spec in args.impl:  # before the backends: a bad --impl fails before any framework is imported
+        adapter, setup = load_impl(spec)
+        impl_targets.append(Target(adapter.name, adapter_device(adapter), adapter, [], setup))
+    for name in names:
+        if name == SPEC:
+            _plan_spec(plan, args, explicit)
+        else:
+            _plan_backend(plan, name, args, explicit)
+    for target in impl_targets:
+        _add_target(plan, target, args.dtypes)
+    return plan
+
+
+# ---- Hypothesis settings ----
+
+def suite_settings(profile: str, max_examples: int | None = None):
+    """The profile's settings without the example database: a run replays nothing from earlier runs
+    (all adapters share one property function, so saved examples would leak between them).
+
+    Only ``ci`` is derandomized. (Hypothesis, seeing ``CI`` in the environment when the profiles were
+    registered, would otherwise have made every profile derandomized.)"""
+    from hypothesis import settings
+
+    changes = {"database": None, "derandomize": profile == "ci"}
+    if max_examples is not None:
+        changes["max_examples"] = max_examples
+    return settings(settings.get_profile(profile), **changes)
+
+
+# ---- progress ----
+
+class PlainProgress:
+    """One line per finished (implementation, device, dtype), for logs that are not a terminal."""
+
+    def __init__(self, stream, total):
+        self.stream, self.total, self.done = stream, total, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def start(self, label, max_examples):
+        pass
+
+    def example(self, n):
+        pass
+
+    def finish(self, label, results, seconds):
+        self.done += 1
+        verdict, examples = _verdict(results)
+        print(f"[{self.done}/{self.total}] {label}: {verdict} ({examples} examples, {seconds:.1f} s)",
+              file=self.stream, flush=True)
+
+
+class RichProgress:
+    """A live display: one bar per (implementation, device, dtype), the current one moving."""
+
+    def __init__(self, console, total):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                                 TimeElapsedColumn(), console=console)
+        self.overall = self.progress.add_task("total", total=total, status="")
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def start(self, label, max_examples):
+        self.max_examples = max_examples
+        self.task = self.progress.add_task(label, total=max_examples, status="")
+
+    def example(self, n):
+        status = f"shrinking (example {n})" if n > self.max_examples else ""
+        self.progress.update(self.task, completed=min(n, self.max_examples), status=status)
+
+    def finish(self, label, results, seconds):
+        verdict, examples = _verdict(results)
+        style = {"pass": "green", "FAIL": "bold red"}.get(verdict.split()[0], "yellow")
+        self.progress.update(self.task, completed=self.max_examples,
+                             status=f"[{style}]{verdict}[/] ({examples} examples)")
+        self.progress.advance(self.overall)
+
+
+def _verdict(results) -> tuple[str, int]:
+    failed = [r.check for r in results if r.status == "fail"]
+    examples = max((r.examples for r in results), default=0)
+    return ("FAIL " + ", ".join(failed) if failed else "pass"), examples
+
+
+# ---- running ----
+
+def run_target(target: Target, dtype: str, settings, seed, progress) -> list:
+    from .suite import check, tolerance
+
+    label = f"{target.adapter.name} {target.device} {dtype}"
+    progress.start(label, settings.max_examples)
+    started = time.perf_counter()
+    try:
+        results = check(target.adapter, dtype, settings=settings, seed=seed, on_example=progress.example)
+    except Exception as exc:  # e.g. supports() rejects every case, or an unknown dtype
+        try:
+            tol = tolerance(dtype, target.device)
+        except KeyError:
+            tol = None
+        results = [_fail_row(target.adapter.name, target.device,
+                             f"the suite could not run: {_error_text(exc)}", dtype, "suite")]
+        results[0].tolerance = tol
+    for result in results:
+        if result.reproducer:
+            result.reproducer = target.setup + "\n" + result.reproducer
+    progress.finish(label, results, time.perf_counter() - started)
+    return results
+
+
+def _versions(plan: Plan) -> dict:
+    import hypothesis
+    import numpy
+
+    from .. import __version__
+
+    out = {"python": platform.python_version(), "mlstm_spec": __version__, "numpy": numpy.__version__,
+           "hypothesis": hypothesis.__version__}
+    for module in ("torch", "jax", "jaxlib", "tensorflow", "keras"):
+        if module in sys.modules:
+            out[module] = str(getattr(sys.modules[module], "__version__", "?"))
+    for target in plan.targets:
+        if target.backend is None and target.label != SPEC:
+            top = type(target.adapter).__module__.split(".")[0]
+            for name in (top, top.replace("_", "-")):
+                try:
+                    out.setdefault(name, importlib.metadata.version(name))
+                    break
+                except importlib.metadata.PackageNotFoundError:
+                    continue
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device(backend: str | None, device: str) -> str:
+    """A human name for a device (best effort: the GPU model when the framework says it)."""
+    if device_kind(device) == "cpu":
+        return f"{_cpu_name()} ({os.cpu_count()} cores)"
+    try:
+        if backend == "torch":
+            import torch
+            return torch.cuda.get_device_name(torch.device(device))
+        if backend == "jax":
+            import jax
+            for d in jax.devices():
+                if f"{d.platform}:{d.id}" == device or str(d) == device:
+                    return d.device_kind
+        if backend == "tensorflow":
+            import tensorflow as tf
+            for d in tf.config.list_physical_devices("GPU"):
+                if d.name.endswith(device.split(":", 1)[-1]) or device.upper() in d.name.upper():
+                    return tf.config.experimental.get_device_details(d).get("device_name", device)
+    except Exception:
+        pass
+    return device
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from . import MISSING_DEPENDENCY
+
+    if MISSING_DEPENDENCY:
+        print(f"mlstm-conformance: {MISSING_DEPENDENCY}", file=sys.stderr)
+        return EXIT_NOTHING_CHECKED
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    # The suite draws many shapes on purpose; TensorFlow's "retracing" warnings would bury the report.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    from .profiles import profile_from_environment
+
+    started = time.perf_counter()
+    try:
+        profile = args.profile or profile_from_environment()
+        plan = plan_run(args)
+    except (UsageError, ValueError) as exc:
+        print(f"mlstm-conformance: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    settings = suite_settings(profile, args.max_examples)
+    if args.seed is not None:
+        seed, seed_source = args.seed, "given"
+    elif settings.derandomize:
+        seed, seed_source = None, "derandomized"
+    else:
+        seed, seed_source = random.SystemRandom().randrange(2**32), "drawn"
+
+    units = [(target, dtype) for target in plan.targets for dtype in target.dtypes]
+    results, counted = [], 0
+    console = _console()
+    progress = (RichProgress(console, len(units)) if console is not None and console.is_terminal
+                else PlainProgress(sys.stderr, len(units)))
+    with progress:
+        for target, dtype in units:
+            unit_results = run_target(target, dtype, settings, seed, progress)
+            results += unit_results
+            if target.counts and any(r.status != "skip" for r in unit_results):
+                counted += 1
+    results += plan.rows
+    results.sort(key=_row_order(plan))
+
+    if any(r.status == "fail" for r in results):
+        status = EXIT_FAIL
+    elif counted == 0:
+        status = EXIT_NOTHING_CHECKED
+    else:
+        status = EXIT_PASS
+    metadata = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["mlstm-conformance"] + list(sys.argv[1:] if argv is None else argv)),
+        "profile": profile,
+        "max_examples": settings.max_examples,
+        "seed": seed,
+        "seed_source": seed_source,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "versions": _versions(plan),
+        "devices": {f"{t.adapter.name} {t.device}": describe_device(t.backend, t.device) for t in plan.targets},
+        "examples": {f"{r.implementation} {r.device} {r.dtype}": r.examples
+                     for r in results if r.check == "outputs"},
+        "platform": platform.platform(),
+    }
+    report = Report(results, metadata, status)
+    out_console = _console(stdout=True)
+    if out_console is not None and out_console.is_terminal:
+        print_rich(report, out_console)
+    else:
+        sys.stdout.write(plain_text(report))
+        sys.stdout.flush()
+    for path, render in ((args.json, to_json), (args.markdown, markdown)):
+        if path:
+            with open(path, "w", encoding="utf-8") as out:
+                out.write(render(report))
+    return status
+
+
+def _row_order(plan: Plan):
+    """Table order: the spec, the backends, outside implementations; then device, dtype, check."""
+    from .suite import CHECKS
+
+    names = [SPEC, *FRAMEWORK_BACKENDS] + [t.adapter.name for t in plan.targets if t.backend is None]
+    dtype_rank = {d: i for i, d in enumerate(DTYPES)}
+    check_rank = {c: i for i, c in enumerate(("setup", "suite") + CHECKS)}
+
+    def key(result):
+        impl = names.index(result.implementation) if result.implementation in names else len(names)
+        return (impl, result.implementation, device_kind(result.device) if result.device != "-" else "",
+                result.device, dtype_rank.get(result.dtype, -1), check_rank.get(result.check, -1))
+
+    return key
+
+
+def _console(stdout: bool = False):
+    """A rich console (stderr for the live display, stdout for the report), or None without rich."""
+    if importlib.util.find_spec("rich") is None:
+        return None
+    from rich.console import Console
+
+    return Console(stderr=not stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

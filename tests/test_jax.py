@@ -1,0 +1,505 @@
+"""The JAX backend: the shared conformance suite, plus what is specific to JAX (pytrees through jit,
+grad, vmap and optax; float64 that stays float64; compile size independent of T; trace-time errors)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+from helpers import assert_gpu_present, conformance_params, require_backend
+
+bj = require_backend("jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import mlstm_spec  # noqa: E402
+from hypothesis import settings  # noqa: E402
+from mlstm_spec.conformance import check  # noqa: E402
+from mlstm_spec.params import block  # noqa: E402
+
+MODES = ("addition", "multiplicative_integration")
+
+
+@pytest.fixture
+def x64():
+    """float64 for one test, restored afterwards (the setting is global to JAX)."""
+    with jax.enable_x64(True):
+        yield
+
+
+def random_params(rng, input_size, hidden_size, dtype="float64", scale=1.0, **options):
+    """Canonical NumPy parameters with random values everywhere (biases included)."""
+    shapes = mlstm_spec.init_params(input_size, hidden_size, rng=0, dtype=np.float64, **options)
+    return {k: (rng.uniform(-1, 1, v.shape) * scale).astype(dtype) for k, v in shapes.items()}
+
+
+def max_relative_error(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-2))
+
+
+# ---- the shared conformance suite ----
+
+@pytest.mark.parametrize(("device", "dtype"), conformance_params(bj))
+def test_conformance(device, dtype):
+    assert_gpu_present(device)
+    options = {}
+    if dtype in ("bfloat16", "float16"):
+        # Half precision runs the float32 program between two casts (see backends.jax), so the
+        # float32 run already covers the drawn shapes and options; a third of the examples checks
+        # the casts and their rounding, and keeps the number of distinct compilations down.
+        options["settings"] = settings(max_examples=max(5, settings().max_examples // 3))
+    results = check(bj.ConformanceAdapter(device), dtype, raise_on_failure=True, **options)
+    for result in results:
+        print(f"{result.device} {result.dtype} {result.check}: worst {result.worst_error:.2e} "
+              f"<= {result.tolerance:.0e} at {result.worst_at}")
+        assert result.status == "pass", result.message
+
+
+# ---- float64 really is float64 ----
+
+def _float_dtypes_in_jaxpr(closed_jaxpr) -> set[str]:
+    """Every floating dtype of every value in a jaxpr, sub-jaxprs (scan bodies, jit) included."""
+    found = set()
+
+    def visit(jaxpr):
+        for var in list(jaxpr.invars) + list(jaxpr.outvars) + list(jaxpr.constvars):
+            aval = getattr(var, "aval", None)
+            if aval is not None and jnp.issubdtype(aval.dtype, jnp.floating):
+                found.add(aval.dtype.name)
+        for eqn in jaxpr.eqns:
+            for var in list(eqn.outvars):
+                if jnp.issubdtype(var.aval.dtype, jnp.floating):
+                    found.add(var.aval.dtype.name)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        visit(inner)
+
+    visit(closed_jaxpr.jaxpr)
+    return found
+
+
+def test_float64_stays_float64_end_to_end(x64):
+    rng = np.random.default_rng(1)
+    params = random_params(rng, 3, 4)
+    xs, h0, c0 = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+
+    def loss(params, xs, h0, c0):
+        hs, (h, c) = bj.mlstm(params, xs, (h0, c0))
+        return jnp.sum(hs**3) + jnp.sum(h * c)
+
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    args = (jp, jnp.asarray(xs), jnp.asarray(h0), jnp.asarray(c0))
+    assert _float_dtypes_in_jaxpr(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)) == {"float64"}
+    hs, (h, c) = bj.mlstm(*args[:2], (args[2], args[3]))
+    assert {hs.dtype.name, h.dtype.name, c.dtype.name} == {"float64"}
+    want_hs, (want_h, want_c) = mlstm_spec.forward(params, xs, (h0, c0))
+    # a float32 computation anywhere gives errors near 1e-7
+    assert max_relative_error(hs, want_hs) < 1e-13
+    assert max_relative_error(c, want_c) < 1e-13
+
+
+def test_float64_without_x64_raises_instead_of_downcasting():
+    rng = np.random.default_rng(2)
+    params = random_params(rng, 3, 4)
+    xs = rng.standard_normal((2, 5, 3))
+    message = "float64, but JAX's 64-bit mode is off"
+    with jax.enable_x64(False):
+        with pytest.raises(TypeError, match=re.escape(message)):
+            bj.mlstm(params, xs)
+        with pytest.raises(TypeError, match=re.escape(message)):
+            bj.MLSTM.from_canonical(params)
+        with pytest.raises(TypeError, match=re.escape(message)):
+            bj.MLSTM(3, 4, dtype=jnp.float64)
+        with pytest.raises(TypeError, match=re.escape(message)):
+            bj.init(jax.random.key(0), 3, 4, dtype="float64")
+        # float32 still works with the mode off
+        params32 = {k: v.astype(np.float32) for k, v in params.items()}
+        hs, _ = bj.mlstm(params32, xs.astype(np.float32))
+        assert hs.dtype == jnp.float32
+
+
+# ---- functional transformations ----
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vmap_over_unbatched_equals_batched(x64, mode):
+    rng = np.random.default_rng(3)
+    params = {k: jnp.asarray(v) for k, v in random_params(rng, 3, 4).items()}
+    xs, h0, c0 = (jnp.asarray(rng.standard_normal(s)) for s in [(3, 6, 3), (3, 4), (3, 4)])
+    batched = bj.mlstm(params, xs, (h0, c0), integration_mode=mode)
+    mapped = jax.vmap(lambda x, h, c: bj.mlstm(params, x, (h, c), integration_mode=mode))(xs, h0, c0)
+    for got, want in zip(jax.tree.leaves(mapped), jax.tree.leaves(batched)):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+    # the module: its state carries a leading layer axis, so vmap maps it out at axis 1
+    model = bj.MLSTM.from_canonical([params, random_params(rng, 4, 4)], integration_mode=mode)
+    batched = model(xs)
+    mapped = jax.vmap(model, out_axes=(0, (1, 1)))(xs)
+    for got, want in zip(jax.tree.leaves(mapped), jax.tree.leaves(batched)):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+
+
+def test_jit_equals_eager(x64):
+    """``jax.disable_jit`` runs the scan as a Python loop of eager operations."""
+    rng = np.random.default_rng(4)
+    model = bj.MLSTM.from_canonical([random_params(rng, 2, 3), random_params(rng, 3, 3)],
+                                    integration_mode="multiplicative_integration")
+    xs = jnp.asarray(rng.standard_normal((2, 3, 2)))
+
+    def loss(model, xs):
+        hs, (h, c) = model(xs)
+        return jnp.sum(jnp.sin(hs)) + jnp.sum(c**2)
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(model, xs)
+    with jax.disable_jit():
+        eager = jax.value_and_grad(loss, argnums=(0, 1))(model, xs)
+    assert jax.tree.structure(compiled) == jax.tree.structure(eager)
+    for got, want in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_unroll_equals_unroll_1(x64, unroll):
+    rng = np.random.default_rng(5)
+    params = random_params(rng, 3, 4)
+    xs = jnp.asarray(rng.standard_normal((2, 5, 3)))  # T=5: not a multiple of the unroll
+    want = bj.mlstm(params, xs, unroll=1)
+    got = bj.mlstm(params, xs, unroll=unroll)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-14)
+    grad = lambda u: jax.grad(lambda p: jnp.sum(bj.mlstm(p, xs, unroll=u)[0] ** 2))(params)  # noqa: E731
+    for g, w in zip(jax.tree.leaves(grad(unroll)), jax.tree.leaves(grad(1))):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-13)
+
+
+def test_grad_through_pytree_and_one_optax_step():
+    optax = pytest.importorskip("optax")
+    model = bj.MLSTM(3, 5, num_layers=2, key=jax.random.key(7), unroll=2)
+    xs = jax.random.normal(jax.random.key(8), (4, 6, 3), jnp.float32)
+    target = jax.random.normal(jax.random.key(9), (4, 6, 5), jnp.float32)
+
+    def loss(model):
+        hs, _ = model(xs)
+        return jnp.mean((hs - target) ** 2)
+
+    optimizer = optax.adam(1e-2)
+
+    @jax.jit
+    def train_step(model, opt_state):
+        value, grads = jax.value_and_grad(loss)(model)
+        updates, opt_state = optimizer.update(grads, opt_state, model)
+        return optax.apply_updates(model, updates), opt_state, value, grads
+
+    opt_state = optimizer.init(model)
+    new_model, opt_state, before, grads = train_step(model, opt_state)
+    assert isinstance(grads, bj.MLSTM)
+    assert jax.tree.structure(grads) == jax.tree.structure(model)
+    assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+    assert isinstance(new_model, bj.MLSTM)
+    assert jax.tree.structure(new_model) == jax.tree.structure(model)
+    assert new_model.integration_mode == "addition" and new_model.unroll == 2
+    for old, new in zip(jax.tree.leaves(model), jax.tree.leaves(new_model)):
+        assert new.dtype == old.dtype and new.shape == old.shape
+        assert bool(jnp.any(old != new))
+    for _ in range(5):
+        new_model, opt_state, after, _ = train_step(new_model, opt_state)
+    assert float(after) < float(before)
+
+
+def test_cell_steps_equal_the_sequence(x64):
+    rng = np.random.default_rng(6)
+    params = random_params(rng, 3, 4, independent_recurrence=True)
+    xs = rng.standard_normal((2, 5, 3))
+    state = (rng.standard_normal((2, 4)), rng.standard_normal((2, 4)))
+    hs, final = bj.mlstm(params, xs, state, integration_mode="multiplicative_integration")
+    layer = bj.MLSTMCell.from_canonical(params, integration_mode="multiplicative_integration")
+    for t in range(5):
+        h, state = layer(xs[:, t], state)
+        np.testing.assert_allclose(h, hs[:, t], rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(state[1], final[1], rtol=1e-13, atol=1e-14)
+    want_h, (_, want_c) = mlstm_spec.cell(params, xs[0, 0])
+    h, (_, c) = bj.cell(params, xs[0, 0])
+    assert h.shape == (4,)
+    np.testing.assert_allclose(c, want_c, rtol=1e-12, atol=1e-14)
+
+
+def test_stack_state_convention(x64):
+    rng = np.random.default_rng(7)
+    layers = [random_params(rng, 2, 3), random_params(rng, 3, 3), random_params(rng, 3, 3)]
+    xs = rng.standard_normal((4, 5, 2))
+    model = bj.MLSTM.from_canonical(layers)
+    hs, (h_n, c_n) = model(xs)
+    assert hs.shape == (4, 5, 3) and h_n.shape == c_n.shape == (3, 4, 3)
+    out, state = xs, None
+    for layer, params in enumerate(layers):
+        out, (h, c) = mlstm_spec.forward(params, out, None)
+        np.testing.assert_allclose(h_n[layer], h, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(c_n[layer], c, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(hs, out, rtol=1e-12, atol=1e-14)
+    # unbatched: the state is (L, H); feeding the final state back continues the sequence
+    hs1, state = model(xs[0, :2])
+    hs2, state = model(xs[0, 2:], state)
+    assert state[0].shape == (3, 3)
+    np.testing.assert_allclose(jnp.concatenate([hs1, hs2]), hs[0], rtol=1e-12, atol=1e-14)
+
+
+def test_nan_in_one_row_stays_in_that_row():
+    rng = np.random.default_rng(8)
+    params = random_params(rng, 3, 4, dtype="float32")
+    xs = rng.standard_normal((3, 4, 3)).astype(np.float32)
+    xs[1, 2, 0] = np.nan
+    hs, (h, c) = jax.tree.map(np.asarray, bj.mlstm(params, xs))
+    assert np.isnan(hs[1, 2:]).all()  # propagated, not checked
+    assert np.isfinite(hs[[0, 2]]).all() and np.isfinite(c[[0, 2]]).all()
+
+
+# ---- the LSTM reduction (spec-facts.md section 4), against an LSTM written here ----
+
+def plain_lstm(xs, w_x, w_h, b, h, c):
+    """Gates in order i, o, f, z; xs (B, T, I), w_x (4H, I), w_h (4H, H), b (4H,)."""
+    sig = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
+    hs = []
+    for x in np.moveaxis(xs, 1, 0):
+        a = x @ w_x.T + h @ w_h.T + b
+        i, o, f, z = np.split(a, 4, axis=1)
+        c = sig(f) * c + sig(i) * np.tanh(z)
+        h = sig(o) * np.tanh(c)
+        hs.append(h)
+    return np.stack(hs, axis=1), (h, c)
+
+
+@pytest.mark.parametrize("independent_recurrence", [False, True])
+def test_lstm_reduction(x64, independent_recurrence):
+    rng = np.random.default_rng(9)
+    hidden = 4
+    params = random_params(rng, 3, hidden, independent_recurrence=independent_recurrence)
+    params["weight_ih"][:hidden] = 0.0  # block m of weight_ih
+    params["bias_ih"][:hidden] = 1.0  # block m of bias_ih: now m = weight_hh h + bias_hh
+    w_hh = params["weight_hh"]
+    w_hh_matrix = np.diag(w_hh) if independent_recurrence else w_hh
+    w_x = np.concatenate([block(params["weight_ih"], g) for g in "iofz"])
+    w_h = params["weight_mh"] @ w_hh_matrix
+    b = np.concatenate([block(params["bias_ih"], g) for g in "iofz"]) + params["weight_mh"] @ params["bias_hh"] \
+        + params["bias_mh"]
+    xs = rng.standard_normal((2, 6, 3))
+    h0, c0 = rng.standard_normal((2, hidden)), rng.standard_normal((2, hidden))
+    want_hs, (want_h, want_c) = plain_lstm(xs, w_x, w_h, b, h0, c0)
+    hs, (h, c) = bj.mlstm(params, xs, (h0, c0))
+    assert max_relative_error(hs, want_hs) < 1e-12
+    assert max_relative_error(c, want_c) < 1e-12
+
+
+# ---- compile size does not grow with T ----
+
+def _lowered_lines(function, *args) -> int:
+    """Lines of the StableHLO program XLA compiles; an unrolled time loop would grow with T."""
+    return len(jax.jit(function).lower(*args).as_text().splitlines())
+
+
+def _scan_unrolls(closed_jaxpr) -> list:
+    found = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                found.append(eqn.params["unroll"])
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        visit(inner)
+
+    visit(closed_jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_program_size_does_not_grow_with_steps(unroll):
+    model = bj.MLSTM(3, 4, num_layers=2, unroll=unroll)
+    loss = lambda m, x: jnp.sum(m(x)[0])  # noqa: E731
+    forward_and_backward = jax.grad(loss, argnums=(0, 1))
+
+    def sizes(steps):
+        xs = jnp.zeros((2, steps, 3), jnp.float32)
+        return _lowered_lines(lambda m, x: m(x), model, xs), _lowered_lines(forward_and_backward, model, xs)
+
+    short, long = sizes(8), sizes(256)
+    assert short == long
+    # one scan per layer, unrolled as asked and no more
+    assert _scan_unrolls(jax.make_jaxpr(model)(jnp.zeros((2, 8, 3), jnp.float32))) == [unroll, unroll]
+
+
+# ---- initialisation and canonical round trips ----
+
+def test_init_draws_glorot_uniform_with_the_spec_bounds():
+    inputs, hidden = 40, 30
+    params = bj.init(jax.random.key(0), inputs, hidden)
+    assert sorted(params) == sorted(["weight_ih", "weight_hh", "weight_mh", "bias_ih", "bias_hh", "bias_mh"])
+    for name, (fan_out, fan_in) in {"weight_ih": (5 * hidden, inputs), "weight_hh": (hidden, hidden),
+                                    "weight_mh": (4 * hidden, hidden)}.items():
+        value = np.asarray(params[name])
+        assert value.shape == (fan_out, fan_in) and value.dtype == np.float32
+        limit = math.sqrt(6 / (fan_in + fan_out))
+        assert np.abs(value).max() <= limit
+        assert np.abs(value).max() > 0.95 * limit  # fills the range (hundreds of draws)
+        assert abs(value.mean()) < 0.1 * limit
+    for name in ("bias_ih", "bias_hh", "bias_mh"):
+        assert not np.any(np.asarray(params[name]))
+    vector = bj.init(jax.random.key(1), inputs, hidden, independent_recurrence=True, bias=False)
+    assert vector["weight_hh"].shape == (hidden,) and "bias_ih" not in vector
+    assert np.abs(np.asarray(vector["weight_hh"])).max() <= math.sqrt(6 / (1 + hidden))
+    again = bj.init(jax.random.key(0), inputs, hidden)
+    other = bj.init(jax.random.key(2), inputs, hidden)
+    assert np.array_equal(again["weight_ih"], params["weight_ih"])
+    assert not np.array_equal(other["weight_ih"], params["weight_ih"])
+    # the spec accepts what init draws
+    assert mlstm_spec.check_params({k: np.asarray(v) for k, v in params.items()}).hidden_size == hidden
+
+
+def test_init_orthogonal_and_forget_bias():
+    params = bj.init(jax.random.key(3), 6, 4, weight_init="orthogonal", forget_bias=3.0)
+    w_mh = np.asarray(params["weight_mh"], np.float64)
+    for k in range(4):
+        gate = w_mh[4 * k : 4 * (k + 1)]
+        np.testing.assert_allclose(gate @ gate.T, np.eye(4), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(block(params["bias_ih"], "f")), 3.0)
+    assert not np.any(np.asarray(block(params["bias_ih"], "i")))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_canonical_round_trip_is_exact(dtype):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(10)
+    numpy_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    layers = [random_params(rng, 3, 4, dtype=numpy_dtype, multiplicative_bias=False),
+              random_params(rng, 4, 4, dtype=numpy_dtype, multiplicative_bias=False)]
+    model = bj.MLSTM.from_canonical(layers)
+    assert all(leaf.dtype.name == dtype for leaf in jax.tree.leaves(model))
+    back = model.to_canonical()
+    assert len(back) == 2
+    for original, copied in zip(layers, back):
+        assert sorted(original) == sorted(copied)
+        for key in original:
+            assert isinstance(copied[key], np.ndarray) and copied[key].dtype == original[key].dtype
+            assert np.array_equal(copied[key].view(np.uint16), original[key].view(np.uint16))
+    xs = rng.standard_normal((2, 3, 3)).astype(numpy_dtype)
+    hs, (h_n, _) = model(xs)
+    assert hs.dtype.name == dtype and h_n.dtype.name == dtype
+
+
+def test_module_constructor_options():
+    model = bj.MLSTM(3, 4, num_layers=2, bias=False, independent_recurrence=True, key=jax.random.key(1))
+    assert model.num_layers == 2 and model.input_size == 3 and model.hidden_size == 4
+    assert sorted(model.layers[1]) == ["bias_hh", "bias_mh", "weight_hh", "weight_ih", "weight_mh"]
+    assert model.layers[0]["weight_ih"].shape == (20, 3) and model.layers[1]["weight_ih"].shape == (20, 4)
+    assert model.layers[0]["weight_hh"].shape == (4,)
+    # layers draw from different keys
+    assert not np.array_equal(model.layers[0]["weight_mh"], model.layers[1]["weight_mh"])
+    assert "MLSTM(input_size=3, hidden_size=4, num_layers=2" in repr(model)
+    layer = bj.MLSTMCell(3, 4, multiplicative_bias=False, key=jax.random.key(2))
+    assert sorted(layer.params) == ["bias_hh", "bias_ih", "weight_hh", "weight_ih", "weight_mh"]
+    h, (h_again, c) = jax.jit(lambda cell, x: cell(x))(layer, jnp.ones((2, 3), jnp.float32))
+    assert h.shape == c.shape == (2, 4) and bool(jnp.all(h == h_again))
+    grads = jax.grad(lambda cell: jnp.sum(cell(jnp.ones(3, jnp.float32))[0]))(layer)
+    assert isinstance(grads, bj.MLSTMCell) and sorted(grads.params) == sorted(layer.params)
+
+
+# ---- bad input: clear errors at trace time ----
+
+@pytest.fixture
+def layer():
+    rng = np.random.default_rng(11)
+    return {k: jnp.asarray(v) for k, v in random_params(rng, 3, 4, dtype="float32").items()}
+
+
+def _xs(*shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype)
+
+
+@pytest.mark.parametrize(
+    ("make_call", "error", "message"),
+    [
+        (lambda p: (p, _xs(2, 5, 7)), ValueError, "xs must have I=3 features in its last dimension (from the parameters), got shape (2, 5, 7)"),
+        (lambda p: (p, _xs(5)), ValueError, "xs must have shape (B, T, I) or (T, I), got 1 dimensions (5,)"),
+        (lambda p: (p, _xs(2, 0, 3)), ValueError, "xs must have at least one step"),
+        (lambda p: (p, _xs(2, 5, 3, dtype=jnp.float16)), TypeError, "xs has dtype float16 but the parameters are float32"),
+        (lambda p: (p, _xs(2, 5, 3, dtype=jnp.int32)), TypeError, "xs must have a floating dtype in"),
+        (lambda p: (p, [[0.0, 0.0, 0.0]]), TypeError, "xs must be a JAX or NumPy array, got list"),
+        (lambda p: ({**p, "weight_mh": _xs(16, 5)}, _xs(2, 5, 3)), ValueError,
+         "params['weight_mh'] must have shape (4H,H) = (16, 4) for I=3, H=4 (read from weight_ih (20, 3)), got (16, 5)"),
+        (lambda p: ({**p, "weight_ih": _xs(19, 3)}, _xs(2, 5, 3)), ValueError, "params['weight_ih'] must have shape (5H, I)"),
+        (lambda p: ({k: v for k, v in p.items() if k != "weight_hh"}, _xs(2, 5, 3)), ValueError, "params is missing ['weight_hh']"),
+        (lambda p: ({**p, "bias_xx": p["bias_hh"]}, _xs(2, 5, 3)), ValueError, "params has unknown keys ['bias_xx']"),
+        (lambda p: ({**p, "bias_hh": p["bias_hh"].astype(jnp.float16)}, _xs(2, 5, 3)), TypeError, "params mixes dtypes"),
+        (lambda p: ({**p, "bias_hh": [0.0] * 4}, _xs(2, 5, 3)), TypeError, "params['bias_hh'] must be a JAX or NumPy array, got list"),
+        (lambda p: ("weights", _xs(2, 5, 3)), TypeError, "params must be a mapping of parameter name to array, got str"),
+    ],
+    ids=["feature-size", "rank", "empty", "dtype-mismatch", "int-dtype", "not-array", "weight-mh-shape",
+         "weight-ih-shape", "missing-key", "unknown-key", "mixed-dtypes", "param-not-array", "params-not-mapping"],
+)
+def test_bad_input_errors_name_expected_and_given(layer, make_call, error, message):
+    params, xs = make_call(layer)
+    with pytest.raises(error, match=re.escape(message)):
+        bj.mlstm(params, xs)
+
+
+def test_bad_state_and_options(layer):
+    xs = _xs(2, 5, 3)
+    with pytest.raises(ValueError, match=re.escape("state h must have shape (2, 4), got (3, 4)")):
+        bj.mlstm(layer, xs, (_xs(3, 4), _xs(2, 4)))
+    with pytest.raises(TypeError, match=re.escape("state must be a pair (h, c) of arrays, got tuple of length 3")):
+        bj.mlstm(layer, xs, (_xs(2, 4),) * 3)
+    with pytest.raises(TypeError, match=re.escape("state c has dtype bfloat16 but the parameters are float32")):
+        bj.mlstm(layer, xs, (_xs(2, 4), _xs(2, 4, dtype=jnp.bfloat16)))
+    with pytest.raises(ValueError, match=re.escape("integration_mode must be one of ('addition', 'multiplicative_integration'), got 'add'")):
+        bj.mlstm(layer, xs, integration_mode="add")
+    with pytest.raises(ValueError, match=re.escape("unroll must be an int >= 1 (steps per scan iteration), got 0")):
+        bj.mlstm(layer, xs, unroll=0)
+    with pytest.raises(ValueError, match=re.escape("x must have shape (B, I) or (I,), got 3 dimensions (2, 5, 3)")):
+        bj.cell(layer, xs)
+    model = bj.MLSTM.from_canonical([layer, {**layer, "weight_ih": _xs(20, 4)}])
+    with pytest.raises(ValueError, match=re.escape("state h must have shape (2, 2, 4), got (2, 4)")):
+        model(xs, (_xs(2, 4), _xs(2, 4)))
+
+
+def test_errors_are_raised_at_trace_time_under_jit(layer):
+    traced = jax.jit(bj.mlstm)
+    with pytest.raises(ValueError, match=re.escape("got shape (2, 5, 7)")):
+        traced(layer, _xs(2, 5, 7))
+    model = bj.MLSTM.from_canonical(layer)
+    with pytest.raises(TypeError, match=re.escape("xs has dtype bfloat16 but the parameters are float32")):
+        jax.jit(lambda m, x: m(x))(model, _xs(2, 5, 3, dtype=jnp.bfloat16))
+
+
+def test_bad_stacks_and_constructor_arguments(layer):
+    with pytest.raises(ValueError, match=re.escape("params[1] must take input_size = hidden_size of layer 0 (4) "
+                                                   "and have hidden_size 4, got I=3, H=4")):
+        bj.MLSTM.from_canonical([layer, layer])
+    without_bias = {k: v for k, v in layer.items() if k != "bias_mh"}
+    with pytest.raises(ValueError, match=re.escape("params[1] has options")):
+        bj.MLSTM.from_canonical([layer, {**without_bias, "weight_ih": _xs(20, 4)}])
+    with pytest.raises(ValueError, match=re.escape("option multiplicative_bias=True contradicts the parameters, "
+                                                   "which have multiplicative_bias=False")):
+        bj.MLSTM.from_canonical(without_bias, multiplicative_bias=True)
+    with pytest.raises(TypeError, match=re.escape("params must be a canonical mapping or a non-empty list of them")):
+        bj.MLSTM.from_canonical([])
+    with pytest.raises(ValueError, match=re.escape("hidden_size must be a positive int, got 0")):
+        bj.MLSTM(3, 0)
+    with pytest.raises(ValueError, match=re.escape("num_layers must be an int >= 1, got 0")):
+        bj.MLSTM(3, 4, num_layers=0)
+    with pytest.raises(TypeError, match=re.escape("dtype must be one of ('float64', 'float32', 'bfloat16', 'float16'), got int32")):
+        bj.MLSTM(3, 4, dtype=jnp.int32)
+    with pytest.raises(TypeError, match=re.escape("key must be a JAX PRNG key")):
+        bj.init(0, 3, 4)
+    with pytest.raises(ValueError, match=re.escape("device must be one of")):
+        bj.ConformanceAdapter("tpu:7")
+
+
+def test_devices_lists_cpu_first():
+    names = bj.devices()
+    assert names[0] == "cpu"
+    assert all(re.fullmatch(r"[a-z]+:\d+", name) for name in names[1:])

@@ -1,0 +1,632 @@
+"""The TensorFlow / Keras backend: the shared conformance suite on both recurrence paths, plus what is
+specific to Keras (keras.layers.LSTM's conventions, the LSTM reduction against keras.layers.LSTM
+itself, eager / tf.function / XLA, masking, the cell inside keras.layers.RNN and Bidirectional,
+saving to .keras and SavedModel, stateful layers, mixed precision, and the errors bad input gets)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import assert_gpu_present, conformance_params, device_params, require_backend
+from hypothesis import settings
+
+btf = require_backend("tensorflow")
+
+import keras  # noqa: E402
+import ml_dtypes  # noqa: E402  (a dependency of TensorFlow)
+import tensorflow as tf  # noqa: E402
+
+import mlstm_spec  # noqa: E402
+from mlstm_spec.conformance import check, relative_error, tolerance  # noqa: E402
+from mlstm_spec.params import block  # noqa: E402
+
+MODES = ("addition", "multiplicative_integration")
+F64_TOL = tolerance("float64")
+
+
+def random_params(rng, input_size, hidden_size, dtype="float64", scale=1.0, **options):
+    """Canonical NumPy parameters with random values everywhere (biases included)."""
+    shapes = mlstm_spec.init_params(input_size, hidden_size, rng=0, dtype=np.float64, **options)
+    dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    return {k: (rng.uniform(-1, 1, v.shape) * scale).astype(dtype) for k, v in shapes.items()}
+
+
+def assert_close(got, want, tol=F64_TOL, what=""):
+    """Norm-wise relative error of the suite (tolerances.relative_error) within ``tol``."""
+    __tracebackhide__ = True
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, but should be {want.shape}"
+    error, index = relative_error(got, want)
+    assert error <= tol, f"{what}[{index}]: relative error {error:.2e} > {tol:.0e}"
+
+
+def outputs_and_gradients(layer, x, initial_state=None, mask=None, call=None):
+    """Sequences, final state and the gradient of a fixed random loss with respect to every weight,
+    the input and the initial state (float64)."""
+    rng = np.random.default_rng(123)
+    x = tf.constant(x)
+    watched = [x] + ([] if initial_state is None else [tf.constant(s) for s in initial_state])
+    with tf.GradientTape() as tape:
+        tape.watch(watched)
+        state = None if initial_state is None else watched[1:]
+        result = (call or layer)(x, initial_state=state, mask=mask) if mask is not None else \
+            (call or layer)(x, initial_state=state)
+        loss = sum(tf.reduce_sum(r * rng.standard_normal(r.shape)) for r in result)
+    grads = tape.gradient(loss, layer.trainable_weights + watched)
+    return [r.numpy() for r in result] + [g.numpy() for g in grads]
+
+
+def prefix_layer(params, mode="addition", **options):
+    return btf.MLSTM.from_canonical(params, integration_mode=mode, return_sequences=True,
+                                    return_state=True, **options)
+
+
+# ---- the shared conformance suite ----
+
+@pytest.mark.parametrize(("device", "dtype"), conformance_params(btf))
+def test_conformance(device, dtype):
+    """The fused path (the default) against mlstm_spec: outputs, final states and every gradient.
+    ``float16`` is Keras mixed precision (``mixed_float16``: float32 variables, float16 compute)."""
+    assert_gpu_present(device)
+    results = check(btf.ConformanceAdapter(device), dtype, raise_on_failure=True)
+    for result in results:
+        print(f"{result.device} {result.dtype} {result.check}: worst {result.worst_error:.2e} "
+              f"<= {result.tolerance:.0e} at {result.worst_at}")
+        assert result.status == "pass", result.message
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_conformance_generic_loop(dtype):
+    """The generic keras.layers.RNN loop over MLSTMCell (use_fused=False) against mlstm_spec too."""
+    results = check(btf.ConformanceAdapter("cpu", use_fused=False), dtype, raise_on_failure=True,
+                    settings=settings(max_examples=12))
+    for result in results:
+        print(f"generic {result.dtype} {result.check}: worst {result.worst_error:.2e}")
+        assert result.status == "pass", result.message
+
+
+# ---- execution modes and paths agree ----
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("independent", [False, True])
+def test_eager_tf_function_and_xla_agree(mode, independent):
+    """Outputs, final state and all gradients agree in float64 across: the fused path called eagerly,
+    inside tf.function, compiled by XLA (jit_compile=True on the layer, and tf.function(jit_compile=True)
+    around it), and the generic per-step loop run eagerly. The same arithmetic in a different order:
+    within the float64 tolerance, while any wrong term gives errors of order 1e-2."""
+    rng = np.random.default_rng(7)
+    params = random_params(rng, 3, 5, independent_recurrence=independent)
+    x = rng.standard_normal((4, 9, 3))
+    state = (rng.uniform(-1, 1, (4, 5)), rng.standard_normal((4, 5)))
+    fused = prefix_layer(params, mode)
+    results = {
+        "eager": outputs_and_gradients(fused, x, state),
+        "tf.function": outputs_and_gradients(fused, x, state, call=tf.function(fused)),
+        "tf.function(jit_compile=True)": outputs_and_gradients(
+            fused, x, state, call=tf.function(fused, jit_compile=True)),
+    }
+    xla = prefix_layer(params, mode, jit_compile=True)
+    results["layer jit_compile=True"] = outputs_and_gradients(xla, x, state)
+    generic = prefix_layer(params, mode, use_fused=False)
+    results["generic loop, eager"] = outputs_and_gradients(generic, x, state)
+    want_hs, (want_h, want_c) = mlstm_spec.forward(params, x, state, integration_mode=mode)
+    for name, got in results.items():
+        assert_close(got[0], want_hs, what=f"{name} hs")
+        assert_close(got[2], want_c, what=f"{name} c_T")
+        for k, (a, b) in enumerate(zip(got, results["eager"])):
+            assert_close(a, b, what=f"{name} vs eager, result {k}")
+
+
+def test_second_derivatives_of_fused_path_match_generic_loop():
+    """The hand-written backward pass is built from differentiable ops: a Hessian-vector product
+    through the fused path equals the one through the generic (autodiff) loop."""
+    rng = np.random.default_rng(3)
+    params = random_params(rng, 2, 3)
+    x = tf.constant(rng.standard_normal((2, 4, 2)))
+    direction = tf.constant(rng.standard_normal((2, 4, 2)))
+    results = []
+    for use_fused in ("auto", False):
+        layer = prefix_layer(params, use_fused=use_fused)
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                hs, h, c = layer(x)
+                loss = tf.reduce_sum(hs ** 2) + tf.reduce_sum(c ** 3)
+            (g,) = inner.gradient(loss, [x])
+            directional = tf.reduce_sum(g * direction)
+        results.append(outer.gradient(directional, [x] + layer.trainable_weights))
+    for a, b in zip(*results):
+        assert_close(a.numpy(), b.numpy(), what="Hessian-vector product")
+
+
+@pytest.mark.parametrize("layer_jit_compile", [False, True])
+def test_xla_program_does_not_depend_on_input_values(layer_jit_compile):
+    """Inside an XLA-compiled training step, the compiled program is the same for any input values:
+    otherwise XLA would treat the inputs as compile-time constants and recompile for every batch
+    (what a nested function call around the fused path used to cause)."""
+    layer = btf.MLSTM(3, return_sequences=True, jit_compile=layer_jit_compile)
+    layer(tf.zeros((2, 4, 2)))
+
+    @tf.function(jit_compile=True)
+    def train_step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x) ** 2)
+        return tape.gradient(loss, layer.trainable_weights)
+
+    first = train_step.experimental_get_compiler_ir(tf.ones((2, 4, 2)))(stage="hlo")
+    layer.cell.weight_mh.assign(layer.cell.weight_mh * 2)
+    second = train_step.experimental_get_compiler_ir(tf.zeros((2, 4, 2)))(stage="hlo")
+    assert first == second
+
+
+# ---- keras.layers.LSTM's conventions ----
+
+@pytest.mark.parametrize("return_sequences", [False, True])
+@pytest.mark.parametrize("return_state", [False, True])
+def test_return_structure_like_keras_lstm(return_sequences, return_state):
+    """Same structure and shapes as keras.layers.LSTM: output (B, H) or (B, T, H), then h_T and c_T."""
+    x = np.random.default_rng(0).standard_normal((3, 5, 4)).astype("float32")
+    ours = btf.MLSTM(6, return_sequences=return_sequences, return_state=return_state)(x)
+    theirs = keras.layers.LSTM(6, return_sequences=return_sequences, return_state=return_state)(x)
+    if not return_state:
+        ours, theirs = [ours], [theirs]
+    assert [tuple(t.shape) for t in ours] == [tuple(t.shape) for t in theirs]
+    if return_state:
+        last = ours[0][:, -1] if return_sequences else ours[0]
+        np.testing.assert_array_equal(last.numpy(), ours[1].numpy())  # the output is h_T
+
+
+@pytest.mark.parametrize(("independent", "recurrent_bias", "multiplicative_bias"),
+                         [(False, True, True), (True, True, False), (False, False, True)])
+def test_lstm_reduction_matches_keras_lstm(independent, recurrent_bias, multiplicative_bias):
+    """spec-facts §4: with weight_ih block m zero and bias_ih block m one, m = W_hh h + b_hh and the
+    mLSTM is an LSTM with recurrent matrix W_mh[g] W_hh and bias b_ih[g] + W_mh[g] b_hh + b_mh[g].
+    keras.layers.LSTM (gate order i, f, c, o; kernel (I, 4H), recurrent_kernel (H, 4H)) is the oracle."""
+    rng = np.random.default_rng(11)
+    I, H, B, T = 3, 4, 2, 7
+    params = random_params(rng, I, H, independent_recurrence=independent,
+                           recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias)
+    block(params["weight_ih"], "m")[:] = 0.0
+    block(params["bias_ih"], "m")[:] = 1.0
+    w_hh = np.diag(params["weight_hh"]) if independent else params["weight_hh"]
+    b_hh = params.get("bias_hh", np.zeros(H))
+    b_mh = params.get("bias_mh", np.zeros(4 * H))
+    keras_order = ("i", "f", "z", "o")  # keras's i, f, c, o; our candidate z is its c
+    kernel = np.concatenate([block(params["weight_ih"], g).T for g in keras_order], axis=1)
+    recurrent = np.concatenate(
+        [(block(params["weight_mh"], g, mlstm_spec.MH_BLOCKS) @ w_hh).T for g in keras_order], axis=1)
+    mh = mlstm_spec.MH_BLOCKS
+    bias = np.concatenate([block(params["bias_ih"], g) + block(params["weight_mh"], g, mh) @ b_hh
+                           + block(b_mh, g, mh) for g in keras_order])
+    lstm = keras.layers.LSTM(H, return_sequences=True, return_state=True, dtype="float64")
+    lstm.build((None, None, I))
+    lstm.set_weights([kernel, recurrent, bias])
+    x = rng.standard_normal((B, T, I))
+    state = [rng.uniform(-1, 1, (B, H)), rng.standard_normal((B, H))]
+    want = lstm(x, initial_state=state)
+    for use_fused in ("auto", False):
+        got = prefix_layer(params, use_fused=use_fused)(x, initial_state=state)
+        for name, a, b in zip(("hs", "h_T", "c_T"), got, want):
+            assert_close(a.numpy(), b.numpy(), what=f"{name} (use_fused={use_fused})")
+
+
+# ---- masking ----
+
+def right_padded(rng, lengths, T, I):
+    x = rng.standard_normal((len(lengths), T, I))
+    mask = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+    x[~mask] = 99.0  # padding that would change everything if it leaked in
+    return x, mask
+
+
+@pytest.mark.parametrize("use_fused", ["auto", False])
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_masking_equals_running_the_prefix(use_fused, go_backwards):
+    """For a right-padded batch, each row's outputs at its valid steps and its final state equal
+    running that row's unpadded prefix alone; a padded step repeats the previous output (Keras)."""
+    rng = np.random.default_rng(5)
+    params = random_params(rng, 3, 4)
+    lengths = [6, 3, 1]
+    x, mask = right_padded(rng, lengths, 6, 3)
+    state = (rng.uniform(-1, 1, (3, 4)), rng.standard_normal((3, 4)))
+    layer = prefix_layer(params, use_fused=use_fused, go_backwards=go_backwards)
+    hs, h, c = (t.numpy() for t in layer(x, initial_state=list(state), mask=mask))
+    for row, length in enumerate(lengths):
+        prefix = x[row:row + 1, :length]
+        if go_backwards:  # the reversed prefix, after the (masked) padding
+            prefix = prefix[:, ::-1]
+        want_hs, (want_h, want_c) = mlstm_spec.forward(
+            params, prefix, (state[0][row:row + 1], state[1][row:row + 1]))
+        assert_close(h[row], want_h[0], what=f"h_T row {row}")
+        assert_close(c[row], want_c[0], what=f"c_T row {row}")
+        valid = hs[row, -length:] if go_backwards else hs[row, :length]
+        assert_close(valid, want_hs[0], what=f"outputs row {row}")
+        padded = hs[row, : 6 - length] if go_backwards else hs[row, length:]
+        # padding before any valid step outputs zeros; after one, it repeats the last valid output
+        last_valid = hs[row, length - 1]
+        expected = np.zeros_like(padded) if go_backwards else np.broadcast_to(last_valid, padded.shape)
+        np.testing.assert_array_equal(padded, expected)
+
+
+@pytest.mark.parametrize("zero_output_for_mask", [False, True])
+def test_fused_masking_equals_generic_masking(zero_output_for_mask):
+    """Any mask (not only right padding): the fused path's outputs, states and gradients equal the
+    generic keras.layers.RNN loop's, which defines Keras's masking semantics."""
+    rng = np.random.default_rng(8)
+    params = random_params(rng, 2, 3, independent_recurrence=True)
+    x = rng.standard_normal((4, 7, 2))
+    mask = rng.random((4, 7)) < 0.6
+    mask[0] = False  # a fully masked row keeps its initial state
+    state = (rng.uniform(-1, 1, (4, 3)), rng.standard_normal((4, 3)))
+    results = []
+    for use_fused in ("auto", False):
+        layer = prefix_layer(params, "multiplicative_integration", use_fused=use_fused,
+                             zero_output_for_mask=zero_output_for_mask)
+        results.append(outputs_and_gradients(layer, x, state, mask=tf.constant(mask)))
+    for k, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, what=f"result {k}")
+    np.testing.assert_array_equal(results[0][1][0], state[0][0])
+
+
+def test_masking_layer_propagates_the_mask():
+    """keras.layers.Masking in front: the same as passing the mask explicitly."""
+    rng = np.random.default_rng(9)
+    params = random_params(rng, 3, 4, dtype="float32")
+    x, mask = right_padded(rng, [5, 2], 5, 3)
+    x[~mask] = 0.0
+    x = x.astype("float32")
+    layer = btf.MLSTM.from_canonical(params, return_sequences=True)
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.Masking(0.0), layer])
+    np.testing.assert_array_equal(model(x).numpy(), layer(x, mask=mask).numpy())
+
+
+# ---- the cell in keras.layers.RNN, go_backwards, Bidirectional ----
+
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_cell_in_keras_rnn_equals_layer(go_backwards):
+    """keras.layers.RNN(MLSTMCell) computes what MLSTM computes (float64), for both directions."""
+    rng = np.random.default_rng(12)
+    params = random_params(rng, 3, 4, multiplicative_bias=False)
+    x = rng.standard_normal((2, 6, 3))
+    cell = btf.MLSTMCell.from_canonical(params, integration_mode="multiplicative_integration")
+    rnn = keras.layers.RNN(cell, return_sequences=True, return_state=True, go_backwards=go_backwards,
+                           dtype="float64")
+    layer = prefix_layer(params, "multiplicative_integration", go_backwards=go_backwards)
+    for a, b in zip(rnn(x), layer(x)):
+        assert_close(a.numpy(), b.numpy())
+    want_hs, _ = mlstm_spec.forward(params, x[:, ::-1] if go_backwards else x,
+                                    integration_mode="multiplicative_integration")
+    assert_close(layer(x)[0].numpy(), want_hs)  # reversed processing, reversed output order
+
+
+@pytest.mark.parametrize("kind", ["MLSTM", "RNN(MLSTMCell)"])
+def test_bidirectional(kind):
+    """Bidirectional: forward outputs concatenated with the backward layer's outputs (re-aligned in
+    time), each equal to the spec run forwards or on the reversed sequence."""
+    rng = np.random.default_rng(13)
+    forward_params, backward_params = random_params(rng, 3, 4), random_params(rng, 3, 4)
+    if kind == "MLSTM":
+        inner = btf.MLSTM(4, return_sequences=True, dtype="float64")
+    else:
+        inner = keras.layers.RNN(btf.MLSTMCell(4, dtype="float64"), return_sequences=True, dtype="float64")
+    bidirectional = keras.layers.Bidirectional(inner, dtype="float64")
+    x = rng.standard_normal((2, 5, 3))
+    bidirectional(x)
+    for sub, params in ((bidirectional.forward_layer, forward_params),
+                        (bidirectional.backward_layer, backward_params)):
+        for name in sub.cell.param_names:
+            getattr(sub.cell, name).assign(params[name])
+    got = bidirectional(x).numpy()
+    want_forward, _ = mlstm_spec.forward(forward_params, x)
+    want_backward, _ = mlstm_spec.forward(backward_params, x[:, ::-1])
+    assert_close(got, np.concatenate([want_forward, want_backward[:, ::-1]], axis=-1))
+
+
+# ---- stateful ----
+
+@pytest.mark.parametrize("use_fused", ["auto", False])
+def test_stateful_carries_state_across_calls(use_fused):
+    rng = np.random.default_rng(14)
+    params = random_params(rng, 3, 4)
+    x = rng.standard_normal((2, 7, 3))
+    layer = btf.MLSTM.from_canonical(params, stateful=True, return_sequences=True, use_fused=use_fused)
+    first, second = layer(x[:, :4]).numpy(), layer(x[:, 4:]).numpy()
+    want, _ = mlstm_spec.forward(params, x)
+    assert_close(np.concatenate([first, second], axis=1), want)
+    layer.reset_state()
+    np.testing.assert_array_equal(layer(x[:, :4]).numpy(), first)
+
+
+# ---- saving and loading ----
+
+def small_model(params, mode, **options):
+    inputs = keras.Input((6, 3), dtype="float32")
+    hs, h, c = btf.MLSTM.from_canonical(params, integration_mode=mode, return_sequences=True,
+                                        return_state=True, **options)(inputs)
+    return keras.Model(inputs, [hs, h, c])
+
+
+@pytest.mark.parametrize(("mode", "options"), [
+    ("addition", {}),
+    ("multiplicative_integration", dict(independent_recurrence=True)),
+    ("addition", dict(recurrent_bias=False, multiplicative_bias=False, jit_compile=True)),
+])
+def test_keras_file_round_trip_is_bit_identical(tmp_path, mode, options):
+    rng = np.random.default_rng(15)
+    flags = {k: options.pop(k) for k in list(options) if k != "jit_compile"}
+    params = random_params(rng, 3, 4, dtype="float32", **flags)
+    model = small_model(params, mode, **options)
+    x = rng.standard_normal((2, 6, 3)).astype("float32")
+    before = [t.numpy() for t in model(x)]
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    after = [t.numpy() for t in loaded(x)]
+    for a, b in zip(before, after):
+        assert np.array_equal(a, b)
+    layer = loaded.layers[-1]
+    assert isinstance(layer, btf.MLSTM) and layer.integration_mode == mode
+    for name, value in params.items():
+        np.testing.assert_array_equal(layer.to_canonical()[0][name], value)
+
+
+def test_saved_model_export_is_bit_identical(tmp_path):
+    """model.export(...) writes a TensorFlow SavedModel; its serving endpoint, loaded back with
+    tf.saved_model.load, gives the same bits as the model in memory."""
+    rng = np.random.default_rng(16)
+    params = random_params(rng, 3, 4, dtype="float32")
+    model = small_model(params, "addition")
+    x = rng.standard_normal((2, 6, 3)).astype("float32")
+    before = [t.numpy() for t in model(x)]
+    model.export(str(tmp_path / "saved"), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    after = loaded.serve(tf.constant(x))
+    after = [t.numpy() for t in (after if isinstance(after, (list, tuple)) else after.values())]
+    assert len(after) == 3
+    for a, b in zip(before, after):
+        assert np.array_equal(a, b)
+
+
+def test_get_config_round_trip():
+    layer = btf.MLSTM(
+        5, independent_recurrence=True, integration_mode="multiplicative_integration", bias=False,
+        kernel_initializer="orthogonal", bias_initializer="ones", recurrent_regularizer="l2",
+        return_sequences=True, go_backwards=True, use_fused=False, jit_compile=True, name="m",
+    )
+    config = layer.get_config()
+    clone = btf.MLSTM.from_config(config)
+    assert clone.get_config() == config
+    assert (clone.independent_recurrence, clone.integration_mode, clone.bias) == (
+        True, "multiplicative_integration", False)
+    revived = keras.layers.deserialize(keras.layers.serialize(layer))
+    assert type(revived) is btf.MLSTM and revived.get_config() == config
+    cell = btf.MLSTMCell(3, recurrent_bias=False)
+    assert btf.MLSTMCell.from_config(cell.get_config()).get_config() == cell.get_config()
+
+
+# ---- canonical parameters ----
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+@pytest.mark.parametrize("options", [{}, dict(independent_recurrence=True, bias=False),
+                                     dict(recurrent_bias=False, multiplicative_bias=False)])
+def test_canonical_round_trip_is_exact(dtype, options):
+    rng = np.random.default_rng(17)
+    params = random_params(rng, 3, 4, dtype=dtype, **options)
+    layer = btf.MLSTM.from_canonical(params)
+    assert layer.compute_dtype == dtype
+    out = layer.to_canonical()
+    assert isinstance(out, list) and len(out) == 1 and set(out[0]) == set(params)
+    for name, value in params.items():
+        assert out[0][name].dtype == value.dtype and out[0][name].shape == value.shape
+        assert np.array_equal(out[0][name].astype(np.float64), value.astype(np.float64))
+    assert sorted(v.name for v in layer.weights) == sorted(params)
+    again = btf.MLSTM.from_canonical([out[0]])  # a list of one mapping is accepted
+    np.testing.assert_array_equal(again.to_canonical()[0]["weight_mh"], params["weight_mh"])
+
+
+def test_from_canonical_into_mixed_precision_holds_float16_exactly():
+    rng = np.random.default_rng(18)
+    params = random_params(rng, 2, 3, dtype="float16")
+    layer = btf.MLSTM.from_canonical(params, dtype="mixed_float16")
+    assert (layer.compute_dtype, layer.variable_dtype) == ("float16", "float32")
+    for name, value in layer.to_canonical()[0].items():
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value.astype(np.float16), params[name])
+
+
+def test_default_initialisers_are_glorot_uniform_over_whole_matrices():
+    """glorot_uniform over each stacked matrix: U(-a, a), a = sqrt(6 / (rows + cols)); the vector
+    weight_hh is drawn as an (H, 1) matrix, a = sqrt(6 / (H + 1)) -- wider than Keras's own reading
+    of a vector (fan_in = fan_out = H, a = sqrt(6 / 2H)). Biases start at zero."""
+    keras.utils.set_random_seed(0)
+    I, H = 64, 256
+    layer = btf.MLSTM(H, independent_recurrence=True)
+    layer(np.zeros((1, 1, I), "float32"))
+    limits = {"weight_ih": np.sqrt(6 / (5 * H + I)), "weight_hh": np.sqrt(6 / (H + 1)),
+              "weight_mh": np.sqrt(6 / (4 * H + H))}
+    weights = layer.to_canonical()[0]
+    for name, limit in limits.items():
+        biggest = np.abs(weights[name]).max()
+        assert 0.97 * limit < biggest <= limit, (name, biggest, limit)
+    assert np.abs(weights["weight_hh"]).max() > 1.2 * np.sqrt(6 / (2 * H))
+    for name in ("bias_ih", "bias_hh", "bias_mh"):
+        assert not weights[name].any()
+
+
+# ---- mixed precision, non-finite values, devices ----
+
+def test_mixed_float16_global_policy():
+    """Under the global mixed_float16 policy: float32 variables, float16 compute and outputs, float32
+    inputs accepted (Keras casts them); results within the float16 tolerance of the spec."""
+    rng = np.random.default_rng(19)
+    params = random_params(rng, 3, 4, dtype="float16")
+    x = rng.standard_normal((2, 5, 3)).astype("float16")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        layer = btf.MLSTM.from_canonical(params, return_sequences=True)
+        assert (layer.compute_dtype, layer.variable_dtype) == ("float16", "float32")
+        from_float32 = layer(x.astype("float32"))
+        from_float16 = layer(x)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert from_float16.dtype == tf.float16
+    np.testing.assert_array_equal(from_float32.numpy(), from_float16.numpy())
+    want, _ = mlstm_spec.forward({k: v.astype("float64") for k, v in params.items()}, x.astype("float64"))
+    assert_close(from_float16.numpy(), want, tol=tolerance("float16"))
+
+
+@pytest.mark.parametrize("use_fused", ["auto", False])
+def test_non_finite_input_stays_in_its_batch_row(use_fused):
+    rng = np.random.default_rng(20)
+    params = random_params(rng, 3, 4)
+    x = rng.standard_normal((3, 5, 3))
+    x[1, 2, 0] = np.nan
+    x[2, 1, 1] = np.inf
+    hs, h, c = (t.numpy() for t in prefix_layer(params, use_fused=use_fused)(x))
+    assert np.isnan(hs[1, 2:]).all() and np.isnan(h[1]).all()
+    assert np.isfinite(hs[0]).all()
+    want, _ = mlstm_spec.forward(params, x[:1])
+    assert_close(hs[:1], want)
+
+
+def test_devices_lists_cpu_first():
+    found = btf.devices()
+    assert found[0] == "cpu"
+    assert found[1:] == [f"gpu:{k}" for k in range(len(tf.config.list_physical_devices("GPU")))]
+
+
+@pytest.mark.parametrize("device", device_params(btf))
+def test_runs_on_device(device):
+    assert_gpu_present(device)
+    rng = np.random.default_rng(21)
+    params = random_params(rng, 3, 4, dtype="float32")
+    with tf.device(btf._tf_device(device)):
+        hs = prefix_layer(params)(rng.standard_normal((2, 5, 3)).astype("float32"))[0]
+    assert btf._tf_device(device).strip("/").upper() in hs.device.upper()
+
+
+# ---- training in Keras ----
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_model_fit_reduces_the_loss(jit_compile):
+    """model.fit through the fused path (and with the whole train step compiled by XLA): the loss of
+    a small sequence-regression task falls."""
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((64, 8, 3)).astype("float32")
+    y = np.cumsum(x[..., :1], axis=1)[:, -1] * 0.3
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 3)), btf.MLSTM(16), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", jit_compile=jit_compile)
+    history = model.fit(x, y, epochs=15, batch_size=16, verbose=0).history["loss"]
+    assert history[-1] < 0.5 * history[0], history
+
+
+# ---- use_fused ----
+
+class DoubledCell(btf.MLSTMCell):
+    """A cell whose step differs from MLSTMCell's: the fused path cannot run it."""
+
+    def call(self, inputs, states):
+        h, (h, c) = super().call(inputs, states)
+        return 2 * h, [h, c]
+
+
+def test_use_fused_true_fails_loudly_and_auto_falls_back():
+    rng = np.random.default_rng(23)
+    params = random_params(rng, 2, 3)
+    x = rng.standard_normal((1, 4, 2))
+    auto = prefix_layer(params)
+    auto.cell.__class__ = DoubledCell  # as a subclass overriding the step would be
+    assert "DoubledCell.call" in auto.fused_unavailable_reason()
+    want, _ = mlstm_spec.forward(params, x)
+    assert_close(auto(x)[0].numpy(), 2 * want)  # the overridden step ran
+    strict = prefix_layer(params, use_fused=True)
+    assert strict.fused_unavailable_reason() is None
+    assert_close(strict(x)[0].numpy(), want)
+    strict.cell.__class__ = DoubledCell
+    with pytest.raises(ValueError, match="use_fused=True, but the fused path cannot run this layer"):
+        strict(x)
+
+
+# ---- bad input ----
+
+def test_bad_call_input_errors():
+    rng = np.random.default_rng(24)
+    layer = btf.MLSTM.from_canonical(random_params(rng, 3, 4, dtype="float32"), return_state=True)
+    x = np.zeros((2, 5, 3), "float32")
+    cases = [
+        (ValueError, r"sequences must have shape \(B, T, I\).*batched input only.*got 2 dimensions \(5, 3\)",
+         dict(args=(x[0],))),
+        (ValueError, r"sequences must have I=3 features .* got shape \(2, 5, 4\)",
+         dict(args=(np.zeros((2, 5, 4), "float32"),))),
+        (TypeError, r"sequences has dtype float64 but the parameters are float32",
+         dict(args=(x.astype("float64"),))),
+        (TypeError, r"sequences must have a floating dtype .* got int32", dict(args=(x.astype("int32"),))),
+        (ValueError, r"sequences must have at least one step", dict(args=(np.zeros((2, 0, 3), "float32"),))),
+        (TypeError, r"initial_state must be a pair \(h, c\) of arrays, got ndarray",
+         dict(args=(x,), initial_state=np.zeros((2, 4), "float32"))),
+        (ValueError, r"initial_state c must have shape \(2, 4\), got \(2, 5\)",
+         dict(args=(x,), initial_state=[np.zeros((2, 4), "float32"), np.zeros((2, 5), "float32")])),
+        (TypeError, r"initial_state h has dtype float64 but the parameters are float32",
+         dict(args=(x,), initial_state=[np.zeros((2, 4)), np.zeros((2, 4), "float32")])),
+        (ValueError, r"mask must have shape \(B, T\) = \(2, 5\) like sequences, got \(2, 4\)",
+         dict(args=(x,), mask=np.ones((2, 4), bool))),
+        (TypeError, r"sequences must be an array or tensor", dict(args=("text",))),
+    ]
+    for error, pattern, call in cases:
+        kwargs = {k: v for k, v in call.items() if k != "args"}
+        with pytest.raises(error, match=pattern):
+            layer(*call["args"], **kwargs)
+    with pytest.raises(ValueError, match=r"inputs must have I=3 features"):
+        layer.cell(np.zeros((2, 4), "float32"), [np.zeros((2, 4), "float32")] * 2)
+
+
+def test_bad_parameter_and_option_errors():
+    rng = np.random.default_rng(25)
+    params = random_params(rng, 3, 4)
+    with pytest.raises(ValueError, match=r"params\['weight_mh'\] must have shape \(4H,H\) = \(16, 4\).*"
+                                         r"got \(16, 3\)"):
+        btf.MLSTM.from_canonical({**params, "weight_mh": np.zeros((16, 3))})
+    with pytest.raises(ValueError, match=r"params is missing \['weight_hh'\]"):
+        btf.MLSTM.from_canonical({k: v for k, v in params.items() if k != "weight_hh"})
+    with pytest.raises(TypeError, match=r"params mixes dtypes"):
+        btf.MLSTM.from_canonical({**params, "bias_hh": params["bias_hh"].astype("float32")})
+    with pytest.raises(ValueError, match=r"params is a stack of 2 layers, but MLSTM is one layer"):
+        btf.MLSTM.from_canonical([params, random_params(rng, 4, 4)])
+    with pytest.raises(ValueError, match=r"bias=False contradicts params, which imply bias=True"):
+        btf.MLSTM.from_canonical(params, bias=False)
+    with pytest.raises(ValueError, match=r"units contradicts params, which have H=4"):
+        btf.MLSTM.from_canonical(params, units=5)
+    with pytest.raises(TypeError, match=r"params\['weight_ih'\] has dtype float64, which the layer's "
+                                        r"float32 variables cannot hold exactly"):
+        btf.MLSTM.from_canonical(params, dtype="float32")
+    with pytest.raises(ValueError, match=r"use_fused must be one of"):
+        btf.MLSTM(4, use_fused="yes")
+    with pytest.raises(TypeError, match=r"jit_compile must be a bool"):
+        btf.MLSTM(4, jit_compile="auto")
+    with pytest.raises(ValueError, match=r"integration_mode must be one of"):
+        btf.MLSTM(4, integration_mode="mul")
+    with pytest.raises(ValueError, match=r"hidden_size must be a positive int, got 0"):
+        btf.MLSTM(0)
+    with pytest.raises(TypeError, match=r"bias must be a bool, got str"):
+        btf.MLSTM(4, bias="no")
+    with pytest.raises(ValueError, match=r"unroll=True is not supported"):
+        btf.MLSTM(4, unroll=True)
+    with pytest.raises(ValueError, match=r"not built yet"):
+        btf.MLSTM(4).to_canonical()
+
+
+def test_import_needs_the_tensorflow_keras_backend():
+    """With Keras on another backend, importing backends.tensorflow says what to set."""
+    code = "import backends.tensorflow"
+    env = dict(os.environ, KERAS_BACKEND="numpy")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr and "KERAS_BACKEND=tensorflow" in result.stderr

@@ -1,0 +1,97 @@
+"""The runner works from a non-editable install of the built wheel (the suite ships inside the package).
+
+Builds the wheel from a copy of the sources, installs it with its ``conformance`` extra into a fresh
+virtual environment (pip fetches numpy, Hypothesis and rich from the package index), and runs
+``mlstm-conformance`` from a directory outside the repository. About 15-30 s, most of it pip.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ["pyproject.toml", "README.md", "LICENSE", "mlstm_spec", "backends"]
+
+
+def _setuptools_is_recent() -> bool:
+    try:
+        return int(importlib.metadata.version("setuptools").split(".")[0]) >= 68
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def install_wheel(root: Path) -> Path:
+    """Build the wheel from a copy of the sources and install it into a fresh venv; its bin dir."""
+    source = root / "src"
+    source.mkdir()
+    for name in SOURCES:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif path.exists():
+            shutil.copy2(path, source / name)
+    # --no-isolation uses this environment's setuptools (fast, offline); else build fetches it
+    isolation = ["--no-isolation"] if _setuptools_is_recent() else []
+    subprocess.run([sys.executable, "-m", "build", "--wheel", *isolation, "--outdir", str(root / "dist"),
+                    str(source)], check=True, capture_output=True, text=True, timeout=300)
+    (wheel,) = (root / "dist").glob("mlstm_spec-*.whl")
+    env_dir = root / "venv"
+    venv.create(env_dir, with_pip=True)
+    bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", f"{wheel}[conformance]"],
+                   check=True, capture_output=True, text=True, timeout=600)
+    return bin_dir
+
+
+def test_runner_works_from_an_installed_wheel(tmp_path):
+    """One test (not several sharing a fixture) so that pytest-xdist builds the wheel only once."""
+    if importlib.util.find_spec("build") is None:
+        pytest.fail("the 'build' package is needed to build the wheel (it is in the test extra)")
+    bin_dir = install_wheel(tmp_path)
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLSTM_PROFILE", "CI")}
+
+    def run(*args, script="mlstm-conformance"):
+        command = [str(bin_dir / script), *args] if script else [str(bin_dir / "python"), *args]
+        return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+
+    # the package (suite included) comes from the wheel, not from the repository
+    done = run("-c", "import mlstm_spec.conformance.runner as r; print(r.__file__)", script=None)
+    assert done.returncode == 0, done.stderr
+    location = Path(done.stdout.strip())
+    assert "site-packages" in location.parts and REPO not in location.parents, location
+
+    # the console script runs the suite
+    report_path = workdir / "report.json"
+    done = run("--backends", "mlstm_spec", "--max-examples", "5", "--seed", "0", "--json", str(report_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    ran = [r for r in json.loads(report_path.read_text())["results"] if r["status"] == "pass"]
+    assert len(ran) == 9 and {r["examples"] for r in ran} == {5}  # 3 dtypes x 3 checks
+
+    # python -m, and a planted defect fails with a reproducer
+    done = run("-m", "mlstm_spec.conformance", "--impl", "mlstm_spec.conformance.defects:StateSwapped",
+               "--dtypes", "float64", "--seed", "0", script=None)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAIL" in done.stdout and "reproduce(ADAPTER, Case(" in done.stdout
+
+    # a requested backend that is not installed exits 2; with no framework at all, nothing is checked: 3
+    missing = [name for name in ("torch", "jax", "tensorflow")
+               if run("-c", f"import {name}", script=None).returncode != 0]
+    assert missing == ["torch", "jax", "tensorflow"], "the fresh environment should hold no framework"
+    done = run("--backends", "torch")
+    assert done.returncode == 2
+    assert "--backends requests torch, but torch is not installed" in done.stderr
+    done = run("--max-examples", "3")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "nothing could be checked" in done.stdout
