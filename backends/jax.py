@@ -235,7 +235,7 @@ def _step(params, p, h, c, *, multiplicative):
 def _input_projection(params, xs):
     """``W_ih x_t + b_ih`` for all steps as one product, time-major: (B, T, I) -> (T, B, 5H)."""
     # Time-major input first: XLA:CPU runs this as one plain GEMM, while the einsum "bti,gi->tbg"
-    # (transposing the result instead) measured 2-7x slower.
+    # (transposing the result instead) measured 1.5-4x slower at the benchmark sizes.
     p = _matmul_t(jnp.swapaxes(xs, 0, 1), params["weight_ih"])
     if "bias_ih" in params:
         p = p + params["bias_ih"]
@@ -368,7 +368,7 @@ def _cell_jit(params, x, state, multiplicative):
 
 def _check_key(key):
     if not hasattr(key, "shape") or not (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,))
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and len(key.shape) == 1)
     ):
         raise TypeError(
             "key must be a JAX PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
@@ -525,7 +525,8 @@ class MLSTMCell:
     def __repr__(self):
         w_ih = self.params["weight_ih"]
         return (f"MLSTMCell(input_size={w_ih.shape[1]}, hidden_size={w_ih.shape[0] // 5}, "
-                f"params={sorted(self.params)}, integration_mode={self.integration_mode!r}, dtype={w_ih.dtype})")
+                f"params={sorted(self.params)}, integration_mode={self.integration_mode!r}, "
+                f"dtype={w_ih.dtype})")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -661,24 +662,31 @@ def _jax_device(name: str):
         raise ValueError(f"device must be one of {devices()}, got {name!r}") from None
 
 
-def _apply(model, xs, state):
-    return model(xs, state)
+#: Compiled programs one adapter keeps before starting afresh. Each XLA:CPU executable holds about 70
+#: memory mappings until it is freed, and Linux allows a process 65530 by default; a long conformance
+#: run (hundreds of drawn shapes per dtype) would otherwise exhaust them.
+_MAX_PROGRAMS = 128
 
 
-_apply_jit = jax.jit(_apply)
+def _adapter_programs() -> dict:
+    """Fresh jitted forward and pullback functions (new function objects, so dropping them frees
+    their compiled executables)."""
 
+    def forward(model, xs, state):
+        return model(xs, state)
 
-@jax.jit
-def _apply_vjp_jit(model, xs, state, cotangents):
-    _, pullback = jax.vjp(_apply, model, xs, state)
-    return pullback(cotangents)
+    def pullback(model, xs, state, cotangents):
+        return jax.vjp(forward, model, xs, state)[1](cotangents)
+
+    return {"forward": jax.jit(forward), "pullback": jax.jit(pullback)}
 
 
 class ConformanceAdapter:
     """The conformance suite's adapter (see :mod:`mlstm_spec.conformance.suite`) for this backend.
 
-    It builds the model with :meth:`MLSTM.from_canonical`, computes with jitted functions that JAX
-    caches per shape and options, and takes gradients with ``jax.vjp``. Constructing it turns on JAX's
+    It builds the model with :meth:`MLSTM.from_canonical`, computes with jitted functions whose
+    compilations JAX reuses across calls of the same shapes and options (a bounded number of them,
+    see ``_MAX_PROGRAMS``), and takes gradients with ``jax.vjp``. Constructing it turns on JAX's
     64-bit mode (``jax_enable_x64``) for the whole process: the suite checks float64, which JAX only
     computes with that mode on. On an accelerator every call runs under
     ``jax.default_matmul_precision("highest")`` so that float32 means float32 (no TF32).
@@ -691,6 +699,18 @@ class ConformanceAdapter:
         self.device = str(device)
         self._device = _jax_device(self.device)
         self.dtypes = ("float64", "float32", "bfloat16", "float16")
+        self._programs, self._signatures = _adapter_programs(), set()
+
+    def _run(self, program: str, *args):
+        """Call a jitted program; JAX reuses its compilation for a signature seen before. After
+        ``_MAX_PROGRAMS`` distinct signatures the programs start afresh, freeing the old ones."""
+        leaves, structure = jax.tree.flatten(args)
+        signature = (program, structure, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+        if signature not in self._signatures:
+            if len(self._signatures) >= _MAX_PROGRAMS:
+                self._programs, self._signatures = _adapter_programs(), set()
+            self._signatures.add(signature)
+        return self._programs[program](*args)
 
     def supports(self, options) -> bool:
         return options.get("dtype", "float32") in self.dtypes
@@ -724,7 +744,7 @@ class ConformanceAdapter:
     def forward(self, params, xs, state, *, integration_mode):
         with self._context():
             stacked, model, xs_, state_ = self._inputs(params, xs, state, integration_mode)
-            hs, (h_n, c_n) = _apply_jit(model, xs_, state_)
+            hs, (h_n, c_n) = self._run("forward", model, xs_, state_)
             return np.asarray(hs), self._suite_state(h_n, c_n, stacked)
 
     def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode):
@@ -737,7 +757,7 @@ class ConformanceAdapter:
                 state_ = self._put((zeros, zeros))
             d_state_ = (zeros, zeros) if d_state is None else self._layer_state(d_state, stacked)
             cotangents = self._put((jnp.asarray(d_hs), d_state_))
-            d_model, d_xs, (d_h0, d_c0) = _apply_vjp_jit(model, xs_, state_, cotangents)
+            d_model, d_xs, (d_h0, d_c0) = self._run("pullback", model, xs_, state_, cotangents)
         grads = []
         for layer, d_params in enumerate(d_model.layers):
             entry = {name: np.asarray(value) for name, value in d_params.items()}

@@ -609,8 +609,9 @@ class MLSTM(keras.layers.RNN):
             generic ``RNN`` loop over :class:`MLSTMCell` otherwise. ``True`` requires the fused path and
             raises ValueError when it cannot be used; ``False`` always runs the generic loop.
             Both compute the same function.
-        jit_compile: compile the fused path with XLA. Default False (as Keras leaves XLA off on CPU);
-            see docs/performance.md for when it pays.
+        jit_compile: compile the fused path with XLA. Default False, as Keras leaves XLA off on CPU:
+            there the fused graph loop is as fast or faster (docs/performance.md). Inside a model
+            compiled with ``jit_compile=True`` the fused path is compiled with the model either way.
         zero_output_for_mask: as for ``keras.layers.RNN`` (``Bidirectional`` sets it).
         **kwargs: Keras layer arguments (``name``, ``dtype``, ``trainable``, ``activity_regularizer``).
 

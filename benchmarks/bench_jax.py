@@ -8,6 +8,9 @@ Compared, at each size (B, T, I, H), one layer, batch-major input (B, T, I), und
   recurrent product per step), defined in this file. It does 4/5 of the mLSTM's multiply-adds
   (per step: ``4H*(I+H)`` against ``5H*I + H*H + 4H*H``).
 
+With ``--dtype bfloat16`` or ``float16`` the MLSTM computes in float32 between two casts (see
+``backends.jax``), while the LSTM baseline computes in the given dtype.
+
 "forward" computes the outputs; "forward+backward" is ``jax.grad`` of ``sum(hs)`` with respect to the
 parameters and the input. Each repeat runs both implementations in turn, so that a change of machine
 load affects both alike; the table reports medians over the repeats after warm-up runs, and ratios of
@@ -141,6 +144,17 @@ def compile_seconds(size, dtype, unroll, trials):
 
 # ---- the report ----
 
+NOTES = """Reading the table:
+
+- Per step the mLSTM does `5H*I + H*H + 4H*H` multiply-adds against the LSTM's `4H*I + 4H*H`, so a
+  ratio near 1.25 is what the extra work costs; anything well above that would be overhead.
+- Compile time does not depend on T: the time loop is one `lax.scan`, so the program XLA compiles is
+  the same at every T (`tests/test_jax.py` checks that the lowered program does not grow with T).
+  The two compile columns differ only by measurement noise.
+- Both implementations compute the input projection as `swapaxes(xs) @ W_ih.T` (time-major input,
+  one plain GEMM); written as `einsum("bti,gi->tbg", ...)` the projection alone measured 1.5-4x
+  slower on XLA:CPU at these sizes."""
+
 def table(results):
     lines = [
         "| size (B, T, I, H) | implementation | forward ms | forward+backward ms | "
@@ -232,7 +246,7 @@ def main(argv=None):
     )
     report = (f"{header}\n\n{table(results)}\n\nFirst-call compile time (lower + compile, median of "
               f"{args.compile_trials}):\n\n{compile_table(compiles, compile_size)}\n\n"
-              f"Targets:\n\n{targets(results, compiles)}\n")
+              f"Targets:\n\n{targets(results, compiles)}\n\n{NOTES}\n")
     print(report)
     if args.output is not None:
         args.output.write_text(f"# Performance of the JAX backend\n\n{report}")

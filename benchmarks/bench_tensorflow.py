@@ -59,6 +59,32 @@ RATIOS = (
 )
 
 
+HEADER = """# TensorFlow backend: speed against keras.layers.LSTM
+
+Written by `benchmarks/bench_tensorflow.py` (not part of the test command). Every variant runs inside
+`tf.function`, as `model.fit` runs a model, on the same input in one process; variants take turns,
+round after round, so a change in machine load hits them alike. Forward+backward takes the gradient of
+every weight. Only the ratios, taken within one run, are meaningful: absolute times depend on the
+machine and its load.
+
+Variants:
+
+- **keras LSTM**: `keras.layers.LSTM` inside `tf.function` -- what `model.fit` runs on a CPU (Keras
+  turns XLA off on CPU-only machines);
+- **keras LSTM + XLA**: the same inside `tf.function(jit_compile=True)`;
+- **MLSTM fused**: `backends.tensorflow.MLSTM` with its default fused path (the input projection of the
+  whole sequence as one matrix product, one graph loop, a hand-written backward pass);
+- **MLSTM fused + XLA**: the same layer with `jit_compile=True`;
+- **MLSTM generic loop**: `MLSTM(use_fused=False)`, Keras's generic `keras.layers.RNN` loop over
+  `MLSTMCell` (one input product per step, autodiff through the loop).
+
+`--clock cpu` measures the CPU time of the whole process instead of elapsed time: on a machine shared
+with other work it is the steadier figure, and with `--threads 1` it compares the work each variant
+does.
+
+"""
+
+
 def make_functions(layer, jit_compile, x):
     layer(x)  # build
     weights = layer.trainable_weights
@@ -107,7 +133,7 @@ def bench_size(size, variants, repeats, warmup, seed, clock):
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def markdown(results, variants, repeats):
+def markdown(results, variants):
     lines = [
         "| B | T | I | H | pass | " + " | ".join(f"{v} (ms)" for v in variants) + " |",
         "|---|---|---|---|---|" + "---|" * len(variants),
@@ -149,6 +175,8 @@ def main(argv=None):
                         help="TensorFlow intra- and inter-op threads (default 0: TensorFlow decides)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "performance-tensorflow.md"))
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run to the output file instead of replacing the file")
     args = parser.parse_args(argv)
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -162,28 +190,26 @@ def main(argv=None):
     for size in sizes:
         print(f"B, T, I, H = {size} ...", file=sys.stderr, flush=True)
         results[size] = bench_size(size, variants, args.repeats, args.warmup, args.seed, CLOCKS[args.clock])
-    table = markdown(results, variants, args.repeats)
-    header = (
-        "# TensorFlow backend: speed against keras.layers.LSTM\n\n"
-        f"Measured {datetime.date.today().isoformat()} by `python benchmarks/bench_tensorflow.py "
-        f"--repeats {args.repeats} --clock {args.clock}"
-        f"{f' --threads {args.threads}' if args.threads else ''}` (float32, every variant inside "
-        f"`tf.function`, {args.clock}-clock medians of "
-        f"{args.repeats} interleaved rounds after {args.warmup} warm-up runs each; forward+backward "
-        "takes the gradient of every weight).\n\n"
+    table = markdown(results, variants)
+    command = " ".join(["python benchmarks/bench_tensorflow.py", *(sys.argv[1:] if argv is None else argv)])
+    section = (
+        f"## `{command}`\n\n"
+        f"Measured {datetime.date.today().isoformat()}: float32, {args.clock}-clock medians of "
+        f"{args.repeats} interleaved rounds after {args.warmup} warm-up runs per variant; "
+        f"{args.threads or 'default (TensorFlow decides)'} intra-/inter-op threads.\n\n"
         f"Machine: {machine()}. TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-        f"NumPy {np.__version__}, Python {platform.python_version()}; "
-        f"{tf.config.threading.get_inter_op_parallelism_threads() or 'default'} inter-op / "
-        f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'} intra-op threads.\n\n"
-        "Only the ratios, taken in one run, are meaningful; absolute times depend on the machine and "
-        "its load.\n\n"
+        f"NumPy {np.__version__}, Python {platform.python_version()}.\n\n" + table + "\n"
     )
-    text = header + table + "\n"
-    print(text)
-    if not args.no_write:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
-        print(f"written to {args.output}", file=sys.stderr)
+    print(section)
+    if args.no_write:
+        return
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and output.exists():
+        output.write_text(output.read_text().rstrip("\n") + "\n\n" + section)
+    else:
+        output.write_text(HEADER + section)
+    print(f"written to {output}", file=sys.stderr)
 
 
 if __name__ == "__main__":

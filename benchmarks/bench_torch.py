@@ -230,8 +230,24 @@ def main(argv=None):
     report = f"{header}\n\n{table(results, names)}\n\nTargets:\n\n{targets(results)}\n"
     print(report)
     if args.output is not None:
-        args.output.write_text(f"# Performance of the PyTorch backend\n\n{report}")
+        write_report(args.output, report)
     return results
+
+
+BEGIN, END = "<!-- bench_torch.py results: begin -->", "<!-- bench_torch.py results: end -->"
+
+
+def write_report(path: Path, report: str) -> None:
+    """Put the report between the BEGIN/END markers of ``path``, keeping the prose around them;
+    a file without the markers gets them appended."""
+    block = f"{BEGIN}\n{report}{END}\n"
+    text = path.read_text() if path.exists() else "# Performance of the PyTorch backend\n\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import mlstm_spec  # noqa: E402
 from hypothesis import settings  # noqa: E402
-from mlstm_spec.conformance import check  # noqa: E402
+from mlstm_spec.conformance import check, relative_error  # noqa: E402
 from mlstm_spec.params import block  # noqa: E402
 
 MODES = ("addition", "multiplicative_integration")
@@ -25,20 +25,19 @@ MODES = ("addition", "multiplicative_integration")
 
 @pytest.fixture
 def x64():
-    """float64 for one test, restored afterwards (the setting is global to JAX)."""
+    """JAX's 64-bit mode for one test, restored afterwards."""
     with jax.enable_x64(True):
         yield
 
 
-def random_params(rng, input_size, hidden_size, dtype="float64", scale=1.0, **options):
+def random_params(rng, input_size, hidden_size, dtype="float64", **options):
     """Canonical NumPy parameters with random values everywhere (biases included)."""
     shapes = mlstm_spec.init_params(input_size, hidden_size, rng=0, dtype=np.float64, **options)
-    return {k: (rng.uniform(-1, 1, v.shape) * scale).astype(dtype) for k, v in shapes.items()}
+    return {k: rng.uniform(-1, 1, v.shape).astype(dtype) for k, v in shapes.items()}
 
 
 def max_relative_error(actual, expected):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-2))
+    return relative_error(actual, expected)[0]
 
 
 # ---- the shared conformance suite ----
@@ -95,7 +94,8 @@ def test_float64_stays_float64_end_to_end(x64):
 
     jp = {k: jnp.asarray(v) for k, v in params.items()}
     args = (jp, jnp.asarray(xs), jnp.asarray(h0), jnp.asarray(c0))
-    assert _float_dtypes_in_jaxpr(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)) == {"float64"}
+    program = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
+    assert _float_dtypes_in_jaxpr(program) == {"float64"}
     hs, (h, c) = bj.mlstm(*args[:2], (args[2], args[3]))
     assert {hs.dtype.name, h.dtype.name, c.dtype.name} == {"float64"}
     want_hs, (want_h, want_c) = mlstm_spec.forward(params, xs, (h0, c0))
@@ -110,13 +110,13 @@ def test_float64_without_x64_raises_instead_of_downcasting():
     xs = rng.standard_normal((2, 5, 3))
     message = "float64, but JAX's 64-bit mode is off"
     with jax.enable_x64(False):
-        with pytest.raises(TypeError, match=re.escape(message)):
+        with raises(TypeError, message):
             bj.mlstm(params, xs)
-        with pytest.raises(TypeError, match=re.escape(message)):
+        with raises(TypeError, message):
             bj.MLSTM.from_canonical(params)
-        with pytest.raises(TypeError, match=re.escape(message)):
+        with raises(TypeError, message):
             bj.MLSTM(3, 4, dtype=jnp.float64)
-        with pytest.raises(TypeError, match=re.escape(message)):
+        with raises(TypeError, message):
             bj.init(jax.random.key(0), 3, 4, dtype="float64")
         # float32 still works with the mode off
         params32 = {k: v.astype(np.float32) for k, v in params.items()}
@@ -141,6 +141,12 @@ def test_vmap_over_unbatched_equals_batched(x64, mode):
     mapped = jax.vmap(model, out_axes=(0, (1, 1)))(xs)
     for got, want in zip(jax.tree.leaves(mapped), jax.tree.leaves(batched)):
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+    if mode == "addition":  # and over an ensemble of models: the parameters are the mapped leaves
+        other = jax.tree.map(lambda leaf: leaf * 0.5, model)
+        ensemble = jax.tree.map(lambda *leaves: jnp.stack(leaves), model, other)
+        hs = jax.vmap(lambda m: m(xs)[0])(ensemble)
+        np.testing.assert_allclose(hs[1], other(xs)[0], rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(hs[0], batched[0], rtol=1e-13, atol=1e-14)
 
 
 def test_jit_equals_eager(x64):
@@ -283,8 +289,8 @@ def test_lstm_reduction(x64, independent_recurrence):
     w_hh_matrix = np.diag(w_hh) if independent_recurrence else w_hh
     w_x = np.concatenate([block(params["weight_ih"], g) for g in "iofz"])
     w_h = params["weight_mh"] @ w_hh_matrix
-    b = np.concatenate([block(params["bias_ih"], g) for g in "iofz"]) + params["weight_mh"] @ params["bias_hh"] \
-        + params["bias_mh"]
+    b = (np.concatenate([block(params["bias_ih"], g) for g in "iofz"])
+         + params["weight_mh"] @ params["bias_hh"] + params["bias_mh"])
     xs = rng.standard_normal((2, 6, 3))
     h0, c0 = rng.standard_normal((2, hidden)), rng.standard_normal((2, hidden))
     want_hs, (want_h, want_c) = plain_lstm(xs, w_x, w_h, b, h0, c0)
@@ -416,86 +422,107 @@ def layer():
     return {k: jnp.asarray(v) for k, v in random_params(rng, 3, 4, dtype="float32").items()}
 
 
+def raises(error, message):
+    """``pytest.raises`` for an exact piece of the message (not a pattern)."""
+    return pytest.raises(error, match=re.escape(message))
+
+
 def _xs(*shape, dtype=jnp.float32):
     return jnp.zeros(shape, dtype)
 
 
-@pytest.mark.parametrize(
-    ("make_call", "error", "message"),
-    [
-        (lambda p: (p, _xs(2, 5, 7)), ValueError, "xs must have I=3 features in its last dimension (from the parameters), got shape (2, 5, 7)"),
-        (lambda p: (p, _xs(5)), ValueError, "xs must have shape (B, T, I) or (T, I), got 1 dimensions (5,)"),
-        (lambda p: (p, _xs(2, 0, 3)), ValueError, "xs must have at least one step"),
-        (lambda p: (p, _xs(2, 5, 3, dtype=jnp.float16)), TypeError, "xs has dtype float16 but the parameters are float32"),
-        (lambda p: (p, _xs(2, 5, 3, dtype=jnp.int32)), TypeError, "xs must have a floating dtype in"),
-        (lambda p: (p, [[0.0, 0.0, 0.0]]), TypeError, "xs must be a JAX or NumPy array, got list"),
-        (lambda p: ({**p, "weight_mh": _xs(16, 5)}, _xs(2, 5, 3)), ValueError,
-         "params['weight_mh'] must have shape (4H,H) = (16, 4) for I=3, H=4 (read from weight_ih (20, 3)), got (16, 5)"),
-        (lambda p: ({**p, "weight_ih": _xs(19, 3)}, _xs(2, 5, 3)), ValueError, "params['weight_ih'] must have shape (5H, I)"),
-        (lambda p: ({k: v for k, v in p.items() if k != "weight_hh"}, _xs(2, 5, 3)), ValueError, "params is missing ['weight_hh']"),
-        (lambda p: ({**p, "bias_xx": p["bias_hh"]}, _xs(2, 5, 3)), ValueError, "params has unknown keys ['bias_xx']"),
-        (lambda p: ({**p, "bias_hh": p["bias_hh"].astype(jnp.float16)}, _xs(2, 5, 3)), TypeError, "params mixes dtypes"),
-        (lambda p: ({**p, "bias_hh": [0.0] * 4}, _xs(2, 5, 3)), TypeError, "params['bias_hh'] must be a JAX or NumPy array, got list"),
-        (lambda p: ("weights", _xs(2, 5, 3)), TypeError, "params must be a mapping of parameter name to array, got str"),
-    ],
-    ids=["feature-size", "rank", "empty", "dtype-mismatch", "int-dtype", "not-array", "weight-mh-shape",
-         "weight-ih-shape", "missing-key", "unknown-key", "mixed-dtypes", "param-not-array", "params-not-mapping"],
-)
+def _without(params, key):
+    return {k: v for k, v in params.items() if k != key}
+
+
+BAD_CALLS = [
+    pytest.param(lambda p: (p, _xs(2, 5, 7)), ValueError,
+                 "xs must have I=3 features in its last dimension (from the parameters), got shape (2, 5, 7)",
+                 id="feature-size"),
+    pytest.param(lambda p: (p, _xs(5)), ValueError,
+                 "xs must have shape (B, T, I) or (T, I), got 1 dimensions (5,)", id="rank"),
+    pytest.param(lambda p: (p, _xs(2, 0, 3)), ValueError, "xs must have at least one step", id="empty"),
+    pytest.param(lambda p: (p, _xs(2, 5, 3, dtype=jnp.float16)), TypeError,
+                 "xs has dtype float16 but the parameters are float32", id="dtype-mismatch"),
+    pytest.param(lambda p: (p, _xs(2, 5, 3, dtype=jnp.int32)), TypeError,
+                 "xs must have a floating dtype in", id="int-dtype"),
+    pytest.param(lambda p: (p, [[0.0, 0.0, 0.0]]), TypeError,
+                 "xs must be a JAX or NumPy array, got list", id="not-array"),
+    pytest.param(lambda p: ({**p, "weight_mh": _xs(16, 5)}, _xs(2, 5, 3)), ValueError,
+                 "params['weight_mh'] must have shape (4H,H) = (16, 4) for I=3, H=4 (read from weight_ih "
+                 "(20, 3)), got (16, 5)", id="weight-mh-shape"),
+    pytest.param(lambda p: ({**p, "weight_ih": _xs(19, 3)}, _xs(2, 5, 3)), ValueError,
+                 "params['weight_ih'] must have shape (5H, I)", id="weight-ih-shape"),
+    pytest.param(lambda p: (_without(p, "weight_hh"), _xs(2, 5, 3)), ValueError,
+                 "params is missing ['weight_hh']", id="missing-key"),
+    pytest.param(lambda p: ({**p, "bias_xx": p["bias_hh"]}, _xs(2, 5, 3)), ValueError,
+                 "params has unknown keys ['bias_xx']", id="unknown-key"),
+    pytest.param(lambda p: ({**p, "bias_hh": p["bias_hh"].astype(jnp.float16)}, _xs(2, 5, 3)), TypeError,
+                 "params mixes dtypes", id="mixed-dtypes"),
+    pytest.param(lambda p: ({**p, "bias_hh": [0.0] * 4}, _xs(2, 5, 3)), TypeError,
+                 "params['bias_hh'] must be a JAX or NumPy array, got list", id="param-not-array"),
+    pytest.param(lambda p: ("weights", _xs(2, 5, 3)), TypeError,
+                 "params must be a mapping of parameter name to array, got str", id="params-not-mapping"),
+]
+
+
+@pytest.mark.parametrize(("make_call", "error", "message"), BAD_CALLS)
 def test_bad_input_errors_name_expected_and_given(layer, make_call, error, message):
     params, xs = make_call(layer)
-    with pytest.raises(error, match=re.escape(message)):
+    with raises(error, message):
         bj.mlstm(params, xs)
 
 
 def test_bad_state_and_options(layer):
     xs = _xs(2, 5, 3)
-    with pytest.raises(ValueError, match=re.escape("state h must have shape (2, 4), got (3, 4)")):
+    with raises(ValueError, "state h must have shape (2, 4), got (3, 4)"):
         bj.mlstm(layer, xs, (_xs(3, 4), _xs(2, 4)))
-    with pytest.raises(TypeError, match=re.escape("state must be a pair (h, c) of arrays, got tuple of length 3")):
+    with raises(TypeError, "state must be a pair (h, c) of arrays, got tuple of length 3"):
         bj.mlstm(layer, xs, (_xs(2, 4),) * 3)
-    with pytest.raises(TypeError, match=re.escape("state c has dtype bfloat16 but the parameters are float32")):
+    with raises(TypeError, "state c has dtype bfloat16 but the parameters are float32"):
         bj.mlstm(layer, xs, (_xs(2, 4), _xs(2, 4, dtype=jnp.bfloat16)))
-    with pytest.raises(ValueError, match=re.escape("integration_mode must be one of ('addition', 'multiplicative_integration'), got 'add'")):
+    modes = "('addition', 'multiplicative_integration')"
+    with raises(ValueError, f"integration_mode must be one of {modes}, got 'add'"):
         bj.mlstm(layer, xs, integration_mode="add")
-    with pytest.raises(ValueError, match=re.escape("unroll must be an int >= 1 (steps per scan iteration), got 0")):
+    with raises(ValueError, "unroll must be an int >= 1 (steps per scan iteration), got 0"):
         bj.mlstm(layer, xs, unroll=0)
-    with pytest.raises(ValueError, match=re.escape("x must have shape (B, I) or (I,), got 3 dimensions (2, 5, 3)")):
+    with raises(ValueError, "x must have shape (B, I) or (I,), got 3 dimensions (2, 5, 3)"):
         bj.cell(layer, xs)
     model = bj.MLSTM.from_canonical([layer, {**layer, "weight_ih": _xs(20, 4)}])
-    with pytest.raises(ValueError, match=re.escape("state h must have shape (2, 2, 4), got (2, 4)")):
+    with raises(ValueError, "state h must have shape (2, 2, 4), got (2, 4)"):
         model(xs, (_xs(2, 4), _xs(2, 4)))
 
 
 def test_errors_are_raised_at_trace_time_under_jit(layer):
     traced = jax.jit(bj.mlstm)
-    with pytest.raises(ValueError, match=re.escape("got shape (2, 5, 7)")):
+    with raises(ValueError, "got shape (2, 5, 7)"):
         traced(layer, _xs(2, 5, 7))
     model = bj.MLSTM.from_canonical(layer)
-    with pytest.raises(TypeError, match=re.escape("xs has dtype bfloat16 but the parameters are float32")):
+    with raises(TypeError, "xs has dtype bfloat16 but the parameters are float32"):
         jax.jit(lambda m, x: m(x))(model, _xs(2, 5, 3, dtype=jnp.bfloat16))
 
 
 def test_bad_stacks_and_constructor_arguments(layer):
-    with pytest.raises(ValueError, match=re.escape("params[1] must take input_size = hidden_size of layer 0 (4) "
-                                                   "and have hidden_size 4, got I=3, H=4")):
+    with raises(ValueError, "params[1] must take input_size = hidden_size of layer 0 (4) "
+                            "and have hidden_size 4, got I=3, H=4"):
         bj.MLSTM.from_canonical([layer, layer])
-    without_bias = {k: v for k, v in layer.items() if k != "bias_mh"}
-    with pytest.raises(ValueError, match=re.escape("params[1] has options")):
+    without_bias = _without(layer, "bias_mh")
+    with raises(ValueError, "params[1] has options"):
         bj.MLSTM.from_canonical([layer, {**without_bias, "weight_ih": _xs(20, 4)}])
-    with pytest.raises(ValueError, match=re.escape("option multiplicative_bias=True contradicts the parameters, "
-                                                   "which have multiplicative_bias=False")):
+    with raises(ValueError, "option multiplicative_bias=True contradicts the parameters, "
+                            "which have multiplicative_bias=False"):
         bj.MLSTM.from_canonical(without_bias, multiplicative_bias=True)
-    with pytest.raises(TypeError, match=re.escape("params must be a canonical mapping or a non-empty list of them")):
+    with raises(TypeError, "params must be a canonical mapping or a non-empty list"):
         bj.MLSTM.from_canonical([])
-    with pytest.raises(ValueError, match=re.escape("hidden_size must be a positive int, got 0")):
+    with raises(ValueError, "hidden_size must be a positive int, got 0"):
         bj.MLSTM(3, 0)
-    with pytest.raises(ValueError, match=re.escape("num_layers must be an int >= 1, got 0")):
+    with raises(ValueError, "num_layers must be an int >= 1, got 0"):
         bj.MLSTM(3, 4, num_layers=0)
-    with pytest.raises(TypeError, match=re.escape("dtype must be one of ('float64', 'float32', 'bfloat16', 'float16'), got int32")):
+    with raises(TypeError, f"dtype must be one of {bj.DTYPES}, got int32"):
         bj.MLSTM(3, 4, dtype=jnp.int32)
-    with pytest.raises(TypeError, match=re.escape("key must be a JAX PRNG key")):
+    with raises(TypeError, "key must be a JAX PRNG key"):
         bj.init(0, 3, 4)
-    with pytest.raises(ValueError, match=re.escape("device must be one of")):
+    with raises(ValueError, "device must be one of"):
         bj.ConformanceAdapter("tpu:7")
 
 

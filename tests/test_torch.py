@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import traceback
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -90,13 +91,20 @@ def test_conformance_plain_path(dtype):
 
 # ---- the fused path against the plain one, beyond the suite's small sizes ----
 
-@settings(max_examples=10)
+@settings(max_examples=15)
 @given(options=options_strategy, mode=st.sampled_from(MODES), num_layers=st.integers(1, 2),
        batch=st.integers(1, 6), steps=st.integers(1, 24), hidden=st.integers(1, 24),
-       seed=st.integers(0, 2**31 - 1))
-def test_fused_equals_plain(options, mode, num_layers, batch, steps, hidden, seed):
-    """Outputs, final states and all gradients agree in float64: the same arithmetic in a different
-    order."""
+       chunk_steps=st.sampled_from([1, 2, 5, None]), seed=st.integers(0, 2**31 - 1))
+def test_fused_equals_plain(options, mode, num_layers, batch, steps, hidden, chunk_steps, seed):
+    """Outputs, final states and all gradients agree in float64 (the same arithmetic in a different
+    order), in training and in inference, also when the input projection is computed in chunks of a
+    few steps (``chunk_steps``; None: the default chunk, which holds every step at these sizes)."""
+    chunk_bytes = bt._PROJECTION_CHUNK_BYTES if chunk_steps is None else chunk_steps * batch * 5 * hidden * 8
+    with mock.patch.object(bt, "_PROJECTION_CHUNK_BYTES", chunk_bytes):
+        _check_fused_equals_plain(options, mode, num_layers, batch, steps, hidden, seed)
+
+
+def _check_fused_equals_plain(options, mode, num_layers, batch, steps, hidden, seed):
     rng = np.random.default_rng(seed)
     layers = random_stack(rng, 7, hidden, num_layers, **options)
     fused = bt.MLSTM.from_canonical(layers, integration_mode=mode)
@@ -112,7 +120,9 @@ def test_fused_equals_plain(options, mode, num_layers, batch, steps, hidden, see
         out, (h_n, c_n) = model(inputs[0], (inputs[1], inputs[2]))
         loss = sum((a * w).sum() for a, w in zip((out, h_n, c_n), weights))
         grads = torch.autograd.grad(loss, inputs + list(model.parameters()))
-        results.append([out, h_n, c_n, *grads])
+        with torch.no_grad():
+            inference = model(x, (h0, c0))
+        results.append([out, h_n, c_n, *grads, inference[0], *inference[1]])
     for got, want in zip(*results):
         assert_float64_close(got, want)
 
