@@ -3,10 +3,10 @@ and ``torch.nn.LSTM``.
 
 The recurrence has two implementations that compute the same function:
 
-- the **fused** path (default): one custom operator per layer, ``mlstm_torch::layer_forward_v1``, runs the
-  whole time loop (the input projection of all steps as one matrix product, then per step two matrix
-  products and in-place element-wise work written straight into preallocated buffers), and its
-  registered backward, ``mlstm_torch::layer_backward_v1``, is the analytic back-propagation through time
+- the **fused** path (default): one custom operator per layer, ``mlstm_torch::layer_forward_v2``, runs the
+  whole time loop (the input projection hoisted out of it, one matrix product per chunk of steps; then
+  per step two matrix products and in-place element-wise work written into preallocated buffers), and its
+  registered backward, ``mlstm_torch::layer_backward_v2``, is the analytic back-propagation through time
   of :func:`mlstm_spec.equations.run_backward`, with every weight gradient formed as one matrix product
   over all steps at the end. Being a ``torch.library`` custom operator, it is one opaque node to
   ``torch.compile`` (no graph break, no unrolled loop to compile) and to autograd.
@@ -50,8 +50,7 @@ def _fused_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
                    multiplicative: bool, keep_tape: bool):
     """x (T, B, I) contiguous, h0/c0 (B, H). Returns hs (T, B, H), h_T, c_T and the tape for the
     backward: the input projection (p_m (T, B, H) under addition, all of p (T, B, 5H) under
-    multiplicative integration); r, m (T, B, H); gates (T, B, 4H) after their nonlinearity;
-    K (T, B, 4H) and dh_to_dc (T, B, H), the factors of the backward that do not depend on the
+    multiplicative integration); r, m (T, B, H); the forget gate f (T, B, H); K (T, B, 4H) and dh_to_dc (T, B, H), the factors of the backward that do not depend on the
     incoming gradient (see _fused_backward), formed here while their inputs are in cache; q (T, B, 4H)
     under multiplicative integration (else empty). Without ``keep_tape`` (inference) the
     intermediates live in per-step scratch buffers and the tape is returned as empty tensors."""
@@ -72,7 +71,9 @@ def _fused_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
     p_m_tape = new(T, B, H) if keep_tape and not multiplicative else new(0)
     steps = T if keep_tape else 1
     hs = new(T, B, H)
-    r_all, m_all, gates = new(steps, B, H), new(steps, B, H), new(steps, B, 4 * H)
+    r_all, m_all = new(steps, B, H), new(steps, B, H)
+    f_tape = new(T, B, H) if keep_tape else new(0)  # of the gates, the backward needs f alone
+    gates = new(B, 4 * H)
     q_all = new(steps, B, 4 * H) if multiplicative else new(0)
     K, dh_to_dc = (new(T, B, 4 * H), new(T, B, H)) if keep_tape else (new(0), new(0))
     cs = new(2, B, H)  # c_{t-1} and c_t, alternating
@@ -113,7 +114,7 @@ def _fused_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
         else:
             torch.addmm(b_hh, h, w_hh_t, out=r)
         m = torch.mul(p_m, r, out=m_all[k])
-        a = gates[k]
+        a = gates
         if multiplicative:
             q = q_all[k]
             if b_mh is None:
@@ -138,11 +139,12 @@ def _fused_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
             k_t[:, 2 * H: 3 * H].mul_(c_prev)
             torch.addcmul(i, iz, z, value=-1, out=k_t[:, 3 * H:])
             torch.addcmul(o, h, tanh_c, value=-1, out=dh_to_dc[t])  # o(1 - tanh(c)^2) = dc/dh
+            f_tape[t] = f
     h_T, c_T = hs[T - 1].clone(), cs[T % 2].clone()
     if not keep_tape:
         return (hs, h_T, c_T) + tuple(new(0) for _ in range(7))
     p_tape = p_buffer if keep_all_p else p_m_tape
-    return hs, h_T, c_T, p_tape, r_all, m_all, gates, K, dh_to_dc, q_all
+    return hs, h_T, c_T, p_tape, r_all, m_all, f_tape, K, dh_to_dc, q_all
 
 
 _PROJECTION_CHUNK_BYTES = 4 << 20
@@ -151,7 +153,7 @@ _PROJECTION_CHUNK_BYTES = 4 << 20
 def _fused_backward(d_hs: Optional[Tensor], d_hT: Optional[Tensor], d_cT: Optional[Tensor],
                     x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, w_mh: Tensor,
                     has_b_ih: bool, has_b_hh: bool, has_b_mh: bool, multiplicative: bool, need_dx: bool,
-                    hs: Tensor, p: Tensor, r_all: Tensor, m_all: Tensor, gates: Tensor, K: Tensor,
+                    hs: Tensor, p: Tensor, r_all: Tensor, m_all: Tensor, f: Tensor, K: Tensor,
                     dh_to_dc: Tensor, q_all: Tensor):
     """Back-propagation through time (the math of mlstm_spec.equations.run_backward).
 
@@ -161,7 +163,6 @@ def _fused_backward(d_hs: Optional[Tensor], d_hT: Optional[Tensor], d_cT: Option
     all T*B rows at the end."""
     T, B, I = x.shape
     H = h0.shape[-1]
-    f = gates[:, :, 2 * H: 3 * H]
     p_m, p_g = p[:, :, :H], p[:, :, H:]  # p is p_m alone under addition (p_g is not needed then)
 
     d_p = x.new_empty(T, B, 5 * H)
@@ -230,7 +231,7 @@ def _fused_backward(d_hs: Optional[Tensor], d_hT: Optional[Tensor], d_cT: Option
 
 # torch.compile's on-disk caches know an operator by its name and schema, not by its Python body: the
 # version in the names changes whenever what the operators return changes, so no stale cache is used.
-_OP_VERSION = 1
+_OP_VERSION = 2
 
 
 @torch.library.custom_op(f"mlstm_torch::layer_forward_v{_OP_VERSION}", mutates_args=())
@@ -250,7 +251,7 @@ def _(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, multiplicative, keep_tape):
     if not keep_tape:
         return (new(T, B, H), new(B, H), new(B, H)) + tuple(new(0) for _ in range(7))
     return (new(T, B, H), new(B, H), new(B, H), new(T, B, 5 * H if multiplicative else H), new(T, B, H),
-            new(T, B, H), new(T, B, 4 * H), new(T, B, 4 * H), new(T, B, H),
+            new(T, B, H), new(T, B, H), new(T, B, 4 * H), new(T, B, H),
             new(T, B, 4 * H) if multiplicative else new(0))
 
 
@@ -259,18 +260,18 @@ def _layer_backward_op(d_hs: Optional[Tensor], d_hT: Optional[Tensor], d_cT: Opt
                        x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, w_mh: Tensor,
                        has_b_ih: bool, has_b_hh: bool, has_b_mh: bool, multiplicative: bool,
                        need_dx: bool, hs: Tensor, p: Tensor, r_all: Tensor, m_all: Tensor,
-                       gates: Tensor, K: Tensor, dh_to_dc: Tensor, q_all: Tensor
+                       f: Tensor, K: Tensor, dh_to_dc: Tensor, q_all: Tensor
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     with torch.autocast(x.device.type, enabled=False):
         d_hs, d_hT, d_cT = (None if g is None else g.contiguous() for g in (d_hs, d_hT, d_cT))
         return _fused_backward(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, has_b_ih, has_b_hh,
-                               has_b_mh, multiplicative, need_dx, hs, p, r_all, m_all, gates, K,
+                               has_b_mh, multiplicative, need_dx, hs, p, r_all, m_all, f, K,
                                dh_to_dc, q_all)
 
 
 @_layer_backward_op.register_fake
 def _(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, has_b_ih, has_b_hh, has_b_mh, multiplicative,
-      need_dx, hs, p, r_all, m_all, gates, K, dh_to_dc, q_all):
+      need_dx, hs, p, r_all, m_all, f, K, dh_to_dc, q_all):
     H = h0.shape[-1]
     new = x.new_empty
     return (new(x.shape) if need_dx else new(0), torch.empty_like(h0), torch.empty_like(h0),

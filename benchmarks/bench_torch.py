@@ -9,7 +9,7 @@ Compared, at each size (B, T, I, H), one layer, float32, time-major input (T, B,
 - ``naive``: a per-step loop with a separate ``nn.Linear`` per gate, as forum code writes it.
 
 "forward" is inference (``torch.no_grad()``); "forward+backward" is a forward with autograd recording
-and ``output.sum().backward()``. Each repeat runs every implementation once, in turn, so that a
+and ``output.sum().backward()``, the input requiring grad. Each repeat runs every implementation once, in turn, so that a
 change of machine load affects all alike; the table reports the median over the repeats after
 warm-up runs, and ratios of medians.
 
@@ -225,7 +225,8 @@ def main(argv=None):
     header = (
         f"Measured {date} on {machine()}; device {device}; torch threads {torch.get_num_threads()}; "
         f"{versions()}. Median of {args.repeats} runs after {args.warmup} warm-up runs, float32, one "
-        "layer; forward = inference under torch.no_grad(), forward+backward = output.sum().backward()."
+        "layer; forward = inference under torch.no_grad(), forward+backward = output.sum().backward() with the "
+        "input requiring grad (so d_input is computed too)."
     )
     report = f"{header}\n\n{table(results, names)}\n\nTargets:\n\n{targets(results)}\n"
     print(report)
@@ -244,7 +245,8 @@ def write_report(path: Path, report: str) -> None:
     text = path.read_text() if path.exists() else "# Performance of the PyTorch backend\n\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
