@@ -13,11 +13,17 @@ another Keras backend raises ImportError.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
-import tensorflow as tf
+
+if "tensorflow" not in sys.modules:
+    # TensorFlow's C++ start-up chatter (oneDNN, absl) buries users' output; a user's own setting wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402
 import keras
 
 from mlstm_spec.equations import BIAS_FLAGS
@@ -237,6 +243,7 @@ def _masked_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh, multiplicative,
     return outs.stack(), h, c
 
 
+@tf.autograph.experimental.do_not_convert
 def _in_xla_context() -> bool:
     """Whether the graph being built is compiled by an enclosing XLA compilation (a
     ``tf.function(jit_compile=True)``, or ``model.compile(jit_compile=True)``)."""
@@ -794,6 +801,9 @@ class MLSTM(keras.layers.RNN):
             return f"the cell's step was overridden by {type(self.cell).__name__}.call"
         return None
 
+    # Not converted by autograph: every branch here is on Python values, and converting the call
+    # through a conditional expression below once dispatched to the wrong converted function.
+    @tf.autograph.experimental.do_not_convert
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if isinstance(mask, (list, tuple)):
             mask = mask[0]

@@ -534,6 +534,8 @@ def _as_numpy_layers(params) -> list[dict]:
 
 
 def _to_tensor(array: np.ndarray) -> Tensor:
+    if not array.flags.writeable:  # e.g. JAX's to_canonical(); torch.from_numpy warns on those
+        array = array.copy()
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))

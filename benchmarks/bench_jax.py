@@ -46,8 +46,9 @@ from jax import lax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends import jax as mlstm_jax  # noqa: E402
+from _common import SIZES, machine, parse_size  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-DEFAULT_SIZES = ((32, 128, 64, 256), (64, 100, 512, 512))
+DEFAULT_SIZES = SIZES
 COMPILE_STEPS = (128, 1024)
 IMPLEMENTATIONS = ("MLSTM", "LSTM")
 
@@ -191,17 +192,6 @@ def targets(results, compiles):
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
 def versions() -> str:
@@ -210,11 +200,6 @@ def versions() -> str:
     return f"Python {platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, numpy {np.__version__}"
 
 
-def parse_size(text):
-    values = tuple(int(v) for v in text.split(","))
-    if len(values) != 4 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"a size is B,T,I,H (four positive integers), got {text!r}")
-    return values
 
 
 def main(argv=None):

@@ -37,6 +37,7 @@ import keras  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from backends.tensorflow import MLSTM  # noqa: E402
+from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 #: (B, T, I, H) of the issue.
 SIZES = ((32, 128, 64, 256), (64, 100, 512, 512))
@@ -154,10 +155,11 @@ def markdown(results, variants):
     return "\n".join(lines)
 
 
-def machine() -> str:
+
+
+def gpu_note() -> str:
     gpus = tf.config.list_physical_devices("GPU")
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
-            f"{', GPUs: ' + str(len(gpus)) if gpus else ', no GPU'}; {platform.platform()}")
+    return f", GPUs: {len(gpus)}" if gpus else ", no GPU"
 
 
 def main(argv=None):
@@ -197,7 +199,7 @@ def main(argv=None):
         f"Measured {datetime.date.today().isoformat()}: float32, {args.clock}-clock medians of "
         f"{args.repeats} interleaved rounds after {args.warmup} warm-up runs per variant; "
         f"{args.threads or 'default (TensorFlow decides)'} intra-/inter-op threads.\n\n"
-        f"Machine: {machine()}. TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+        f"Machine: {machine()}{gpu_note()}. TensorFlow {tf.__version__}, Keras {keras.__version__}, "
         f"NumPy {np.__version__}, Python {platform.python_version()}.\n\n" + table + "\n"
     )
     print(section)

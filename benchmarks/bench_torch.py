@@ -39,8 +39,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.torch import MLSTM  # noqa: E402
+from _common import SIZES, machine, parse_size  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-DEFAULT_SIZES = ((32, 128, 64, 256), (64, 100, 512, 512))
+DEFAULT_SIZES = SIZES
 PEER = "torchrecurrent"
 
 
@@ -163,17 +164,6 @@ def targets(results):
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
 def versions() -> str:
@@ -187,11 +177,6 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def parse_size(text):
-    values = tuple(int(v) for v in text.split(","))
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"a size is B,T,I,H (four integers), got {text!r}")
-    return values
 
 
 def main(argv=None):

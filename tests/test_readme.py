@@ -32,3 +32,26 @@ def test_both_commands_share_the_same_setup():
     install = lambda c: c.split(" && ")[:2]  # noqa: E731  venv creation, pip install
     assert install(main_job)[0] == install(tests)[0]
     assert "-c .ci/constraints.txt" in install(main_job)[1] and "-c .ci/constraints.txt" in install(tests)[1]
+
+
+def test_readme_usage_example_runs(tmp_path):
+    """The README's Python example, run as a user would paste it (it needs all three frameworks)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import pytest
+
+    from helpers import requested_backends
+
+    missing = [f for f in ("torch", "jax", "tensorflow", "safetensors") if importlib.util.find_spec(f) is None]
+    if missing:
+        if requested_backends() & set(missing):
+            pytest.fail(f"the README example needs {missing}, which are required here but missing")
+        pytest.skip(f"the README example needs {missing}")
+    text = (ROOT / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.+?)\n```", text, re.S)
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "layer.safetensors").exists()

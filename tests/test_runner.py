@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import backends
-from mlstm_spec.conformance import Case, ConformanceError, runner
+from mlstm_spec.conformance import TOLERANCES, Case, ConformanceError, runner
 from mlstm_spec.conformance.defects import SpecAdapter
 from mlstm_spec.conformance.report import Report, plain_table, print_rich
 from mlstm_spec.conformance.suite import CheckResult
@@ -123,7 +123,7 @@ def test_every_device_a_backend_sees_is_checked_with_its_tolerance(capsys, fake_
     assert status == 0, out + err
     assert {r["device"] for r in report["results"]} == {"cpu", "cuda:0"}
     assert not rows(report, status="skip")
-    assert {r["tolerance"] for r in rows(report, device="cuda:0", dtype="float32")} == {1e-4}
+    assert {r["tolerance"] for r in rows(report, device="cuda:0", dtype="float32")} == {TOLERANCES[("float32", "gpu")]}
 
 
 def test_devices_option_selects_by_kind(capsys, fake_backends, tmp_path):

@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
-from hypothesis import given, seed as hypothesis_seed, settings as hypothesis_settings, strategies as st
+from hypothesis import assume, given, seed as hypothesis_seed, settings as hypothesis_settings, strategies as st
 
 from ..equations import INTEGRATION_MODES
 from .cases import Case, reference_forward, reference_gradients
@@ -184,6 +184,18 @@ def _call(check, context, function, *args, **kwargs):
         ) from exc
 
 
+def representable(tree, dtype: str) -> bool:
+    """Whether every value in a nested structure of float64 arrays fits the finite range of ``dtype``."""
+    if dtype == "bfloat16":
+        return True  # float32's exponent range: nothing the suite draws comes near it
+    largest = float(np.finfo(dtype).max)
+    if isinstance(tree, dict):
+        return all(representable(v, dtype) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(representable(v, dtype) for v in tree)
+    return tree is None or bool(np.all(np.abs(tree) <= largest))
+
+
 def check_case(adapter, case: Case, tracker: _Tracker, tol: float, gradients: bool) -> None:
     """Compare the adapter with the spec on one case; raises :class:`ConformanceError`."""
     __tracebackhide__ = True
@@ -193,9 +205,13 @@ def check_case(adapter, case: Case, tracker: _Tracker, tol: float, gradients: bo
         f"B={case.batch}, T={case.steps}, I={case.input_size}, H={case.hidden_size}"
     )
     mode = case.integration_mode
+    want_hs, want_final = reference_forward(arrays, mode)
+    want_grads = reference_gradients(arrays, mode) if gradients else None
+    # A case whose exact answer is not representable in the dtype (a float16 gradient above 65504)
+    # says nothing about the implementation: every float16 implementation returns inf there.
+    assume(representable((want_hs, want_final, want_grads), case.dtype))
     hs, final = _call("outputs", context, adapter.forward, arrays.params, arrays.xs, arrays.state,
                       integration_mode=mode)
-    want_hs, want_final = reference_forward(arrays, mode)
     _compare(tracker, "outputs", "hs", hs, want_hs, tol, context)
     layers = case.num_layers
     for layer, (got, want) in enumerate(zip(_pairs(final, layers), _pairs(want_final, layers))):
@@ -206,8 +222,7 @@ def check_case(adapter, case: Case, tracker: _Tracker, tol: float, gradients: bo
         return
     got = _call("gradients", context, adapter.gradients, arrays.params, arrays.xs, arrays.state,
                 arrays.d_hs, arrays.d_state, integration_mode=mode)
-    want = reference_gradients(arrays, mode)
-    got_layers, want_layers = ([got], [want]) if layers == 1 else (got, want)
+    got_layers, want_layers = ([got], [want_grads]) if layers == 1 else (got, want_grads)
     for layer, (g, w) in enumerate(zip(got_layers, want_layers)):
         suffix = f"[layer {layer}]" if layers > 1 else ""
         missing = sorted(set(w) - set(g))

@@ -27,10 +27,15 @@ TOLERANCES = {
     # which still sits 1e6 below any float32 computation (a silent downcast gives ~1e-7).
     ("float64", "cpu"): 1e-10,
     ("float64", "gpu"): 1e-10,
-    # float32: eps 1.2e-7; 800*eps ~ 1e-4. GPU runs must disable TF32 (10-bit mantissa) for this
-    # to mean float32 -- the backends' adapters do.
-    ("float32", "cpu"): 1e-4,
-    ("float32", "gpu"): 1e-4,
+    # float32: eps 1.2e-7; the 800*eps ~ 1e-4 budget above assumes a gain per step near 1, but at
+    # weight scale 2 with multiplicative integration the gain reaches ~3, and gradients such as d_h0
+    # sum terms that cancel. The spec's *own* float32 path (mlstm_spec.reference computing in
+    # float32, against itself in float64) reached 1.8e-4 over 3000 drawn cases (seeds 1-3, 1000
+    # examples each), so 1e-4 would fail the oracle itself. 1e-3 (~8000*eps) leaves a 5x margin over
+    # that; a float16 computation (eps 9.8e-4) or any planted defect still exceeds it.
+    # GPU runs must disable TF32 (10-bit mantissa) for this to mean float32 -- the adapters do.
+    ("float32", "cpu"): 1e-3,
+    ("float32", "gpu"): 1e-3,
     # float16: eps 9.8e-4. Implementations round every intermediate to float16 (or accumulate in
     # float32 and round the results); a few roundings per step over <= 8 steps: ~ 20*eps.
     ("float16", "cpu"): 2e-2,
