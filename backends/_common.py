@@ -42,6 +42,18 @@ def check_layer_options(input_size, hidden_size, *, num_layers=1, dropout=0.0, i
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
+def set_layer_options(layer, *, bias, recurrent_bias, multiplicative_bias, independent_recurrence,
+                      integration_mode) -> None:
+    """Store the (already checked) options on a layer object under their own names, plus
+    ``multiplicative``: whether the gates use multiplicative integration."""
+    layer.bias = bool(bias)
+    layer.recurrent_bias = bool(recurrent_bias)
+    layer.multiplicative_bias = bool(multiplicative_bias)
+    layer.independent_recurrence = bool(independent_recurrence)
+    layer.integration_mode = integration_mode
+    layer.multiplicative = check_integration_mode(integration_mode)
+
+
 def canonical_stack(params) -> tuple[list[dict], list[LayerInfo]]:
     """Normalise one canonical mapping or a list of them (a stack) into a list of NumPy mappings, and
     check it with :func:`mlstm_spec.validation.check_stack` (valid layers, one dtype and one set of

@@ -29,13 +29,12 @@ import keras
 from mlstm_spec.equations import BIAS_FLAGS
 from mlstm_spec.validation import (
     LayerInfo,
-    check_integration_mode,
     check_sequence,
     check_state,
     dtype_name,
 )
 
-from ._common import LAYER_OPTIONS, canonical_stack, check_layer_options, present_params
+from ._common import LAYER_OPTIONS, canonical_stack, check_layer_options, present_params, set_layer_options
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -476,12 +475,10 @@ class MLSTMCell(keras.layers.Layer):
                             independent_recurrence=independent_recurrence)
         super().__init__(**kwargs)
         self.units = int(units)
-        self.bias = bool(bias)
-        self.recurrent_bias = bool(recurrent_bias)
-        self.multiplicative_bias = bool(multiplicative_bias)
-        self.independent_recurrence = bool(independent_recurrence)
-        self.integration_mode = integration_mode
-        self.multiplicative = check_integration_mode(integration_mode)
+        set_layer_options(self, bias=bias, recurrent_bias=recurrent_bias,
+                          multiplicative_bias=multiplicative_bias,
+                          independent_recurrence=independent_recurrence,
+                          integration_mode=integration_mode)
         self.initializers = {
             "weight_ih": keras.initializers.get(kernel_initializer),
             "weight_hh": keras.initializers.get(recurrent_initializer),

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backends._common import canonical_stack, check_layer_options, present_params
-from mlstm_spec.validation import LayerInfo, check_dtype, check_integration_mode, check_sequence, check_state
+from backends._common import canonical_stack, check_layer_options, present_params, set_layer_options
+from mlstm_spec.validation import LayerInfo, check_dtype, check_sequence, check_state
 
 __all__ = ["MLSTMCell", "MLSTM", "ConformanceAdapter", "devices"]
 
@@ -401,12 +401,10 @@ class _MLSTMBase(nn.Module):
         self.input_size = int(input_size)
         self.hidden_size = int(hidden_size)
         self.num_layers = int(num_layers)
-        self.bias = bool(bias)
-        self.recurrent_bias = bool(recurrent_bias)
-        self.multiplicative_bias = bool(multiplicative_bias)
-        self.independent_recurrence = bool(independent_recurrence)
-        self.integration_mode = integration_mode
-        self.multiplicative = check_integration_mode(integration_mode)
+        set_layer_options(self, bias=bias, recurrent_bias=recurrent_bias,
+                          multiplicative_bias=multiplicative_bias,
+                          independent_recurrence=independent_recurrence,
+                          integration_mode=integration_mode)
 
     def _register_layer(self, layer: int, suffix: str, factory_kwargs):
         H = self.hidden_size

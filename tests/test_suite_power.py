@@ -101,3 +101,21 @@ def test_controls_pass(control, dtype):
     ran = [r for r in results if r.status != "skip"]
     assert ran and all(r.status == "pass" for r in ran), results
     assert all(r.examples == SETTINGS.max_examples for r in ran)
+
+
+def test_a_case_whose_exact_answer_overflows_the_dtype_is_not_held_against_the_implementation():
+    # The exact d_h0 here is about 1.0e5, beyond float16's largest finite value 65504: every float16
+    # implementation (the spec's own float16 path included) returns inf, so the case checks nothing.
+    from mlstm_spec.conformance import Case, reproduce
+    from mlstm_spec.conformance.cases import reference_gradients
+    from mlstm_spec.conformance.defects import SpecAdapter
+
+    case = Case(batch=None, steps=5, input_size=3, hidden_size=5, dtype="float16",
+                integration_mode="multiplicative_integration", bias=True, recurrent_bias=False,
+                multiplicative_bias=False, with_state=False, weight_scale=2.0, seed=0)
+    exact = reference_gradients(case.arrays(), case.integration_mode)
+    assert abs(exact["h0"]).max() > 65504
+    with pytest.raises(ValueError, match="exceed the range of float16"):
+        reproduce(SpecAdapter(), case)
+    # the same shapes in float32 are representable and checked as usual
+    reproduce(SpecAdapter(), Case(**{**case.__dict__, "dtype": "float32"}))
