@@ -64,3 +64,16 @@ def conformance_params(backend_module) -> list:
 def assert_gpu_present(device: str) -> None:
     if device == "gpu-missing":
         pytest.fail("MLSTM_REQUIRE_GPU is set, but no GPU is visible", pytrace=False)
+
+
+def run_conformance(adapter_factory, device: str, dtype: str, **check_options) -> None:
+    """Run the shared suite for one backend, device and dtype; print each check's worst error
+    (visible with ``-rP``) and fail with the smallest failing example."""
+    from mlstm_spec.conformance import check
+
+    assert_gpu_present(device)
+    results = check(adapter_factory(device), dtype, raise_on_failure=True, **check_options)
+    for result in results:
+        print(f"{result.device} {result.dtype} {result.check}: worst {result.worst_error:.2e} "
+              f"<= {result.tolerance:.0e} at {result.worst_at}")
+        assert result.status == "pass", result.message

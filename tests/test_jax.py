@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import assert_gpu_present, conformance_params, require_backend
+from helpers import conformance_params, require_backend, run_conformance
 
 bj = require_backend("jax")
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import mlstm_spec  # noqa: E402
 from hypothesis import settings  # noqa: E402
-from mlstm_spec.conformance import check, relative_error  # noqa: E402
+from mlstm_spec.conformance import relative_error  # noqa: E402
 from mlstm_spec.params import block  # noqa: E402
 
 MODES = ("addition", "multiplicative_integration")
@@ -44,18 +44,13 @@ def max_relative_error(actual, expected):
 
 @pytest.mark.parametrize(("device", "dtype"), conformance_params(bj))
 def test_conformance(device, dtype):
-    assert_gpu_present(device)
     options = {}
     if dtype in ("bfloat16", "float16"):
         # Half precision runs the float32 program between two casts (see backends.jax), so the
         # float32 run already covers the drawn shapes and options; a third of the examples checks
         # the casts and their rounding, and keeps the number of distinct compilations down.
         options["settings"] = settings(max_examples=max(5, settings().max_examples // 3))
-    results = check(bj.ConformanceAdapter(device), dtype, raise_on_failure=True, **options)
-    for result in results:
-        print(f"{result.device} {result.dtype} {result.check}: worst {result.worst_error:.2e} "
-              f"<= {result.tolerance:.0e} at {result.worst_at}")
-        assert result.status == "pass", result.message
+    run_conformance(bj.ConformanceAdapter, device, dtype, **options)
 
 
 # ---- float64 really is float64 ----

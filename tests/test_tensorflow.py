@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import assert_gpu_present, conformance_params, device_params, require_backend
+from helpers import assert_gpu_present, conformance_params, device_params, require_backend, run_conformance
 from hypothesis import settings
 
 btf = require_backend("tensorflow")
@@ -21,7 +21,7 @@ import ml_dtypes  # noqa: E402  (a dependency of TensorFlow)
 import tensorflow as tf  # noqa: E402
 
 import mlstm_spec  # noqa: E402
-from mlstm_spec.conformance import check, relative_error, tolerance  # noqa: E402
+from mlstm_spec.conformance import relative_error, tolerance  # noqa: E402
 from mlstm_spec.params import block  # noqa: E402
 
 MODES = ("addition", "multiplicative_integration")
@@ -71,12 +71,7 @@ def prefix_layer(params, mode="addition", **options):
 def test_conformance(device, dtype):
     """The fused path (the default) against mlstm_spec: outputs, final states and every gradient.
     ``float16`` is Keras mixed precision (``mixed_float16``: float32 variables, float16 compute)."""
-    assert_gpu_present(device)
-    results = check(btf.ConformanceAdapter(device), dtype, raise_on_failure=True)
-    for result in results:
-        print(f"{result.device} {result.dtype} {result.check}: worst {result.worst_error:.2e} "
-              f"<= {result.tolerance:.0e} at {result.worst_at}")
-        assert result.status == "pass", result.message
+    run_conformance(btf.ConformanceAdapter, device, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
@@ -84,11 +79,8 @@ def test_conformance_generic_loop(dtype):
     """The generic keras.layers.RNN loop over MLSTMCell (use_fused=False) against mlstm_spec too.
     (Under mixed precision this loop carries the state between steps in float16, as Keras's RNN does;
     it stays well inside the float16 tolerance.)"""
-    results = check(btf.ConformanceAdapter("cpu", use_fused=False), dtype, raise_on_failure=True,
+    run_conformance(lambda device: btf.ConformanceAdapter(device, use_fused=False), "cpu", dtype,
                     settings=settings(max_examples=12))
-    for result in results:
-        print(f"generic {result.dtype} {result.check}: worst {result.worst_error:.2e}")
-        assert result.status == "pass", result.message
 
 
 # ---- execution modes and paths agree ----

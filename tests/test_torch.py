@@ -10,7 +10,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from helpers import assert_gpu_present, conformance_params, device_params, require_backend
+from helpers import assert_gpu_present, conformance_params, device_params, require_backend, run_conformance
 from hypothesis import given, settings, strategies as st
 
 bt = require_backend("torch")
@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import mlstm_spec  # noqa: E402
-from mlstm_spec.conformance import check, relative_error, tolerance  # noqa: E402
+from mlstm_spec.conformance import relative_error, tolerance  # noqa: E402
 from mlstm_spec.equations import IH_BLOCKS, MH_BLOCKS  # noqa: E402
 from mlstm_spec.params import block  # noqa: E402
 
@@ -74,19 +74,13 @@ options_strategy = st.fixed_dictionaries({
 @pytest.mark.parametrize(("device", "dtype"), conformance_params(bt))
 def test_conformance(device, dtype):
     """The fused path (the default) against mlstm_spec: outputs, final states and every gradient."""
-    assert_gpu_present(device)
-    results = check(bt.ConformanceAdapter(device), dtype, raise_on_failure=True)
-    for result in results:
-        print(f"{result.device} {result.dtype} {result.check}: worst {result.worst_error:.2e} "
-              f"<= {result.tolerance:.0e} at {result.worst_at}")
-        assert result.status == "pass", result.message
+    run_conformance(bt.ConformanceAdapter, device, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_conformance_plain_path(dtype):
     """The plain autograd path (used under torch.func and with fused=False) against mlstm_spec too."""
-    results = check(bt.ConformanceAdapter("cpu", fused=False), dtype, raise_on_failure=True)
-    assert all(result.status == "pass" for result in results)
+    run_conformance(lambda device: bt.ConformanceAdapter(device, fused=False), "cpu", dtype)
 
 
 # ---- the fused path against the plain one, beyond the suite's small sizes ----
