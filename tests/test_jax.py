@@ -55,11 +55,21 @@ def test_conformance(device, dtype):
 
 # ---- float64 really is float64 ----
 
+def _jaxprs(jaxpr):
+    """A jaxpr and every sub-jaxpr inside it (scan bodies, jit calls), depth first."""
+    yield jaxpr
+    for eqn in jaxpr.eqns:
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _jaxprs(inner)
+
+
 def _float_dtypes_in_jaxpr(closed_jaxpr) -> set[str]:
     """Every floating dtype of every value in a jaxpr, sub-jaxprs (scan bodies, jit) included."""
     found = set()
-
-    def visit(jaxpr):
+    for jaxpr in _jaxprs(closed_jaxpr.jaxpr):
         for var in list(jaxpr.invars) + list(jaxpr.outvars) + list(jaxpr.constvars):
             aval = getattr(var, "aval", None)
             if aval is not None and jnp.issubdtype(aval.dtype, jnp.floating):
@@ -68,13 +78,6 @@ def _float_dtypes_in_jaxpr(closed_jaxpr) -> set[str]:
             for var in list(eqn.outvars):
                 if jnp.issubdtype(var.aval.dtype, jnp.floating):
                     found.add(var.aval.dtype.name)
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        visit(inner)
-
-    visit(closed_jaxpr.jaxpr)
     return found
 
 
@@ -302,20 +305,8 @@ def _lowered_lines(function, *args) -> int:
 
 
 def _scan_unrolls(closed_jaxpr) -> list:
-    found = []
-
-    def visit(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "scan":
-                found.append(eqn.params["unroll"])
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        visit(inner)
-
-    visit(closed_jaxpr.jaxpr)
-    return found
+    return [eqn.params["unroll"] for jaxpr in _jaxprs(closed_jaxpr.jaxpr) for eqn in jaxpr.eqns
+            if eqn.primitive.name == "scan"]
 
 
 @pytest.mark.parametrize("unroll", [1, 4])

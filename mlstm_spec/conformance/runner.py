@@ -71,24 +71,19 @@ def _comma_list(text: str) -> list[str]:
     return items
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return parse
 
 
 def _describe_profiles() -> str:
@@ -126,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", choices=PROFILES,
                         help=f"Hypothesis profile: {_describe_profiles()} (default: $MLSTM_PROFILE, "
                              "else ci when $CI is set, else default)")
-    parser.add_argument("--max-examples", type=_positive_int, metavar="N",
+    parser.add_argument("--max-examples", type=_int_at_least(1), metavar="N",
                         help="examples per implementation, device and dtype (overrides the profile)")
-    parser.add_argument("--seed", type=_seed, metavar="N",
+    parser.add_argument("--seed", type=_int_at_least(0), metavar="N",
                         help="draw the examples from this seed, so that the run is reproducible (a run "
                              "without --seed draws one and prints it)")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
