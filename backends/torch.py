@@ -9,7 +9,9 @@ The recurrence has two implementations that compute the same function:
   registered backward, ``mlstm_torch::layer_backward_v2``, is the analytic back-propagation through time
   of :func:`mlstm_spec.equations.run_backward`, with every weight gradient formed as one matrix product
   over all steps at the end. Being a ``torch.library`` custom operator, it is one opaque node to
-  ``torch.compile`` (no graph break, no unrolled loop to compile) and to autograd.
+  ``torch.compile`` (no graph break, no unrolled loop to compile) and to autograd. On CPU (float32 and
+  float64) its two time loops run in C++ (``_torch_cpu.cpp``, compiled on first use, see
+  :func:`compiled_cpu_loops`); elsewhere, and where no compiler is found, the same loops run in Python.
 - the **plain** path: the same equations as ordinary differentiable torch operations, one step at a
   time. It is used under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...), when the layer
   is built with ``fused=False`` (needed for second derivatives: the fused backward is not itself
@@ -22,9 +24,14 @@ GPU turns TF32 off, so that its float32 checks mean float32.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -35,10 +42,93 @@ from torch import Tensor, nn
 from backends._common import canonical_stack, check_layer_options, present_params, set_layer_options
 from mlstm_spec.validation import LayerInfo, check_dtype, check_sequence, check_state
 
-__all__ = ["MLSTMCell", "MLSTM", "ConformanceAdapter", "devices"]
+__all__ = ["MLSTM", "ConformanceAdapter", "MLSTMCell", "compiled_cpu_loops", "devices", "python_cpu_loops"]
 
 #: dtypes the layers compute in.
 TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled CPU loops: backends/_torch_cpu.cpp, built on first use
+# ------------------------------------------------------------------------------------------------
+
+#: Set to "python" to keep the fused layer's time loops in Python on CPU (they are compiled otherwise).
+CPU_LOOPS_VARIABLE = "MLSTM_TORCH_CPU_LOOPS"
+_CPU_SOURCE = Path(__file__).with_name("_torch_cpu.cpp")
+# torch.backends.cpu.get_cpu_capability() -> compiler flags for ATen's vector types at that level
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
+               "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+_cpu_loops_state: dict = {}  # "reason": why the compiled loops are not used (absent once they load)
+_python_loops_forced = False  # set by python_cpu_loops()
+
+
+def compiled_cpu_loops() -> tuple[bool, str]:
+    """Whether the fused layer runs its time loops in compiled C++ on CPU, and what was built or why
+    not. The first call compiles ``backends/_torch_cpu.cpp`` with ``torch.utils.cpp_extension`` (about
+    15 s, once per machine and torch version; cached in ``TORCH_EXTENSIONS_DIR``). Where that cannot be
+    done (no C++ compiler, or ``MLSTM_TORCH_CPU_LOOPS=python``), the same loops run in Python, which
+    gives the same results more slowly; a warning says so once."""
+    if not _cpu_loops_state:
+        _cpu_loops_state.update(_build_cpu_loops())
+        if not _cpu_loops_state["ok"] and _cpu_loops_state["warn"]:
+            warnings.warn(f"backends.torch: {_cpu_loops_state['reason']}; the fused layer runs its time "
+                          "loops in Python on CPU (same results, slower)", RuntimeWarning, stacklevel=3)
+    return _cpu_loops_state["ok"], _cpu_loops_state["reason"]
+
+
+def _build_cpu_loops() -> dict:
+    choice = os.environ.get(CPU_LOOPS_VARIABLE, "compiled")
+    if choice not in ("compiled", "python"):
+        return {"ok": False, "warn": True, "reason": f"{CPU_LOOPS_VARIABLE} must be 'compiled' or "
+                f"'python', got {choice!r}"}
+    if choice == "python":
+        return {"ok": False, "warn": False, "reason": f"{CPU_LOOPS_VARIABLE}=python"}
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _CAPABILITY_FLAGS.get(capability, _CAPABILITY_FLAGS["DEFAULT"])
+    # cpp_extension warns (through logging) that "c++" is not "g++", also where c++ is g++
+    build_log = logging.getLogger("torch.utils.cpp_extension")
+    level = build_log.level
+    build_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:  # torch builds with ninja; the pip package puts one in the venv
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cpp_extension.load(name=f"mlstm_torch_cpu_{capability.lower()}", sources=[str(_CPU_SOURCE)],
+                               extra_cflags=["-O3", *flags], is_python_module=False, verbose=False)
+    except Exception as error:  # noqa: BLE001 - any build failure means: use the Python loops
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return {"ok": False, "warn": True, "reason": f"could not compile {_CPU_SOURCE.name} "
+                f"({type(error).__name__}: {first_line[:300]})"}
+    finally:
+        build_log.setLevel(level)
+    return {"ok": True, "warn": False, "reason": f"compiled {_CPU_SOURCE.name} for {capability}"}
+
+
+@contextlib.contextmanager
+def python_cpu_loops():
+    """Within this block the fused layer runs its CPU time loops in Python: the reference the tests
+    hold the compiled loops to, and the code that runs on GPUs. (A process-wide switch, so that it
+    also reaches the backward, which autograd may run on another thread.)"""
+    global _python_loops_forced
+    previous, _python_loops_forced = _python_loops_forced, True
+    try:
+        yield
+    finally:
+        _python_loops_forced = previous
+
+
+def _compiled_loops_for(x: Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not _python_loops_forced and compiled_cpu_loops()[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,6 +138,15 @@ TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64")
 def _fused_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, w_mh: Tensor,
                    b_ih: Optional[Tensor], b_hh: Optional[Tensor], b_mh: Optional[Tensor],
                    multiplicative: bool, keep_tape: bool):
+    if _compiled_loops_for(x):
+        return tuple(torch.ops.mlstm_cpu.layer_forward(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh,
+                                                       multiplicative, keep_tape, _PROJECTION_CHUNK_BYTES))
+    return _fused_forward_python(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, multiplicative, keep_tape)
+
+
+def _fused_forward_python(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, w_mh: Tensor,
+                          b_ih: Optional[Tensor], b_hh: Optional[Tensor], b_mh: Optional[Tensor],
+                          multiplicative: bool, keep_tape: bool):
     """x (T, B, I) contiguous, h0/c0 (B, H). Returns hs (T, B, H), h_T, c_T and the tape for the
     backward: the input projection (p_m (T, B, H) under addition, all of p (T, B, 5H) under
     multiplicative integration); r, m (T, B, H); the forget gate f (T, B, H); K (T, B, 4H) and dh_to_dc (T, B, H), the factors of the backward that do not depend on the
@@ -178,22 +277,12 @@ def _fused_backward(d_hs: Optional[Tensor], d_hT: Optional[Tensor], d_cT: Option
         d_hs = x.new_zeros(T, B, H)
     d_hT = zeros if d_hT is None else d_hT
     d_c = zeros if d_cT is None else d_cT
-    for t in range(T - 1, -1, -1):
-        if t == T - 1:
-            d_h = d_hs[t] + d_hT
-        elif independent:
-            d_h = torch.addcmul(d_hs[t], d_r[t + 1], w_hh)
-        else:
-            d_h = torch.addmm(d_hs[t], d_r[t + 1], w_hh)
-        d_c = d_c if t == T - 1 else d_c * f[t + 1]
-        d_c = torch.addcmul(d_c, d_h, dh_to_dc[t])
-        d_a_t = d_a[t]
-        torch.mul(K[t].view(B, 4, H), d_c.unsqueeze(1), out=d_a_t.view(B, 4, H))
-        torch.mul(K[t, :, H: 2 * H], d_h, out=d_a_t[:, H: 2 * H])
-        if multiplicative:
-            torch.mul(d_a_t, p_g[t], out=d_q[t])
-        torch.mm(d_q[t], w_mh, out=d_m[t])
-        torch.mul(d_m[t], p_m[t], out=d_r[t])
+    if _compiled_loops_for(x):
+        d_c = torch.ops.mlstm_cpu.layer_backward_loop(d_hs, d_hT, d_c, w_hh, w_mh, p, f, K, dh_to_dc,
+                                                      multiplicative, d_a, d_q, d_m, d_r)
+    else:
+        d_c = _backward_loop_python(d_hs, d_hT, d_c, w_hh, w_mh, p_m, p_g, f, K, dh_to_dc,
+                                    multiplicative, d_a, d_q, d_m, d_r)
     d_h0 = d_r[0] * w_hh if independent else torch.mm(d_r[0], w_hh)
     d_c0 = d_c * f[0]
     if multiplicative:
@@ -227,6 +316,31 @@ def _fused_backward(d_hs: Optional[Tensor], d_hT: Optional[Tensor], d_cT: Option
     d_b_hh = torch.mv(d_r2.t(), ones) if has_b_hh else empty()
     d_b_mh = torch.mv(d_q2.t(), ones) if has_b_mh else empty()
     return d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_w_mh, d_b_ih, d_b_hh, d_b_mh
+
+
+def _backward_loop_python(d_hs, d_hT, d_c, w_hh, w_mh, p_m, p_g, f, K, dh_to_dc, multiplicative, d_a, d_q,
+                          d_m, d_r):
+    """The loop of _fused_backward: writes d_a, d_q, d_m and d_r for every step and returns d_c at the
+    first step (before its multiplication by f_0)."""
+    T, B, H = d_hs.shape
+    independent = w_hh.dim() == 1
+    for t in range(T - 1, -1, -1):
+        if t == T - 1:
+            d_h = d_hs[t] + d_hT
+        elif independent:
+            d_h = torch.addcmul(d_hs[t], d_r[t + 1], w_hh)
+        else:
+            d_h = torch.addmm(d_hs[t], d_r[t + 1], w_hh)
+        d_c = d_c if t == T - 1 else d_c * f[t + 1]
+        d_c = torch.addcmul(d_c, d_h, dh_to_dc[t])
+        d_a_t = d_a[t]
+        torch.mul(K[t].view(B, 4, H), d_c.unsqueeze(1), out=d_a_t.view(B, 4, H))
+        torch.mul(K[t, :, H: 2 * H], d_h, out=d_a_t[:, H: 2 * H])
+        if multiplicative:
+            torch.mul(d_a_t, p_g[t], out=d_q[t])
+        torch.mm(d_q[t], w_mh, out=d_m[t])
+        torch.mul(d_m[t], p_m[t], out=d_r[t])
+    return d_c
 
 
 # torch.compile's on-disk caches know an operator by its name and schema, not by its Python body: the
@@ -958,9 +1072,10 @@ class ConformanceAdapter:
 
     name = "torch"
 
-    def __init__(self, device: str = "cpu", *, fused: bool = True):
+    def __init__(self, device: str = "cpu", *, fused: bool = True, python_loops: bool = False):
         self.device = str(device)
         self.fused = fused
+        self.python_loops = python_loops  # on CPU: the fused layer's Python loops, not the compiled ones
         self.torch_device = torch.device(self.device)
         dtypes = ["float64", "float32", "bfloat16"]
         if self.torch_device.type != "cpu" or _cpu_float16_works():
@@ -998,21 +1113,25 @@ class ConformanceAdapter:
         out, (h_n, c_n) = model(x, (h0, c0))
         return model, x, h0, c0, out, h_n, c_n
 
+    def _loops(self):
+        return python_cpu_loops() if self.python_loops else contextlib.nullcontext()
+
     def forward(self, params, xs, state, *, integration_mode):
-        with torch.no_grad():
+        with torch.no_grad(), self._loops():
             model, _, _, _, out, h_n, c_n = self._run(params, xs, state, integration_mode, False)
         final = [(_to_numpy(h_n[k]), _to_numpy(c_n[k])) for k in range(model.num_layers)]
         return _to_numpy(out), final[0] if model.num_layers == 1 else final
 
     def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode):
-        model, x, h0, c0, out, h_n, c_n = self._run(params, xs, state, integration_mode, True)
-        layers = model.num_layers
-        loss = (out * self._tensor(d_hs)).sum()
-        if d_state is not None:
-            d_h, d_c = self._state(d_state, layers, (), x.dtype, False)
-            loss = loss + (h_n * d_h).sum() + (c_n * d_c).sum()
-        named = [(k, name, p) for k in range(layers) for name, p in model.layer_parameters(k).items()]
-        grads = torch.autograd.grad(loss, [x, h0, c0] + [p for _, _, p in named])
+        with self._loops():
+            model, x, h0, c0, out, h_n, c_n = self._run(params, xs, state, integration_mode, True)
+            layers = model.num_layers
+            loss = (out * self._tensor(d_hs)).sum()
+            if d_state is not None:
+                d_h, d_c = self._state(d_state, layers, (), x.dtype, False)
+                loss = loss + (h_n * d_h).sum() + (c_n * d_c).sum()
+            named = [(k, name, p) for k in range(layers) for name, p in model.layer_parameters(k).items()]
+            grads = torch.autograd.grad(loss, [x, h0, c0] + [p for _, _, p in named])
         d_x, d_h0, d_c0 = grads[:3]
         result = [{"h0": _to_numpy(d_h0[k]), "c0": _to_numpy(d_c0[k])} for k in range(layers)]
         for (k, name, _), g in zip(named, grads[3:]):

@@ -2,7 +2,10 @@
 
 Compared, at each size (B, T, I, H), one layer, float32, time-major input (T, B, I):
 
-- ``MLSTM``: this project's layer (``backends.torch.MLSTM``, the fused path);
+- ``MLSTM``: this project's layer (``backends.torch.MLSTM``, the fused path; on CPU its time loops
+  run in compiled C++, see ``backends.torch.compiled_cpu_loops``);
+- ``MLSTM (Python loops)``: the same fused layer with its time loops in Python, as on a machine
+  without a C++ compiler (``backends.torch.python_cpu_loops``);
 - ``MLSTM (plain)``: the same layer with ``fused=False`` (ordinary autograd, one step at a time);
 - ``nn.LSTM``: ``torch.nn.LSTM`` at the same sizes (it does 4/5 of the mLSTM's multiply-adds);
 - ``torchrecurrent``: ``MultiplicativeLSTM`` of the published torchrecurrent package, the peer to beat;
@@ -25,6 +28,7 @@ It is not part of the test command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -38,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.torch import MLSTM  # noqa: E402
+from backends.torch import MLSTM, compiled_cpu_loops, python_cpu_loops  # noqa: E402
 from _common import SIZES, machine, parse_size  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 DEFAULT_SIZES = SIZES
@@ -77,6 +81,10 @@ class NaiveMLSTM(nn.Module):
 def build(name, input_size, hidden_size):
     if name == "MLSTM":
         return MLSTM(input_size, hidden_size)
+    if name == "MLSTM (Python loops)":
+        model = MLSTM(input_size, hidden_size)
+        model.bench_python_loops = True  # time_once runs it, backward included, under python_cpu_loops
+        return model
     if name == "MLSTM (plain)":
         return MLSTM(input_size, hidden_size, fused=False)
     if name == "nn.LSTM":
@@ -90,7 +98,7 @@ def build(name, input_size, hidden_size):
     raise ValueError(f"unknown implementation {name!r}")
 
 
-IMPLEMENTATIONS = ("MLSTM", "MLSTM (plain)", "nn.LSTM", PEER, "naive")
+IMPLEMENTATIONS = ("MLSTM", "MLSTM (Python loops)", "MLSTM (plain)", "nn.LSTM", PEER, "naive")
 
 
 def forward_only(model, x):
@@ -107,11 +115,13 @@ def forward_backward(model, x):
 def time_once(function, model, x):
     if x.device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    function(model, x)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    loops = python_cpu_loops() if getattr(model, "bench_python_loops", False) else contextlib.nullcontext()
+    with loops:
+        start = time.perf_counter()
+        function(model, x)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
 
 def run_size(size, names, repeats, warmup, device):
@@ -209,7 +219,8 @@ def main(argv=None):
     device = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     header = (
         f"Measured {date} on {machine()}; device {device}; torch threads {torch.get_num_threads()}; "
-        f"{versions()}. Median of {args.repeats} runs after {args.warmup} warm-up runs, float32, one "
+        f"{versions()}; MLSTM's CPU loops: {compiled_cpu_loops()[1]}. Median of {args.repeats} runs after "
+        f"{args.warmup} warm-up runs, float32, one "
         "layer; forward = inference under torch.no_grad(), forward+backward = output.sum().backward() with the "
         "input requiring grad (so d_input is computed too)."
     )

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,8 @@ def install_wheel(root: Path) -> Path:
     subprocess.run([sys.executable, "-m", "build", "--wheel", *isolation, "--outdir", str(root / "dist"),
                     str(source)], check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = (root / "dist").glob("mlstm_spec-*.whl")
+    # the PyTorch backend's C++ loops are compiled from source on first use: the source must ship
+    assert "backends/_torch_cpu.cpp" in zipfile.ZipFile(wheel).namelist()
     env_dir = root / "venv"
     venv.create(env_dir, with_pip=True)
     bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")

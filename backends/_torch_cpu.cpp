@@ -1,0 +1,420 @@
+// The CPU time loops of the PyTorch backend's fused layer (backends/torch.py): the same computation as
+// _fused_forward_python and _backward_loop_python, without their per-step costs. Each step is two BLAS
+// calls on raw pointers and two vectorised element-wise passes, instead of ~12 torch operations
+// dispatched from Python. Compiled on first use by torch.utils.cpp_extension; backends/torch.py runs
+// its Python loops where it cannot be.
+//
+// Layouts (row-major, contiguous unless said): x (T, B, I); h0, c0 (B, H); the input projection p holds
+// the blocks (m, i, o, f, z) along its last axis; gate pre-activations hold (i, o, f, z).
+
+#include <ATen/ATen.h>
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#if AT_MKL_ENABLED()
+// MKL, which x86 builds of torch carry and export; torch's own CPU BLAS calls these with 32-bit ints.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+// MKL's vector tanh, the one torch.tanh uses on contiguous CPU tensors: about 4x faster here than
+// SLEEF's, which ATen's Vectorized::tanh calls. Integers go as 64 bits: right for LP64 and ILP64.
+void vsTanh(long long n, const float* a, float* r);
+void vdTanh(long long n, const double* a, double* r);
+// MKL's packed products: a weight packed once per call serves every step's product (float only).
+size_t cblas_sgemm_pack_get_size(int identifier, long long m, long long n, long long k);
+void cblas_sgemm_pack(int layout, int identifier, int trans, long long m, long long n, long long k, float alpha,
+                      const float* src, long long ld, float* dest);
+void cblas_sgemm_compute(int layout, long long transa, long long transb, long long m, long long n, long long k,
+                         const float* a, long long lda, const float* b, long long ldb, float beta, float* c,
+                         long long ldc);
+}
+// CBLAS constants (mkl_cblas.h)
+constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151, kBMatrix = 162;
+#endif
+
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+// ---- matrix products and element-wise functions --------------------------------------------------------
+
+// C (rows x n, row stride ldc) = A (rows x k, row stride lda) B (k x n, row stride ldb), plus C if
+// accumulate. Row-major C = A B is column-major C^T = B^T A^T, hence the swapped operands.
+template <typename scalar_t>
+void gemm(int64_t rows, int64_t n, int64_t k, const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
+          bool accumulate, scalar_t* C, int64_t ldc) {
+#if AT_MKL_ENABLED()
+  const char no = 'N';
+  const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
+  const int lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
+  const scalar_t one(1), beta(accumulate ? 1 : 0);
+  if constexpr (std::is_same_v<scalar_t, float>)
+    sgemm_(&no, &no, &m_, &n_, &k_, &one, B, &lda_, A, &ldb_, &beta, C, &ldc_);
+  else
+    dgemm_(&no, &no, &m_, &n_, &k_, &one, B, &lda_, A, &ldb_, &beta, C, &ldc_);
+#else
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  Tensor a = at::from_blob(const_cast<scalar_t*>(A), {rows, k}, {lda, 1}, options);
+  Tensor b = at::from_blob(const_cast<scalar_t*>(B), {k, n}, {ldb, 1}, options);
+  Tensor c = at::from_blob(C, {rows, n}, {ldc, 1}, options);
+  if (accumulate) c.addmm_(a, b);
+  else at::mm_out(c, a, b);
+#endif
+}
+
+// The right-hand operand of every step's product, W (k x n, row-major, contiguous), for products with
+// `rows` rows. In float with MKL it is packed once into MKL's internal layout, which saves the per-call
+// packing of plain sgemm: measured 18-27% faster per step at the benchmark sizes (2 threads).
+template <typename scalar_t>
+class StepWeight {
+ public:
+  StepWeight(const Tensor& w, int64_t rows) : w_(w), k_(w.size(0)), n_(w.size(1)), rows_(rows) {
+#if AT_MKL_ENABLED()
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_);
+      packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
+      cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, rows, n_, k_, 1.f, w.data_ptr<float>(), n_,
+                       packed_.data_ptr<float>());
+    }
+#endif
+  }
+  // C (rows x n, row stride ldc) = A (rows x k, row stride lda) W, plus C if accumulate
+  void multiply(const scalar_t* A, int64_t lda, bool accumulate, scalar_t* C, int64_t ldc) const {
+#if AT_MKL_ENABLED()
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows_, n_, k_, A, lda, packed_.data_ptr<float>(), n_,
+                          accumulate ? 1.f : 0.f, C, ldc);
+      return;
+    }
+#endif
+    gemm<scalar_t>(rows_, n_, k_, A, lda, w_.data_ptr<scalar_t>(), n_, accumulate, C, ldc);
+  }
+
+ private:
+  Tensor w_, packed_;
+  int64_t k_, n_, rows_;
+};
+
+// tanh in place over n contiguous values.
+#if AT_MKL_ENABLED()
+inline void tanh_inplace(float* x, int64_t n) { vsTanh(n, x, x); }
+inline void tanh_inplace(double* x, int64_t n) { vdTanh(n, x, x); }
+#else
+template <typename scalar_t>
+void tanh_inplace(scalar_t* x, int64_t n) {
+  using V = Vectorized<scalar_t>;
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int count = static_cast<int>(std::min<int64_t>(V::size(), n - j));
+    V::loadu(x + j, count).tanh().store(x + j, count);
+  }
+}
+#endif
+
+template <typename scalar_t>
+inline Vectorized<scalar_t> sigmoid(const Vectorized<scalar_t>& x) {
+  // 1 / (1 + exp(-x)): exp overflows to inf for very negative x, giving exactly 0, never NaN.
+  const Vectorized<scalar_t> one(scalar_t(1));
+  return one / (one + x.neg().exp());
+}
+
+// body(b, j, count) over rows [b0, b1) of width H, count (<= the vector width) columns from j.
+template <typename scalar_t, typename Body>
+inline void each_vector(int64_t b0, int64_t b1, int64_t H, const Body& body) {
+  constexpr int64_t width = Vectorized<scalar_t>::size();
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t j = 0; j < H; j += width) body(b, j, static_cast<int>(std::min<int64_t>(width, H - j)));
+}
+
+// fn(b0, b1) over the B rows of a step, split across threads in chunks of at least ~4096 values, so
+// that small steps stay on one thread.
+template <typename Fn>
+inline void over_rows(int64_t B, int64_t H, const Fn& fn) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)), fn);
+}
+
+// ---- one step's element-wise work, for rows [b0, b1) ---------------------------------------------------
+
+// r = (h * w_hh if independent else r) + b_hh, in place;  m = p_m r
+template <typename scalar_t>
+void mix_rows(int64_t b0, int64_t b1, int64_t H, scalar_t* r, const scalar_t* h, const scalar_t* w_hh_vector,
+              const scalar_t* b_hh, const scalar_t* p_m, int64_t p_stride, scalar_t* m) {
+  using V = Vectorized<scalar_t>;
+  each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
+    const int64_t at = b * H + j;
+    V v = w_hh_vector ? V::loadu(h + at, count) * V::loadu(w_hh_vector + j, count) : V::loadu(r + at, count);
+    if (b_hh) v = v + V::loadu(b_hh + j, count);
+    v.store(r + at, count);
+    (V::loadu(p_m + b * p_stride + j, count) * v).store(m + at, count);
+  });
+}
+
+// (i, o, f, z) = (sigmoid, sigmoid, sigmoid, tanh)(a), with a = pre * pg under multiplicative
+// integration and pre + pg under addition; c = f c_prev + i z; h = o tanh(c). When K is given, also
+// the factors of the backward that do not depend on the incoming gradient:
+//   K = (z i(1-i), tanh(c) o(1-o), c_prev f(1-f), i(1-z^2)),  dh_to_dc = o(1 - tanh(c)^2),  f_out = f.
+// zt and tc are (B, H) scratch for z and tanh(c), contiguous so that tanh runs over whole rows.
+template <typename scalar_t>
+void gate_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* pre, const scalar_t* pg, int64_t pg_stride,
+               bool multiplicative, const scalar_t* c_prev, scalar_t* c, scalar_t* h, scalar_t* zt,
+               scalar_t* tc, scalar_t* K, scalar_t* dh_to_dc, scalar_t* f_out) {
+  using V = Vectorized<scalar_t>;
+  const V one(scalar_t(1));
+  auto gate = [&](int64_t b, int64_t block, int64_t j, int count) {
+    const V a = V::loadu(pre + b * 4 * H + block * H + j, count);
+    const V g = V::loadu(pg + b * pg_stride + block * H + j, count);
+    return multiplicative ? a * g : a + g;
+  };
+  const int64_t first = b0 * H, n = (b1 - b0) * H;
+  each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
+    gate(b, 3, j, count).store(zt + b * H + j, count);
+  });
+  tanh_inplace(zt + first, n);
+  each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
+    const int64_t at = b * H + j;
+    const V i = sigmoid(gate(b, 0, j, count)), f = sigmoid(gate(b, 2, j, count));
+    const V c_new = f * V::loadu(c_prev + at, count) + i * V::loadu(zt + at, count);
+    c_new.store(c + at, count);
+    c_new.store(tc + at, count);
+  });
+  tanh_inplace(tc + first, n);
+  each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
+    const int64_t at = b * H + j;
+    const V o = sigmoid(gate(b, 1, j, count)), t = V::loadu(tc + at, count);
+    (o * t).store(h + at, count);
+    if (!K) return;
+    // i and f are recomputed rather than kept from the pass above: cheaper than a round trip
+    const V i = sigmoid(gate(b, 0, j, count)), f = sigmoid(gate(b, 2, j, count));
+    const V z = V::loadu(zt + at, count);
+    scalar_t* k_row = K + b * 4 * H;
+    (z * i * (one - i)).store(k_row + j, count);
+    (t * o * (one - o)).store(k_row + H + j, count);
+    (V::loadu(c_prev + at, count) * f * (one - f)).store(k_row + 2 * H + j, count);
+    (i * (one - z * z)).store(k_row + 3 * H + j, count);
+    (o * (one - t * t)).store(dh_to_dc + at, count);
+    f.store(f_out + at, count);
+  });
+}
+
+// With d_h = d_hs + extra, where extra is d_r_next * w_hh (an independent, vector w_hh) or a given
+// (B, H) array (d_r_next W_hh, or d_hT at the last step), and D = (d_c, d_h, d_c, d_c):
+//   d_c = d_c f_next + d_h dh_to_dc  (in place; f_next is null at the last step)
+//   d_a = K D  (rows of stride d_a_stride);  d_q = d_a pg under multiplicative integration
+template <typename scalar_t>
+void backward_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* d_hs, const scalar_t* extra,
+                   const scalar_t* w_hh_vector, scalar_t* d_c, const scalar_t* f_next, const scalar_t* dh_to_dc,
+                   const scalar_t* K, scalar_t* d_a, int64_t d_a_stride, const scalar_t* pg, int64_t pg_stride,
+                   scalar_t* d_q) {
+  using V = Vectorized<scalar_t>;
+  each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
+    const int64_t at = b * H + j;
+    V e = V::loadu(extra + at, count);
+    if (w_hh_vector) e = e * V::loadu(w_hh_vector + j, count);
+    const V dh = V::loadu(d_hs + at, count) + e;
+    V dc = V::loadu(d_c + at, count);
+    if (f_next) dc = dc * V::loadu(f_next + at, count);
+    dc = dc + dh * V::loadu(dh_to_dc + at, count);
+    dc.store(d_c + at, count);
+    for (int64_t block = 0; block < 4; ++block) {
+      const int64_t col = block * H + j;
+      const V d = V::loadu(K + b * 4 * H + col, count) * (block == 1 ? dh : dc);
+      d.store(d_a + b * d_a_stride + col, count);
+      if (d_q) (d * V::loadu(pg + b * pg_stride + col, count)).store(d_q + b * 4 * H + col, count);
+    }
+  });
+}
+
+// out = a * b; a and out (B, H) contiguous, b rows of stride b_stride
+template <typename scalar_t>
+void product_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* a, const scalar_t* b_rows, int64_t b_stride,
+                  scalar_t* out) {
+  using V = Vectorized<scalar_t>;
+  each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
+    (V::loadu(a + b * H + j, count) * V::loadu(b_rows + b * b_stride + j, count)).store(out + b * H + j, count);
+  });
+}
+
+std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
+}
+
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const std::optional<Tensor>& t) {
+  return t ? t->data_ptr<scalar_t>() : nullptr;
+}
+
+Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// ---- the loops ------------------------------------------------------------------------------------------
+
+std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                                  const Tensor& w_hh, const Tensor& w_mh, const std::optional<Tensor>& b_ih,
+                                  const std::optional<Tensor>& b_hh_given, const std::optional<Tensor>& b_mh_given,
+                                  bool multiplicative, bool keep_tape, int64_t chunk_bytes) {
+  const std::optional<Tensor> b_hh = contiguous(b_hh_given), b_mh = contiguous(b_mh_given);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(-1);
+  // The input projection is computed for many steps per matrix product, into one reused buffer of
+  // about chunk_bytes; under addition bias_mh is folded into its gate blocks there (once, not T times).
+  std::optional<Tensor> bias = b_ih;
+  if (b_mh && !multiplicative) {
+    Tensor folded = at::cat({at::zeros({H}, b_mh->options()), *b_mh});
+    bias = bias ? *bias + folded : folded;
+  }
+  auto empty = [&](at::IntArrayRef shape) { return at::empty(shape, x.options()); };
+  const bool keep_all_p = keep_tape && multiplicative;  // the backward needs p_gates only then
+  const int64_t chunk = keep_all_p ? T
+      : std::max<int64_t>(1, std::min<int64_t>(T, chunk_bytes / (B * 5 * H * x.element_size())));
+  Tensor p_buffer = empty({keep_all_p ? T : chunk, B, 5 * H});
+  Tensor p_m_tape = keep_tape && !multiplicative ? empty({T, B, H}) : empty0(x);
+  const int64_t steps = keep_tape ? T : 1;  // without the tape, one step's intermediates are reused
+  Tensor hs = empty({T, B, H});
+  Tensor r_all = empty({steps, B, H}), m_all = empty({steps, B, H});
+  Tensor f_tape = keep_tape ? empty({T, B, H}) : empty0(x);
+  Tensor q_all = multiplicative ? empty({steps, B, 4 * H}) : empty0(x);
+  Tensor K = keep_tape ? empty({T, B, 4 * H}) : empty0(x);
+  Tensor dh_to_dc = keep_tape ? empty({T, B, H}) : empty0(x);
+  Tensor gates = empty({B, 4 * H}), z_scratch = empty({B, H}), tanh_c_scratch = empty({B, H});
+  Tensor cs = empty({2, B, H});  // c_{t-1} and c_t, alternating
+  cs[0].copy_(c0);
+  const bool independent = w_hh.dim() == 1;
+  // Transposed contiguous copies, so that each step's products are plain row-major ones.
+  Tensor w_hh_t = independent ? w_hh.contiguous() : w_hh.t().contiguous();
+  Tensor w_mh_t = w_mh.t().contiguous();
+  Tensor w_ih_t = w_ih.t();
+  Tensor h0c = h0.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlstm_layer_forward", [&] {
+    const scalar_t* b_hh_p = ptr_or_null<scalar_t>(b_hh);
+    const scalar_t* b_mh_p = multiplicative ? ptr_or_null<scalar_t>(b_mh) : nullptr;
+    const scalar_t* w_hh_p = w_hh_t.data_ptr<scalar_t>();  // the vector, under independent recurrence
+    std::optional<StepWeight<scalar_t>> w_hh_step;
+    if (!independent) w_hh_step.emplace(w_hh_t, B);
+    const StepWeight<scalar_t> w_mh_step(w_mh_t, B);
+    scalar_t* p_base = p_buffer.data_ptr<scalar_t>();
+    const int64_t row = 5 * H, step_size = B * 5 * H;
+    const scalar_t* h_prev = h0c.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t j = t % chunk;
+      if (j == 0) {
+        const int64_t n = std::min(chunk, T - t);
+        Tensor x_rows = x.narrow(0, t, n).reshape({n * B, I});
+        Tensor p_rows = p_buffer.narrow(0, 0, n).view({n * B, 5 * H});
+        if (bias) at::addmm_out(p_rows, *bias, x_rows, w_ih_t);
+        else at::mm_out(p_rows, x_rows, w_ih_t);
+        if (p_m_tape.numel()) p_m_tape.narrow(0, t, n).copy_(p_buffer.narrow(0, 0, n).narrow(2, 0, H));
+      }
+      const scalar_t* p_t = p_base + j * step_size;
+      const int64_t k = keep_tape ? t : 0;
+      scalar_t* r = r_all.data_ptr<scalar_t>() + k * B * H;
+      scalar_t* m = m_all.data_ptr<scalar_t>() + k * B * H;
+      const scalar_t* c_prev = cs.data_ptr<scalar_t>() + (t % 2) * B * H;
+      scalar_t* c = cs.data_ptr<scalar_t>() + ((t + 1) % 2) * B * H;
+      scalar_t* h = hs.data_ptr<scalar_t>() + t * B * H;
+      if (!independent) w_hh_step->multiply(h_prev, H, false, r, H);
+      over_rows(B, H, [&](int64_t b0, int64_t b1) {
+        mix_rows<scalar_t>(b0, b1, H, r, h_prev, independent ? w_hh_p : nullptr, b_hh_p, p_t, row, m);
+      });
+      scalar_t* pre = multiplicative ? q_all.data_ptr<scalar_t>() + k * B * 4 * H : gates.data_ptr<scalar_t>();
+      if (b_mh_p)
+        for (int64_t b = 0; b < B; ++b) std::copy(b_mh_p, b_mh_p + 4 * H, pre + b * 4 * H);
+      w_mh_step.multiply(m, H, b_mh_p != nullptr, pre, 4 * H);
+      scalar_t* K_t = keep_tape ? K.data_ptr<scalar_t>() + t * B * 4 * H : nullptr;
+      scalar_t* dh_to_dc_t = keep_tape ? dh_to_dc.data_ptr<scalar_t>() + t * B * H : nullptr;
+      scalar_t* f_t = keep_tape ? f_tape.data_ptr<scalar_t>() + t * B * H : nullptr;
+      over_rows(B, H, [&](int64_t b0, int64_t b1) {
+        gate_rows<scalar_t>(b0, b1, H, pre, p_t + H, row, multiplicative, c_prev, c, h,
+                            z_scratch.data_ptr<scalar_t>(), tanh_c_scratch.data_ptr<scalar_t>(), K_t,
+                            dh_to_dc_t, f_t);
+      });
+      h_prev = h;
+    }
+  });
+  Tensor h_T = hs[T - 1].clone(), c_T = cs[T % 2].clone();
+  if (!keep_tape) {
+    std::vector<Tensor> out{hs, h_T, c_T};
+    for (int n = 0; n < 7; ++n) out.push_back(empty0(x));
+    return out;
+  }
+  Tensor p_tape = keep_all_p ? p_buffer : p_m_tape;
+  return {hs, h_T, c_T, p_tape, r_all, m_all, f_tape, K, dh_to_dc, q_all};
+}
+
+// The loop of the backward through time. Writes, for every step, d_a (rows of a view into d_p), d_q
+// (the same array as d_a under addition), d_m and d_r; returns d_c at the first step (before its
+// multiplication by f_0).
+Tensor layer_backward_loop(const Tensor& d_hs, const Tensor& d_hT, const Tensor& d_cT, const Tensor& w_hh,
+                           const Tensor& w_mh, const Tensor& p, const Tensor& f, const Tensor& K,
+                           const Tensor& dh_to_dc, bool multiplicative, Tensor d_a, Tensor d_q, Tensor d_m,
+                           Tensor d_r) {
+  const int64_t T = d_hs.size(0), B = d_hs.size(1), H = d_hs.size(2);
+  const bool independent = w_hh.dim() == 1;
+  Tensor w_hh_c = w_hh.contiguous(), w_mh_c = w_mh.contiguous();
+  Tensor d_h_product = at::empty({B, H}, d_hs.options());
+  Tensor d_c = d_cT.contiguous().clone();
+  const int64_t p_stride = p.stride(1), d_a_stride = d_a.stride(1), d_q_stride = d_q.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(d_hs.scalar_type(), "mlstm_layer_backward", [&] {
+    const scalar_t* w_hh_p = w_hh_c.data_ptr<scalar_t>();  // the vector, under independent recurrence
+    std::optional<StepWeight<scalar_t>> w_hh_step;
+    if (!independent) w_hh_step.emplace(w_hh_c, B);
+    const StepWeight<scalar_t> w_mh_step(w_mh_c, B);
+    const scalar_t* p_base = p.data_ptr<scalar_t>();
+    scalar_t* d_r_base = d_r.data_ptr<scalar_t>();
+    scalar_t* d_m_base = d_m.data_ptr<scalar_t>();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t step = t * B * H;
+      const scalar_t* extra = d_hT.data_ptr<scalar_t>();
+      const scalar_t* w_hh_vector = nullptr;
+      if (t < T - 1) {
+        const scalar_t* d_r_next = d_r_base + step + B * H;
+        if (independent) {
+          extra = d_r_next;
+          w_hh_vector = w_hh_p;
+        } else {
+          w_hh_step->multiply(d_r_next, H, false, d_h_product.data_ptr<scalar_t>(), H);
+          extra = d_h_product.data_ptr<scalar_t>();
+        }
+      }
+      const scalar_t* p_t = p_base + t * p.stride(0);
+      scalar_t* d_a_t = d_a.data_ptr<scalar_t>() + t * d_a.stride(0);
+      scalar_t* d_q_t = d_q.data_ptr<scalar_t>() + t * d_q.stride(0);
+      over_rows(B, H, [&](int64_t b0, int64_t b1) {
+        backward_rows<scalar_t>(b0, b1, H, d_hs.data_ptr<scalar_t>() + step, extra, w_hh_vector,
+                                d_c.data_ptr<scalar_t>(), t < T - 1 ? f.data_ptr<scalar_t>() + step + B * H : nullptr,
+                                dh_to_dc.data_ptr<scalar_t>() + step, K.data_ptr<scalar_t>() + 4 * step, d_a_t,
+                                d_a_stride, multiplicative ? p_t + H : nullptr, p_stride,
+                                multiplicative ? d_q_t : nullptr);
+      });
+      w_mh_step.multiply(d_q_t, d_q_stride, false, d_m_base + step, H);
+      over_rows(B, H, [&](int64_t b0, int64_t b1) {
+        product_rows<scalar_t>(b0, b1, H, d_m_base + step, p_t, p_stride, d_r_base + step);
+      });
+    }
+  });
+  return d_c;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mlstm_cpu, m) {
+  m.def("layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor w_mh, Tensor? b_ih, "
+        "Tensor? b_hh, Tensor? b_mh, bool multiplicative, bool keep_tape, int chunk_bytes) -> Tensor[]");
+  m.def("layer_backward_loop(Tensor d_hs, Tensor d_hT, Tensor d_cT, Tensor w_hh, Tensor w_mh, Tensor p, "
+        "Tensor f, Tensor K, Tensor dh_to_dc, bool multiplicative, Tensor(a!) d_a, Tensor(b!) d_q, "
+        "Tensor(c!) d_m, Tensor(d!) d_r) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mlstm_cpu, CPU, m) {
+  m.impl("layer_forward", &layer_forward);
+  m.impl("layer_backward_loop", &layer_backward_loop);
+}
