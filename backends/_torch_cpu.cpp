@@ -146,34 +146,43 @@ inline void over_rows(int64_t B, int64_t H, const Fn& fn) {
 
 // ---- one step's element-wise work, for rows [b0, b1) ---------------------------------------------------
 
-// r = (h * w_hh if independent else r) + b_hh, in place;  m = p_m r
+// r = (h * w_hh if independent else r) + b_hh, in place;  m = (p_m + bias_m) r, and p_m + bias_m
+// written to p_m_out when given (the tape)
 template <typename scalar_t>
 void mix_rows(int64_t b0, int64_t b1, int64_t H, scalar_t* r, const scalar_t* h, const scalar_t* w_hh_vector,
-              const scalar_t* b_hh, const scalar_t* p_m, int64_t p_stride, scalar_t* m) {
+              const scalar_t* b_hh, const scalar_t* p_m, int64_t p_stride, const scalar_t* bias_m,
+              scalar_t* p_m_out, int64_t p_m_out_stride, scalar_t* m) {
   using V = Vectorized<scalar_t>;
   each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
     const int64_t at = b * H + j;
     V v = w_hh_vector ? V::loadu(h + at, count) * V::loadu(w_hh_vector + j, count) : V::loadu(r + at, count);
     if (b_hh) v = v + V::loadu(b_hh + j, count);
     v.store(r + at, count);
-    (V::loadu(p_m + b * p_stride + j, count) * v).store(m + at, count);
+    V projection = V::loadu(p_m + b * p_stride + j, count);
+    if (bias_m) projection = projection + V::loadu(bias_m + j, count);
+    if (p_m_out) projection.store(p_m_out + b * p_m_out_stride + j, count);
+    (projection * v).store(m + at, count);
   });
 }
 
-// (i, o, f, z) = (sigmoid, sigmoid, sigmoid, tanh)(a), with a = pre * pg under multiplicative
-// integration and pre + pg under addition; c = f c_prev + i z; h = o tanh(c). When K is given, also
+// (i, o, f, z) = (sigmoid, sigmoid, sigmoid, tanh)(a), with a = pre * (pg + bias_g) under multiplicative
+// integration and pre + pg + bias_g under addition (pg + bias_g is written back into pg when
+// keep_pg, for the tape); c = f c_prev + i z; h = o tanh(c). When K is given, also
 // the factors of the backward that do not depend on the incoming gradient:
 //   K = (z i(1-i), tanh(c) o(1-o), c_prev f(1-f), i(1-z^2)),  dh_to_dc = o(1 - tanh(c)^2),  f_out = f.
 // zt and tc are (B, H) scratch for z and tanh(c), contiguous so that tanh runs over whole rows.
 template <typename scalar_t>
-void gate_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* pre, const scalar_t* pg, int64_t pg_stride,
-               bool multiplicative, const scalar_t* c_prev, scalar_t* c, scalar_t* h, scalar_t* zt,
-               scalar_t* tc, scalar_t* K, scalar_t* dh_to_dc, scalar_t* f_out) {
+void gate_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* pre, scalar_t* pg, int64_t pg_stride,
+               const scalar_t* bias_g, bool keep_pg, bool multiplicative, const scalar_t* c_prev, scalar_t* c,
+               scalar_t* h, scalar_t* zt, scalar_t* tc, scalar_t* K, scalar_t* dh_to_dc, scalar_t* f_out) {
   using V = Vectorized<scalar_t>;
   const V one(scalar_t(1));
-  auto gate = [&](int64_t b, int64_t block, int64_t j, int count) {
+  auto gate = [&](int64_t b, int64_t block, int64_t j, int count) {  // called once per block and column
     const V a = V::loadu(pre + b * 4 * H + block * H + j, count);
-    const V g = V::loadu(pg + b * pg_stride + block * H + j, count);
+    scalar_t* g_at = pg + b * pg_stride + block * H + j;
+    V g = V::loadu(g_at, count);
+    if (bias_g) g = g + V::loadu(bias_g + block * H + j, count);
+    if (keep_pg) g.store(g_at, count);
     return multiplicative ? a * g : a + g;
   };
   const int64_t first = b0 * H, n = (b1 - b0) * H;
@@ -187,6 +196,10 @@ void gate_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* pre, const sca
     const V c_new = f * V::loadu(c_prev + at, count) + i * V::loadu(zt + at, count);
     c_new.store(c + at, count);
     c_new.store(tc + at, count);
+    if (K) {  // kept for the pass below: i where K's last block goes, f in its place on the tape
+      i.store(K + b * 4 * H + 3 * H + j, count);
+      f.store(f_out + at, count);
+    }
   });
   tanh_inplace(tc + first, n);
   each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
@@ -194,16 +207,14 @@ void gate_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* pre, const sca
     const V o = sigmoid(gate(b, 1, j, count)), t = V::loadu(tc + at, count);
     (o * t).store(h + at, count);
     if (!K) return;
-    // i and f are recomputed rather than kept from the pass above: cheaper than a round trip
-    const V i = sigmoid(gate(b, 0, j, count)), f = sigmoid(gate(b, 2, j, count));
-    const V z = V::loadu(zt + at, count);
     scalar_t* k_row = K + b * 4 * H;
+    const V i = V::loadu(k_row + 3 * H + j, count), f = V::loadu(f_out + at, count);
+    const V z = V::loadu(zt + at, count);
     (z * i * (one - i)).store(k_row + j, count);
     (t * o * (one - o)).store(k_row + H + j, count);
     (V::loadu(c_prev + at, count) * f * (one - f)).store(k_row + 2 * H + j, count);
     (i * (one - z * z)).store(k_row + 3 * H + j, count);
     (o * (one - t * t)).store(dh_to_dc + at, count);
-    f.store(f_out + at, count);
   });
 }
 
@@ -256,6 +267,36 @@ const scalar_t* ptr_or_null(const std::optional<Tensor>& t) {
 
 Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
 
+// Scratch arrays that no result aliases, carved from one buffer that this thread keeps from call to
+// call (one per dtype; it only grows, to the largest call's needs: a few MB). A fresh allocation of
+// that size costs a page fault per 4 KB on every call, as glibc hands large blocks back to the system:
+// measured ~4 ms of a 21 ms forward at B=32, T=128, I=64, H=256.
+class Scratch {
+ public:
+  explicit Scratch(const at::TensorOptions& options) : options_(options) {}
+  // reserve(shape) for every array first, then take(shape) for each, in the same order
+  void reserve(at::IntArrayRef shape) { total_ += padded(shape); }
+  Tensor take(at::IntArrayRef shape) {
+    if (!buffer_.defined()) {
+      thread_local Tensor kept[2];  // float32, float64
+      Tensor& mine = kept[options_.dtype() == at::kDouble ? 1 : 0];
+      if (!mine.defined() || mine.numel() < total_) mine = at::empty({total_}, options_);
+      buffer_ = mine;
+    }
+    Tensor view = buffer_.narrow(0, offset_, c10::multiply_integers(shape)).view(shape);
+    offset_ += padded(shape);
+    return view;
+  }
+
+ private:
+  static int64_t padded(at::IntArrayRef shape) {  // whole 64-byte lines, so every array stays aligned
+    return (c10::multiply_integers(shape) + 15) / 16 * 16;
+  }
+  at::TensorOptions options_;
+  Tensor buffer_;
+  int64_t total_ = 0, offset_ = 0;
+};
+
 // ---- the loops ------------------------------------------------------------------------------------------
 
 std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
@@ -265,8 +306,9 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
   const std::optional<Tensor> b_hh = contiguous(b_hh_given), b_mh = contiguous(b_mh_given);
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(-1);
   // The input projection is computed for many steps per matrix product, into one reused buffer of
-  // about chunk_bytes; under addition bias_mh is folded into its gate blocks there (once, not T times).
-  std::optional<Tensor> bias = b_ih;
+  // about chunk_bytes. Its bias is added in the element-wise passes (an addmm would first copy it into
+  // the whole buffer); under addition bias_mh joins it there, once per step instead of a third pass.
+  std::optional<Tensor> bias = contiguous(b_ih);
   if (b_mh && !multiplicative) {
     Tensor folded = at::cat({at::zeros({H}, b_mh->options()), *b_mh});
     bias = bias ? *bias + folded : folded;
@@ -275,17 +317,31 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
   const bool keep_all_p = keep_tape && multiplicative;  // the backward needs p_gates only then
   const int64_t chunk = keep_all_p ? T
       : std::max<int64_t>(1, std::min<int64_t>(T, chunk_bytes / (B * 5 * H * x.element_size())));
-  Tensor p_buffer = empty({keep_all_p ? T : chunk, B, 5 * H});
+  // What the tape keeps is allocated afresh (autograd holds it); the rest is scratch.
+  Scratch scratch(x.options());
+  const std::vector<int64_t> p_shape{chunk, B, 5 * H}, step_shape{1, B, H}, step_gates_shape{1, B, 4 * H};
+  if (!keep_all_p) scratch.reserve(p_shape);
+  if (!keep_tape) {
+    scratch.reserve(step_shape);
+    scratch.reserve(step_shape);
+    if (multiplicative) scratch.reserve(step_gates_shape);
+  }
+  scratch.reserve({B, H});  // z
+  scratch.reserve({B, H});  // tanh(c)
+  scratch.reserve({B, 4 * H});
+  scratch.reserve({2, B, H});
+  Tensor p_buffer = keep_all_p ? empty({T, B, 5 * H}) : scratch.take(p_shape);
   Tensor p_m_tape = keep_tape && !multiplicative ? empty({T, B, H}) : empty0(x);
-  const int64_t steps = keep_tape ? T : 1;  // without the tape, one step's intermediates are reused
   Tensor hs = empty({T, B, H});
-  Tensor r_all = empty({steps, B, H}), m_all = empty({steps, B, H});
+  Tensor r_all = keep_tape ? empty({T, B, H}) : scratch.take(step_shape);
+  Tensor m_all = keep_tape ? empty({T, B, H}) : scratch.take(step_shape);
+  Tensor q_all = !multiplicative ? empty0(x) : keep_tape ? empty({T, B, 4 * H}) : scratch.take(step_gates_shape);
   Tensor f_tape = keep_tape ? empty({T, B, H}) : empty0(x);
-  Tensor q_all = multiplicative ? empty({steps, B, 4 * H}) : empty0(x);
   Tensor K = keep_tape ? empty({T, B, 4 * H}) : empty0(x);
   Tensor dh_to_dc = keep_tape ? empty({T, B, H}) : empty0(x);
-  Tensor gates = empty({B, 4 * H}), z_scratch = empty({B, H}), tanh_c_scratch = empty({B, H});
-  Tensor cs = empty({2, B, H});  // c_{t-1} and c_t, alternating
+  Tensor z_scratch = scratch.take({B, H}), tanh_c_scratch = scratch.take({B, H});
+  Tensor gates = scratch.take({B, 4 * H});
+  Tensor cs = scratch.take({2, B, H});  // c_{t-1} and c_t, alternating
   cs[0].copy_(c0);
   const bool independent = w_hh.dim() == 1;
   // Transposed contiguous copies, so that each step's products are plain row-major ones.
@@ -296,6 +352,7 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlstm_layer_forward", [&] {
     const scalar_t* b_hh_p = ptr_or_null<scalar_t>(b_hh);
+    const scalar_t* bias_p = ptr_or_null<scalar_t>(bias);  // (5H): bias_ih, plus bias_mh under addition
     const scalar_t* b_mh_p = multiplicative ? ptr_or_null<scalar_t>(b_mh) : nullptr;
     const scalar_t* w_hh_p = w_hh_t.data_ptr<scalar_t>();  // the vector, under independent recurrence
     std::optional<StepWeight<scalar_t>> w_hh_step;
@@ -310,12 +367,13 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
         const int64_t n = std::min(chunk, T - t);
         Tensor x_rows = x.narrow(0, t, n).reshape({n * B, I});
         Tensor p_rows = p_buffer.narrow(0, 0, n).view({n * B, 5 * H});
-        if (bias) at::addmm_out(p_rows, *bias, x_rows, w_ih_t);
-        else at::mm_out(p_rows, x_rows, w_ih_t);
-        if (p_m_tape.numel()) p_m_tape.narrow(0, t, n).copy_(p_buffer.narrow(0, 0, n).narrow(2, 0, H));
+        at::mm_out(p_rows, x_rows, w_ih_t);  // the bias is added in the element-wise passes
       }
-      const scalar_t* p_t = p_base + j * step_size;
+      scalar_t* p_t = p_base + j * step_size;
       const int64_t k = keep_tape ? t : 0;
+      // the tape keeps the biased projection: p_m alone under addition, all of p (in place) else
+      scalar_t* p_m_out = !keep_tape ? nullptr : keep_all_p ? p_t : p_m_tape.data_ptr<scalar_t>() + t * B * H;
+      const int64_t p_m_out_stride = keep_all_p ? row : H;
       scalar_t* r = r_all.data_ptr<scalar_t>() + k * B * H;
       scalar_t* m = m_all.data_ptr<scalar_t>() + k * B * H;
       const scalar_t* c_prev = cs.data_ptr<scalar_t>() + (t % 2) * B * H;
@@ -323,7 +381,8 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
       scalar_t* h = hs.data_ptr<scalar_t>() + t * B * H;
       if (!independent) w_hh_step->multiply(h_prev, H, false, r, H);
       over_rows(B, H, [&](int64_t b0, int64_t b1) {
-        mix_rows<scalar_t>(b0, b1, H, r, h_prev, independent ? w_hh_p : nullptr, b_hh_p, p_t, row, m);
+        mix_rows<scalar_t>(b0, b1, H, r, h_prev, independent ? w_hh_p : nullptr, b_hh_p, p_t, row, bias_p,
+                           p_m_out, p_m_out_stride, m);
       });
       scalar_t* pre = multiplicative ? q_all.data_ptr<scalar_t>() + k * B * 4 * H : gates.data_ptr<scalar_t>();
       if (b_mh_p)
@@ -333,7 +392,8 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
       scalar_t* dh_to_dc_t = keep_tape ? dh_to_dc.data_ptr<scalar_t>() + t * B * H : nullptr;
       scalar_t* f_t = keep_tape ? f_tape.data_ptr<scalar_t>() + t * B * H : nullptr;
       over_rows(B, H, [&](int64_t b0, int64_t b1) {
-        gate_rows<scalar_t>(b0, b1, H, pre, p_t + H, row, multiplicative, c_prev, c, h,
+        gate_rows<scalar_t>(b0, b1, H, pre, p_t + H, row, bias_p ? bias_p + H : nullptr, keep_all_p,
+                            multiplicative, c_prev, c, h,
                             z_scratch.data_ptr<scalar_t>(), tanh_c_scratch.data_ptr<scalar_t>(), K_t,
                             dh_to_dc_t, f_t);
       });

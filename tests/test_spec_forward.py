@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import mlstm_spec
@@ -320,6 +320,13 @@ def test_inputs_up_to_1e4_give_no_warning_and_no_nan(dtype, mode, case, data):
     xs = data.draw(hnp.arrays(dtype, a.xs.shape, elements=st.floats(
         -1e4, 1e4, width=int(dtype[-2:]), allow_subnormal=False) | st.sampled_from([-1e4, 1e4])),
         label="xs")
+    if dtype == "float32" and mode == "multiplicative_integration":
+        # Here the gradient can truly exceed float32: each step back multiplies it by ~|p_m| |p_gates|
+        # (~1e8 at inputs of 1e4 with unsaturated gates), and six steps pass 3.4e38. Overflow is then
+        # the right answer; the promise holds where the exact (float64) gradient fits in float32.
+        exact = mlstm_spec.backward(*_as_float64(a.params, xs, a.state, a.d_hs, a.d_state),
+                                    integration_mode=mode)
+        assume(max(np.abs(g).max() for g in exact.values()) < np.finfo(np.float32).max / 1e3)
     with _no_floating_point_trouble():
         hs, (h_T, c_T) = mlstm_spec.forward(a.params, xs, a.state, integration_mode=mode)
         grads = mlstm_spec.backward(a.params, xs, a.state, a.d_hs, a.d_state, integration_mode=mode)
@@ -327,6 +334,19 @@ def test_inputs_up_to_1e4_give_no_warning_and_no_nan(dtype, mode, case, data):
         assert value.dtype == np.dtype(dtype), what
         assert np.all(np.isfinite(value)), f"{what} is not finite [{case}]"
     assert np.all(np.abs(hs) <= 1)
+
+
+def _as_float64(params, xs, state, d_hs, d_state):
+    def cast(value):
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return {k: cast(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(cast(v) for v in value)
+        return np.asarray(value, dtype=np.float64)
+
+    return cast(params), cast(xs), cast(state), cast(d_hs), cast(d_state)
 
 
 @pytest.mark.parametrize("mode", MODES)

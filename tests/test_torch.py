@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 import traceback
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -668,3 +669,29 @@ def test_non_finite_input_stays_in_its_batch_row(fused):
     assert torch.isnan(out[2:, 1]).all() and torch.isfinite(out[:2, 1]).all()
     assert not torch.isfinite(out[4:, 2]).all()
     assert torch.equal(out[:, 0], clean[:, 0]) and torch.equal(h_n[:, 0], clean_h[:, 0])
+
+
+# ---- the benchmark script (run outside the tests; here only at a tiny size, so that it keeps working) ----
+
+def test_benchmark_script_runs(tmp_path, capsys):
+    """benchmarks/bench_torch.py times every implementation it lists and writes its report between the
+    markers of an existing document, keeping the prose around them."""
+    import runpy
+    import sys
+
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        bench = runpy.run_path(f"{bench_dir}/bench_torch.py", run_name="bench_torch")
+    finally:
+        sys.path.remove(bench_dir)
+    report = tmp_path / "performance.md"
+    report.write_text(f"intro\n\n{bench['BEGIN']}\nold\n{bench['END']}\n\noutro\n")
+    results = bench["main"](["--sizes", "2,3,4,5", "--repeats", "1", "--warmup", "0", "--output", str(report)])
+    names = {name for (name, _mode) in results[(2, 3, 4, 5)]}
+    assert names == set(bench["IMPLEMENTATIONS"])  # the test extra installs the peer, torchrecurrent
+    assert all(ms > 0 for ms in results[(2, 3, 4, 5)].values())
+    text = report.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "MLSTM (Python loops)" in text and "MLSTM's CPU loops:" in text
+
