@@ -218,41 +218,50 @@ void gate_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* pre, scalar_t*
   });
 }
 
-// With d_h = d_hs + extra, where extra is d_r_next * w_hh (an independent, vector w_hh) or a given
-// (B, H) array (d_r_next W_hh, or d_hT at the last step), and D = (d_c, d_h, d_c, d_c):
+// With d_h = d_hs + extra (d_hs null: zero), where extra is d_r_next * w_hh (an independent, vector
+// w_hh) or a given (B, H) array (d_r_next W_hh, or d_hT at the last step), and D = (d_c, d_h, d_c, d_c):
 //   d_c = d_c f_next + d_h dh_to_dc  (in place; f_next is null at the last step)
-//   d_a = K D  (rows of stride d_a_stride);  d_q = d_a pg under multiplicative integration
+//   d_a = K D, the gradient of the gate pre-activations a = p_gates + q (addition) or p_gates q
+//   (multiplicative: then d_p_gates = d_a q and d_q = d_a p_gates; under addition both are d_a).
+// d_p_gates goes to rows of stride d_p_stride, d_q (when given) to (B, 4H) rows.
 template <typename scalar_t>
 void backward_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* d_hs, const scalar_t* extra,
                    const scalar_t* w_hh_vector, scalar_t* d_c, const scalar_t* f_next, const scalar_t* dh_to_dc,
-                   const scalar_t* K, scalar_t* d_a, int64_t d_a_stride, const scalar_t* pg, int64_t pg_stride,
-                   scalar_t* d_q) {
+                   const scalar_t* K, scalar_t* d_p_gates, int64_t d_p_stride, const scalar_t* pg,
+                   int64_t pg_stride, const scalar_t* q, scalar_t* d_q) {
   using V = Vectorized<scalar_t>;
   each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
     const int64_t at = b * H + j;
-    V e = V::loadu(extra + at, count);
-    if (w_hh_vector) e = e * V::loadu(w_hh_vector + j, count);
-    const V dh = V::loadu(d_hs + at, count) + e;
+    V dh = V::loadu(extra + at, count);
+    if (w_hh_vector) dh = dh * V::loadu(w_hh_vector + j, count);
+    if (d_hs) dh = dh + V::loadu(d_hs + at, count);
     V dc = V::loadu(d_c + at, count);
     if (f_next) dc = dc * V::loadu(f_next + at, count);
     dc = dc + dh * V::loadu(dh_to_dc + at, count);
     dc.store(d_c + at, count);
     for (int64_t block = 0; block < 4; ++block) {
-      const int64_t col = block * H + j;
-      const V d = V::loadu(K + b * 4 * H + col, count) * (block == 1 ? dh : dc);
-      d.store(d_a + b * d_a_stride + col, count);
-      if (d_q) (d * V::loadu(pg + b * pg_stride + col, count)).store(d_q + b * 4 * H + col, count);
+      const int64_t col = block * H + j, row_col = b * 4 * H + col;
+      const V d = V::loadu(K + row_col, count) * (block == 1 ? dh : dc);
+      if (q) {
+        (d * V::loadu(q + row_col, count)).store(d_p_gates + b * d_p_stride + col, count);
+        (d * V::loadu(pg + b * pg_stride + col, count)).store(d_q + row_col, count);
+      } else {
+        d.store(d_p_gates + b * d_p_stride + col, count);
+      }
     }
   });
 }
 
-// out = a * b; a and out (B, H) contiguous, b rows of stride b_stride
+// d_r = d_m p_m and d_p_m = d_m r, from one step's d_m (B, H); p_m and d_p_m are rows of the given strides
 template <typename scalar_t>
-void product_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* a, const scalar_t* b_rows, int64_t b_stride,
-                  scalar_t* out) {
+void mix_backward_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* d_m, const scalar_t* p_m,
+                       int64_t p_stride, const scalar_t* r, scalar_t* d_r, scalar_t* d_p_m, int64_t d_p_stride) {
   using V = Vectorized<scalar_t>;
   each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
-    (V::loadu(a + b * H + j, count) * V::loadu(b_rows + b * b_stride + j, count)).store(out + b * H + j, count);
+    const int64_t at = b * H + j;
+    const V dm = V::loadu(d_m + at, count);
+    (dm * V::loadu(p_m + b * p_stride + j, count)).store(d_r + at, count);
+    (dm * V::loadu(r + at, count)).store(d_p_m + b * d_p_stride + j, count);
   });
 }
 
@@ -268,9 +277,12 @@ const scalar_t* ptr_or_null(const std::optional<Tensor>& t) {
 Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
 
 // Scratch arrays that no result aliases, carved from one buffer that this thread keeps from call to
-// call (one per dtype; it only grows, to the largest call's needs: a few MB). A fresh allocation of
-// that size costs a page fault per 4 KB on every call, as glibc hands large blocks back to the system:
-// measured ~4 ms of a 21 ms forward at B=32, T=128, I=64, H=256.
+// call (one per dtype; it grows to the largest call's needs, up to kKeptBytes; a call needing more
+// gets a buffer of its own). A fresh allocation of that size costs a page fault per 4 KB on every
+// call, as glibc hands large blocks back to the system: measured ~4 ms of a 21 ms forward at B=32,
+// T=128, I=64, H=256. The forward's scratch is bounded by the projection chunk (a few MB); the
+// backward's grows with T*B*H.
+constexpr int64_t kKeptBytes = 64 << 20;
 class Scratch {
  public:
   explicit Scratch(const at::TensorOptions& options) : options_(options) {}
@@ -280,8 +292,10 @@ class Scratch {
     if (!buffer_.defined()) {
       thread_local Tensor kept[2];  // float32, float64
       Tensor& mine = kept[options_.dtype() == at::kDouble ? 1 : 0];
-      if (!mine.defined() || mine.numel() < total_) mine = at::empty({total_}, options_);
-      buffer_ = mine;
+      const bool keep = total_ * static_cast<int64_t>(options_.dtype().itemsize()) <= kKeptBytes;
+      if (!keep) buffer_ = at::empty({total_}, options_);  // too large to hold on to: this call's own
+      else if (!mine.defined() || mine.numel() < total_) mine = at::empty({total_}, options_);
+      if (keep) buffer_ = mine;
     }
     Tensor view = buffer_.narrow(0, offset_, c10::multiply_integers(shape)).view(shape);
     offset_ += padded(shape);
@@ -410,30 +424,47 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
   return {hs, h_T, c_T, p_tape, r_all, m_all, f_tape, K, dh_to_dc, q_all};
 }
 
-// The loop of the backward through time. Writes, for every step, d_a (rows of a view into d_p), d_q
-// (the same array as d_a under addition), d_m and d_r; returns d_c at the first step (before its
-// multiplication by f_0).
-Tensor layer_backward_loop(const Tensor& d_hs, const Tensor& d_hT, const Tensor& d_cT, const Tensor& w_hh,
-                           const Tensor& w_mh, const Tensor& p, const Tensor& f, const Tensor& K,
-                           const Tensor& dh_to_dc, bool multiplicative, Tensor d_a, Tensor d_q, Tensor d_m,
-                           Tensor d_r) {
-  const int64_t T = d_hs.size(0), B = d_hs.size(1), H = d_hs.size(2);
+// Back-propagation through time: the computation of _fused_backward_python in backends/torch.py, for
+// its arguments, with the same nine results (empty tensors for gradients not asked for).
+std::vector<Tensor> layer_backward(const std::optional<Tensor>& d_hs_given, const std::optional<Tensor>& d_hT,
+                                   const std::optional<Tensor>& d_cT, const Tensor& x, const Tensor& h0,
+                                   const Tensor& w_ih, const Tensor& w_hh, const Tensor& w_mh, bool has_b_ih,
+                                   bool has_b_hh, bool has_b_mh, bool multiplicative, bool need_dx,
+                                   const Tensor& hs, const Tensor& p, const Tensor& r_all, const Tensor& m_all,
+                                   const Tensor& f, const Tensor& K, const Tensor& dh_to_dc, const Tensor& q_all) {
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(-1), rows = T * B;
   const bool independent = w_hh.dim() == 1;
+  Scratch scratch(x.options());
+  const std::vector<int64_t> d_p_shape{T, B, 5 * H}, d_q_shape{T, B, 4 * H}, d_r_shape{T, B, H}, row{B, H};
+  scratch.reserve(d_p_shape);
+  if (multiplicative) scratch.reserve(d_q_shape);
+  scratch.reserve(d_r_shape);
+  for (int n = 0; n < 4; ++n) scratch.reserve(row);  // d_m, d_r W_hh, d_c, zeros for an absent d_hT
+  Tensor d_p = scratch.take(d_p_shape);
+  Tensor d_q = multiplicative ? scratch.take(d_q_shape) : d_p.narrow(2, H, 4 * H);
+  Tensor d_r = scratch.take(d_r_shape);
+  Tensor d_m = scratch.take(row), d_h_product = scratch.take(row), d_c = scratch.take(row);
+  Tensor d_hT_or_zero = scratch.take(row);
+  if (d_hT) d_hT_or_zero.copy_(*d_hT);
+  else d_hT_or_zero.zero_();
+  if (d_cT) d_c.copy_(*d_cT);
+  else d_c.zero_();
+  std::optional<Tensor> d_hs = contiguous(d_hs_given);
   Tensor w_hh_c = w_hh.contiguous(), w_mh_c = w_mh.contiguous();
-  Tensor d_h_product = at::empty({B, H}, d_hs.options());
-  Tensor d_c = d_cT.contiguous().clone();
-  const int64_t p_stride = p.stride(1), d_a_stride = d_a.stride(1), d_q_stride = d_q.stride(1);
-  AT_DISPATCH_FLOATING_TYPES(d_hs.scalar_type(), "mlstm_layer_backward", [&] {
+  const int64_t p_stride = p.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlstm_layer_backward", [&] {
     const scalar_t* w_hh_p = w_hh_c.data_ptr<scalar_t>();  // the vector, under independent recurrence
     std::optional<StepWeight<scalar_t>> w_hh_step;
     if (!independent) w_hh_step.emplace(w_hh_c, B);
     const StepWeight<scalar_t> w_mh_step(w_mh_c, B);
     const scalar_t* p_base = p.data_ptr<scalar_t>();
+    scalar_t* d_p_base = d_p.data_ptr<scalar_t>();
+    scalar_t* d_q_base = multiplicative ? d_q.data_ptr<scalar_t>() : nullptr;
     scalar_t* d_r_base = d_r.data_ptr<scalar_t>();
-    scalar_t* d_m_base = d_m.data_ptr<scalar_t>();
+    const scalar_t* d_hs_base = ptr_or_null<scalar_t>(d_hs);
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t step = t * B * H;
-      const scalar_t* extra = d_hT.data_ptr<scalar_t>();
+      const scalar_t* extra = d_hT_or_zero.data_ptr<scalar_t>();
       const scalar_t* w_hh_vector = nullptr;
       if (t < T - 1) {
         const scalar_t* d_r_next = d_r_base + step + B * H;
@@ -446,22 +477,48 @@ Tensor layer_backward_loop(const Tensor& d_hs, const Tensor& d_hT, const Tensor&
         }
       }
       const scalar_t* p_t = p_base + t * p.stride(0);
-      scalar_t* d_a_t = d_a.data_ptr<scalar_t>() + t * d_a.stride(0);
-      scalar_t* d_q_t = d_q.data_ptr<scalar_t>() + t * d_q.stride(0);
+      scalar_t* d_p_t = d_p_base + t * B * 5 * H;
+      scalar_t* d_q_t = multiplicative ? d_q_base + t * B * 4 * H : d_p_t + H;
       over_rows(B, H, [&](int64_t b0, int64_t b1) {
-        backward_rows<scalar_t>(b0, b1, H, d_hs.data_ptr<scalar_t>() + step, extra, w_hh_vector,
+        backward_rows<scalar_t>(b0, b1, H, d_hs_base ? d_hs_base + step : nullptr, extra, w_hh_vector,
                                 d_c.data_ptr<scalar_t>(), t < T - 1 ? f.data_ptr<scalar_t>() + step + B * H : nullptr,
-                                dh_to_dc.data_ptr<scalar_t>() + step, K.data_ptr<scalar_t>() + 4 * step, d_a_t,
-                                d_a_stride, multiplicative ? p_t + H : nullptr, p_stride,
+                                dh_to_dc.data_ptr<scalar_t>() + step, K.data_ptr<scalar_t>() + 4 * step, d_p_t + H,
+                                5 * H, multiplicative ? p_t + H : nullptr, p_stride,
+                                multiplicative ? q_all.data_ptr<scalar_t>() + 4 * step : nullptr,
                                 multiplicative ? d_q_t : nullptr);
       });
-      w_mh_step.multiply(d_q_t, d_q_stride, false, d_m_base + step, H);
+      w_mh_step.multiply(d_q_t, multiplicative ? 4 * H : 5 * H, false, d_m.data_ptr<scalar_t>(), H);
       over_rows(B, H, [&](int64_t b0, int64_t b1) {
-        product_rows<scalar_t>(b0, b1, H, d_m_base + step, p_t, p_stride, d_r_base + step);
+        mix_backward_rows<scalar_t>(b0, b1, H, d_m.data_ptr<scalar_t>(), p_t, p_stride,
+                                    r_all.data_ptr<scalar_t>() + step, d_r_base + step, d_p_t, 5 * H);
       });
     }
   });
-  return d_c;
+  // Every weight gradient is one product over all T*B rows; the results are fresh tensors.
+  Tensor d_r0 = d_r[0];
+  Tensor d_h0 = independent ? d_r0 * w_hh : at::mm(d_r0, w_hh);
+  Tensor d_c0 = d_c * f[0];
+  Tensor d_p2 = d_p.view({rows, 5 * H});
+  Tensor d_x = need_dx ? at::mm(d_p2, w_ih).view({T, B, I}) : empty0(x);
+  Tensor d_w_ih = at::mm(d_p2.t(), x.reshape({rows, I}));
+  Tensor d_q2 = d_q.reshape({rows, 4 * H});
+  Tensor d_w_mh = at::mm(d_q2.t(), m_all.reshape({rows, H}));
+  Tensor d_w_hh;
+  Tensor d_r_rest = d_r.narrow(0, 1, T - 1).reshape({(T - 1) * B, H});
+  Tensor hs_prev = hs.narrow(0, 0, T - 1).reshape({(T - 1) * B, H});
+  if (independent) {
+    d_w_hh = (d_r0 * h0).sum(0);
+    if (T > 1) d_w_hh.add_((d_r_rest * hs_prev).sum(0));
+  } else {
+    d_w_hh = at::mm(d_r0.t(), h0);
+    if (T > 1) d_w_hh.addmm_(d_r_rest.t(), hs_prev);
+  }
+  // bias gradients: column sums as matrix-vector products (2-3x faster than sum(0) here)
+  Tensor ones = at::ones({rows}, x.options());
+  Tensor d_b_ih = has_b_ih ? at::mv(d_p2.t(), ones) : empty0(x);
+  Tensor d_b_hh = has_b_hh ? at::mv(d_r.view({rows, H}).t(), ones) : empty0(x);
+  Tensor d_b_mh = has_b_mh ? at::mv(d_q2.t(), ones) : empty0(x);
+  return {d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_w_mh, d_b_ih, d_b_hh, d_b_mh};
 }
 
 }  // namespace
@@ -469,12 +526,13 @@ Tensor layer_backward_loop(const Tensor& d_hs, const Tensor& d_hT, const Tensor&
 TORCH_LIBRARY(mlstm_cpu, m) {
   m.def("layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor w_mh, Tensor? b_ih, "
         "Tensor? b_hh, Tensor? b_mh, bool multiplicative, bool keep_tape, int chunk_bytes) -> Tensor[]");
-  m.def("layer_backward_loop(Tensor d_hs, Tensor d_hT, Tensor d_cT, Tensor w_hh, Tensor w_mh, Tensor p, "
-        "Tensor f, Tensor K, Tensor dh_to_dc, bool multiplicative, Tensor(a!) d_a, Tensor(b!) d_q, "
-        "Tensor(c!) d_m, Tensor(d!) d_r) -> Tensor");
+  m.def("layer_backward(Tensor? d_hs, Tensor? d_hT, Tensor? d_cT, Tensor x, Tensor h0, Tensor w_ih, "
+        "Tensor w_hh, Tensor w_mh, bool has_b_ih, bool has_b_hh, bool has_b_mh, bool multiplicative, "
+        "bool need_dx, Tensor hs, Tensor p, Tensor r_all, Tensor m_all, Tensor f, Tensor K, Tensor dh_to_dc, "
+        "Tensor q_all) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mlstm_cpu, CPU, m) {
   m.impl("layer_forward", &layer_forward);
-  m.impl("layer_backward_loop", &layer_backward_loop);
+  m.impl("layer_backward", &layer_backward);
 }

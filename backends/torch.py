@@ -254,6 +254,18 @@ def _fused_backward(d_hs: Optional[Tensor], d_hT: Optional[Tensor], d_cT: Option
                     has_b_ih: bool, has_b_hh: bool, has_b_mh: bool, multiplicative: bool, need_dx: bool,
                     hs: Tensor, p: Tensor, r_all: Tensor, m_all: Tensor, f: Tensor, K: Tensor,
                     dh_to_dc: Tensor, q_all: Tensor):
+    args = (d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, has_b_ih, has_b_hh, has_b_mh, multiplicative, need_dx,
+            hs, p, r_all, m_all, f, K, dh_to_dc, q_all)
+    if _compiled_loops_for(x):
+        return tuple(torch.ops.mlstm_cpu.layer_backward(*args))
+    return _fused_backward_python(*args)
+
+
+def _fused_backward_python(d_hs: Optional[Tensor], d_hT: Optional[Tensor], d_cT: Optional[Tensor],
+                           x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, w_mh: Tensor,
+                           has_b_ih: bool, has_b_hh: bool, has_b_mh: bool, multiplicative: bool,
+                           need_dx: bool, hs: Tensor, p: Tensor, r_all: Tensor, m_all: Tensor, f: Tensor,
+                           K: Tensor, dh_to_dc: Tensor, q_all: Tensor):
     """Back-propagation through time (the math of mlstm_spec.equations.run_backward).
 
     With D = (d_c, d_h, d_c, d_c) for the gate blocks (i, o, f, z), the gradient of the gate
@@ -277,12 +289,22 @@ def _fused_backward(d_hs: Optional[Tensor], d_hT: Optional[Tensor], d_cT: Option
         d_hs = x.new_zeros(T, B, H)
     d_hT = zeros if d_hT is None else d_hT
     d_c = zeros if d_cT is None else d_cT
-    if _compiled_loops_for(x):
-        d_c = torch.ops.mlstm_cpu.layer_backward_loop(d_hs, d_hT, d_c, w_hh, w_mh, p, f, K, dh_to_dc,
-                                                      multiplicative, d_a, d_q, d_m, d_r)
-    else:
-        d_c = _backward_loop_python(d_hs, d_hT, d_c, w_hh, w_mh, p_m, p_g, f, K, dh_to_dc,
-                                    multiplicative, d_a, d_q, d_m, d_r)
+    for t in range(T - 1, -1, -1):
+        if t == T - 1:
+            d_h = d_hs[t] + d_hT
+        elif independent:
+            d_h = torch.addcmul(d_hs[t], d_r[t + 1], w_hh)
+        else:
+            d_h = torch.addmm(d_hs[t], d_r[t + 1], w_hh)
+        d_c = d_c if t == T - 1 else d_c * f[t + 1]
+        d_c = torch.addcmul(d_c, d_h, dh_to_dc[t])
+        d_a_t = d_a[t]
+        torch.mul(K[t].view(B, 4, H), d_c.unsqueeze(1), out=d_a_t.view(B, 4, H))
+        torch.mul(K[t, :, H: 2 * H], d_h, out=d_a_t[:, H: 2 * H])
+        if multiplicative:
+            torch.mul(d_a_t, p_g[t], out=d_q[t])
+        torch.mm(d_q[t], w_mh, out=d_m[t])
+        torch.mul(d_m[t], p_m[t], out=d_r[t])
     d_h0 = d_r[0] * w_hh if independent else torch.mm(d_r[0], w_hh)
     d_c0 = d_c * f[0]
     if multiplicative:
@@ -316,31 +338,6 @@ def _fused_backward(d_hs: Optional[Tensor], d_hT: Optional[Tensor], d_cT: Option
     d_b_hh = torch.mv(d_r2.t(), ones) if has_b_hh else empty()
     d_b_mh = torch.mv(d_q2.t(), ones) if has_b_mh else empty()
     return d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_w_mh, d_b_ih, d_b_hh, d_b_mh
-
-
-def _backward_loop_python(d_hs, d_hT, d_c, w_hh, w_mh, p_m, p_g, f, K, dh_to_dc, multiplicative, d_a, d_q,
-                          d_m, d_r):
-    """The loop of _fused_backward: writes d_a, d_q, d_m and d_r for every step and returns d_c at the
-    first step (before its multiplication by f_0)."""
-    T, B, H = d_hs.shape
-    independent = w_hh.dim() == 1
-    for t in range(T - 1, -1, -1):
-        if t == T - 1:
-            d_h = d_hs[t] + d_hT
-        elif independent:
-            d_h = torch.addcmul(d_hs[t], d_r[t + 1], w_hh)
-        else:
-            d_h = torch.addmm(d_hs[t], d_r[t + 1], w_hh)
-        d_c = d_c if t == T - 1 else d_c * f[t + 1]
-        d_c = torch.addcmul(d_c, d_h, dh_to_dc[t])
-        d_a_t = d_a[t]
-        torch.mul(K[t].view(B, 4, H), d_c.unsqueeze(1), out=d_a_t.view(B, 4, H))
-        torch.mul(K[t, :, H: 2 * H], d_h, out=d_a_t[:, H: 2 * H])
-        if multiplicative:
-            torch.mul(d_a_t, p_g[t], out=d_q[t])
-        torch.mm(d_q[t], w_mh, out=d_m[t])
-        torch.mul(d_m[t], p_m[t], out=d_r[t])
-    return d_c
 
 
 # torch.compile's on-disk caches know an operator by its name and schema, not by its Python body: the
