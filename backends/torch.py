@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,7 +63,8 @@ _CAPABILITY_FLAGS = {
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
 }
-_cpu_loops_state: dict = {}  # "reason": why the compiled loops are not used (absent once they load)
+_cpu_loops_state: dict = {}  # filled once: "ok", "warn", and "reason" (what was built, or why not)
+_cpu_loops_lock = threading.Lock()
 _python_loops_forced = False  # set by python_cpu_loops()
 
 
@@ -73,10 +75,13 @@ def compiled_cpu_loops() -> tuple[bool, str]:
     done (no C++ compiler, or ``MLSTM_TORCH_CPU_LOOPS=python``), the same loops run in Python, which
     gives the same results more slowly; a warning says so once."""
     if not _cpu_loops_state:
-        _cpu_loops_state.update(_build_cpu_loops())
-        if not _cpu_loops_state["ok"] and _cpu_loops_state["warn"]:
-            warnings.warn(f"backends.torch: {_cpu_loops_state['reason']}; the fused layer runs its time "
-                          "loops in Python on CPU (same results, slower)", RuntimeWarning, stacklevel=3)
+        with _cpu_loops_lock:
+            if not _cpu_loops_state:
+                state = _build_cpu_loops()
+                if not state["ok"] and state["warn"]:
+                    warnings.warn(f"backends.torch: {state['reason']}; the fused layer runs its time loops "
+                                  "in Python on CPU (same results, slower)", RuntimeWarning, stacklevel=3)
+                _cpu_loops_state.update(state)
     return _cpu_loops_state["ok"], _cpu_loops_state["reason"]
 
 

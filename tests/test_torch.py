@@ -695,3 +695,16 @@ def test_benchmark_script_runs(tmp_path, capsys):
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "MLSTM (Python loops)" in text and "MLSTM's CPU loops:" in text
 
+
+
+def test_runner_reports_which_cpu_loops_it_checked(tmp_path):
+    import json
+
+    from mlstm_spec.conformance import runner
+
+    report = tmp_path / "report.json"
+    status = runner.main(["--backends", "torch", "--devices", "cpu", "--dtypes", "float64",
+                          "--max-examples", "2", "--seed", "0", "--json", str(report)])
+    assert status == 0
+    versions = json.loads(report.read_text())["metadata"]["versions"]
+    assert versions["backends.torch CPU loops"] == bt.compiled_cpu_loops()[1]

@@ -476,6 +476,10 @@ def _versions(plan: Plan) -> dict:
         if module in sys.modules:
             out[module] = str(getattr(sys.modules[module], "__version__", "?"))
     for target in plan.targets:
+        adapter_module = sys.modules.get(type(target.adapter).__module__)
+        if hasattr(adapter_module, "compiled_cpu_loops"):  # backends.torch: which CPU loops were checked
+            out["backends.torch CPU loops"] = adapter_module.compiled_cpu_loops()[1]
+    for target in plan.targets:
         if target.backend is None and target.label != SPEC:
             top = type(target.adapter).__module__.split(".")[0]
             for name in (top, top.replace("_", "-")):
