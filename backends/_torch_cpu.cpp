@@ -1,6 +1,6 @@
 // The CPU time loops of the PyTorch backend's fused layer (backends/torch.py): the same computation as
 // _fused_forward_python and _fused_backward_python, without their per-step costs. Each step is two BLAS
-// calls on raw pointers and two vectorised element-wise passes, instead of ~12 torch operations
+// calls on raw pointers and a few vectorised element-wise passes, instead of ~12 torch operations
 // dispatched from Python. Compiled on first use by torch.utils.cpp_extension; backends/torch.py runs
 // its Python loops where it cannot be.
 //
