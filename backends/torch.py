@@ -71,7 +71,7 @@ _python_loops_forced = False  # set by python_cpu_loops()
 def compiled_cpu_loops() -> tuple[bool, str]:
     """Whether the fused layer runs its time loops in compiled C++ on CPU, and what was built or why
     not. The first call compiles ``backends/_torch_cpu.cpp`` with ``torch.utils.cpp_extension`` (about
-    15 s, once per machine and torch version; cached in ``TORCH_EXTENSIONS_DIR``). Where that cannot be
+    10 s, once per machine and torch version; cached in ``TORCH_EXTENSIONS_DIR``). Where that cannot be
     done (no C++ compiler, or ``MLSTM_TORCH_CPU_LOOPS=python``), the same loops run in Python, which
     gives the same results more slowly; a warning says so once."""
     if not _cpu_loops_state:
