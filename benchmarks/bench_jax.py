@@ -46,7 +46,8 @@ from jax import lax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends import jax as mlstm_jax  # noqa: E402
-from _common import SIZES, machine, parse_size  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+# benchmarks/ is on sys.path when this runs as a script
+from _common import SIZES, machine, parse_size, ratio_table  # noqa: E402
 
 DEFAULT_SIZES = SIZES
 COMPILE_STEPS = (128, 1024)
@@ -156,20 +157,6 @@ NOTES = """Reading the table:
   one plain GEMM); written as `einsum("bti,gi->tbg", ...)` the projection alone measured 1.5-4x
   slower on XLA:CPU at these sizes."""
 
-def table(results):
-    lines = [
-        "| size (B, T, I, H) | implementation | forward ms | forward+backward ms | "
-        "forward: time / LSTM's | forward+backward: time / LSTM's |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for size, medians in results.items():
-        base_f, base_b = medians[("LSTM", "forward")], medians[("LSTM", "forward+backward")]
-        for name in IMPLEMENTATIONS:
-            f, b = medians[(name, "forward")], medians[(name, "forward+backward")]
-            lines.append(f"| {size} | {name} | {f:.2f} | {b:.2f} | {f / base_f:.2f} | {b / base_b:.2f} |")
-    return "\n".join(lines)
-
-
 def compile_table(compiles, size):
     lines = [f"| implementation | compile s, T={COMPILE_STEPS[0]} | compile s, T={COMPILE_STEPS[1]} | "
              f"T={COMPILE_STEPS[1]} / T={COMPILE_STEPS[0]} |", "|---|---:|---:|---:|"]
@@ -229,7 +216,7 @@ def main(argv=None):
         f"one layer, unroll={args.unroll}, under jax.jit; forward = the outputs hs, forward+backward = "
         "jax.grad of sum(hs) with respect to the parameters and the input."
     )
-    report = (f"{header}\n\n{table(results)}\n\nFirst-call compile time (lower + compile, median of "
+    report = (f"{header}\n\n{ratio_table(results, IMPLEMENTATIONS, 'LSTM', decimals=2)}\n\nFirst-call compile time (lower + compile, median of "
               f"{args.compile_trials}):\n\n{compile_table(compiles, compile_size)}\n\n"
               f"Targets:\n\n{targets(results, compiles)}\n\n{NOTES}\n")
     print(report)

@@ -43,7 +43,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.torch import MLSTM, compiled_cpu_loops, python_cpu_loops  # noqa: E402
-from _common import SIZES, machine, parse_size  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+# benchmarks/ is on sys.path when this runs as a script
+from _common import SIZES, machine, parse_size, ratio_table  # noqa: E402
 
 DEFAULT_SIZES = SIZES
 PEER = "torchrecurrent"
@@ -141,20 +142,6 @@ def run_size(size, names, repeats, warmup, device):
     return {key: statistics.median(values) * 1e3 for key, values in times.items()}
 
 
-def table(results, names):
-    lines = [
-        "| size (B, T, I, H) | implementation | forward ms | forward+backward ms | "
-        "forward: time / MLSTM's | forward+backward: time / MLSTM's |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for size, medians in results.items():
-        base_f, base_b = medians[("MLSTM", "forward")], medians[("MLSTM", "forward+backward")]
-        for name in names:
-            f, b = medians[(name, "forward")], medians[(name, "forward+backward")]
-            lines.append(f"| {size} | {name} | {f:.1f} | {b:.1f} | {f / base_f:.2f} | {b / base_b:.2f} |")
-    return "\n".join(lines)
-
-
 def targets(results):
     """The issue's targets, each as the measured ratio and whether it is met."""
     lines = []
@@ -224,7 +211,7 @@ def main(argv=None):
         "layer; forward = inference under torch.no_grad(), forward+backward = output.sum().backward() with the "
         "input requiring grad (so d_input is computed too)."
     )
-    report = f"{header}\n\n{table(results, names)}\n\nTargets:\n\n{targets(results)}\n"
+    report = f"{header}\n\n{ratio_table(results, names, 'MLSTM')}\n\nTargets:\n\n{targets(results)}\n"
     print(report)
     if args.output is not None:
         write_report(args.output, report)
