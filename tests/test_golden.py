@@ -1,6 +1,8 @@
 """The committed golden vectors (tests/data/golden/) for the Julia check: regenerated and compared,
 checked against the spec and against finite differences, read the way SafeTensors.jl reads them, and
-run through a NumPy emulation of docs/julia/check_golden.jl's feature-first (Julia) conventions.
+run through a NumPy emulation of docs/julia/check_golden.jl's feature-first (Julia) conventions; and,
+since Julia cannot run here, held to what that script expects of them (its tables of cases, tensor
+shapes and metadata keys, parsed from its text), so the files and the script cannot drift apart.
 """
 
 from __future__ import annotations
@@ -223,20 +225,125 @@ def test_files_satisfy_safetensors_jl_reader(path):
     assert 8 + n + start == len(data)
 
 
-def test_julia_script_uses_the_project_tolerances_and_names():
+# ---- what check_golden.jl expects of the files (parsed from its text; Julia cannot run here) ----
+
+def julia_constant(name):
+    """The text of ``const NAME = ...`` in check_golden.jl, up to its closing bracket."""
     script = JULIA_SCRIPT.read_text()
-    table = dict(re.findall(r'"(float\d+)" => ([0-9.e-]+)', script.split("const TOLERANCE", 1)[1].split("\n", 1)[0]))
-    assert {k: float(v) for k, v in table.items()} == {d: TOLERANCES[(d, "cpu")] for d in ("float32", "float64")}
+    match = re.search(rf"^const {name} = (\w*)\(", script, re.M)
+    assert match, f"check_golden.jl defines no `const {name} = (...)`"
+    depth, start = 0, match.end() - 1
+    for end in range(start, len(script)):
+        depth += {"(": 1, ")": -1}.get(script[end], 0)
+        if depth == 0:
+            return script[start:end + 1]
+    raise AssertionError(f"const {name}: unbalanced brackets")
+
+
+def julia_strings(name):
+    return re.findall(r'"([^"]*)"', julia_constant(name))
+
+
+def julia_pairs(name):
+    pairs = re.findall(r'"([^"]*)"\s*=>\s*"([^"]*)"', julia_constant(name))
+    assert len(pairs) * 2 == len(julia_strings(name)), f"const {name}: every entry should be a \"a\" => \"b\" pair"
+    return dict(pairs)
+
+
+def julia_pairs_numbers(name):
+    return {k: float(v) for k, v in re.findall(r'"(\w+)"\s*=>\s*([0-9.e+-]+)', julia_constant(name))}
+
+
+def julia_expected_tensors(meta):
+    """The tensor names and NumPy-order shapes check_golden.jl's read_case demands of a file with this
+    metadata: its SHAPES table (letters are metadata sizes, "B" only when batched), the parameters whose
+    bias flag is on, and grad.<parameter> for each (shapes from the spec's canonical table, which is
+    RecurrentLayers.jl's)."""
+    batched = {"true": True, "false": False}[meta["batched"]]
+    shapes = {}
+    for name, spec in julia_pairs("SHAPES").items():
+        shapes[name] = tuple(int(d) if d.isdigit() else int(meta[d]) for d in spec.split() if batched or d != "B")
+    bias_flags = julia_pairs("BIAS_FLAGS")
+    sizes = {"I": int(meta["I"]), "H": int(meta["H"])}
+    for name in julia_strings("PARAMS"):
+        if name in bias_flags and meta[bias_flags[name]] != "true":
+            continue
+        shape = mlstm_spec.PARAM_SHAPES[name]
+        if name == "weight_hh" and meta["independent_recurrence"] == "true":
+            shape = ("H",)
+        concrete = tuple(int(d[:-1] or 1) * sizes[d[-1]] for d in shape)
+        shapes[name] = shapes[f"grad.{name}"] = concrete
+    return shapes
+
+
+def test_julia_script_lists_exactly_the_golden_cases():
+    listed = julia_strings("CASES")
+    assert len(set(listed)) == len(listed), "check_golden.jl lists a case twice"
+    assert sorted(listed) == [p.stem for p in FILES], (
+        "check_golden.jl's CASES and tests/data/golden/*.safetensors differ: "
+        f"only in the script {sorted(set(listed) - {p.stem for p in FILES})}, "
+        f"only in the files {sorted({p.stem for p in FILES} - set(listed))}")
+    assert sorted(listed) == sorted(case.name for case in golden.cases())
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_files_hold_exactly_the_tensors_and_shapes_the_julia_script_reads(path):
+    tensors, meta = load_case(path)
+    expected = julia_expected_tensors(meta)
+    assert sorted(tensors) == sorted(expected), (
+        f"{path.name}: only in the file {sorted(set(tensors) - set(expected))}, "
+        f"only in check_golden.jl's expectation {sorted(set(expected) - set(tensors))}")
+    for name, shape in expected.items():
+        assert tensors[name].shape == shape, f"{path.name}:{name} has shape {tensors[name].shape}, the script expects {shape}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_files_hold_the_metadata_the_julia_script_reads(path):
+    _, meta = load_case(path)
+    keys = julia_strings("META_KEYS")
+    assert set(keys) <= set(meta), f"{path.name} lacks {sorted(set(keys) - set(meta))}"
+    assert tuple(julia_strings("FORMAT")) == (meta["format"], meta["format_version"])
+    assert meta["case"] == path.stem
+    for key in ("batched", "bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence"):
+        assert meta[key] in ("true", "false"), (key, meta[key])  # what Julia's parse(Bool, ...) reads
+    for key in ("I", "H", "T", "B"):
+        assert re.fullmatch(r"[1-9][0-9]*", meta[key]), (key, meta[key])  # what parse(Int, ...) reads
+    assert meta["dtype"] in julia_pairs_numbers("TOLERANCE")
+    assert meta["integration_mode"] in mlstm_spec.INTEGRATION_MODES  # RecurrentLayers.jl's two symbols
+
+
+def test_julia_script_reads_only_declared_names():
+    """Every metadata key and tensor name the script's code uses is one that the tables above declare
+    (so the checks of those tables cover everything the script reads)."""
+    script = JULIA_SCRIPT.read_text()
+    used_keys = set(re.findall(r'meta\["(\w+)"\]', script)) | set(re.findall(r'flag\(meta, "(\w+)"\)', script))
+    assert used_keys <= set(julia_strings("META_KEYS")), sorted(used_keys - set(julia_strings("META_KEYS")))
+    used_tensors = set(re.findall(r'tensors\["([\w.]+)"\]', script)) | set(re.findall(r'expected\("([\w.]+)"\)', script))
+    declared = set(julia_pairs("SHAPES"))
+    assert used_tensors and used_tensors <= declared, sorted(used_tensors - declared)
+    assert julia_pairs("BIAS_FLAGS") == mlstm_spec.BIAS_FLAGS
+
+
+def test_julia_script_uses_the_project_tolerances_and_names():
+    assert julia_pairs_numbers("TOLERANCE") == {d: TOLERANCES[(d, "cpu")] for d in ("float32", "float64")}
+    script = JULIA_SCRIPT.read_text()
     assert float(re.search(r"const FLOOR = ([0-9.e-]+)", script).group(1)) == FLOOR
-    names = re.search(r"const PARAMS = \(([^)]*)\)", script).group(1)
-    assert tuple(re.findall(r'"(\w+)"', names)) == PARAM_NAMES == tuple(mlstm_spec.PARAM_SHAPES)
-    for tensor in ("xs", "h0", "c0", "hs", "h_T", "c_T", "d_hs", "d_h_T", "d_c_T", "layout_probe",
-                   "grad.x", "grad.h0", "grad.c0"):
-        assert f'"{tensor}"' in script, tensor
-    for key in ("bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence", "integration_mode",
-                "dtype", "I", "H", "case"):
-        assert f'meta["{key}"]' in script or f'flag("{key}")' in script, key
+    assert tuple(julia_strings("PARAMS")) == PARAM_NAMES == tuple(mlstm_spec.PARAM_SHAPES)
+
+
+def test_julia_project_pins_the_versions_the_docs_say_were_checked():
     project = (JULIA_SCRIPT.parent / "Project.toml").read_text()
+    compat = dict(re.findall(r'^(\w+) = "([^"]*)"$', project.split("[compat]", 1)[1], re.M))
     for package in ("Flux", "RecurrentLayers", "SafeTensors"):
         assert re.search(rf"^{package} = \"[0-9a-f-]{{36}}\"$", project, re.M), package
-        assert re.search(rf"^{package} = \"[0-9.]+\"$", project, re.M), f"{package} compat"
+    # The dense_proj replacement is written against 0.3.4's method: nothing else may resolve.
+    assert compat["RecurrentLayers"] == "=0.3.4"
+    docs = [" ".join(re.sub(r"^#", "", text, flags=re.M).split()) for text in (
+        (JULIA_SCRIPT.parent / "README.md").read_text(), (ROOT / "docs" / "interop.md").read_text(),
+        JULIA_SCRIPT.read_text())]
+    for package in ("Flux", "SafeTensors"):
+        low, high = re.fullmatch(r"(\d+\.\d+\.\d+) - (\d+\.\d+\.\d+)", compat[package]).groups()
+        for text in docs:
+            assert re.search(rf"{package}(\.jl)? {re.escape(low)} (and|to) {re.escape(high)}", text), (package, low, high)
+    for text in docs:
+        assert "RecurrentLayers.jl 0.3.4" in text and re.search("sources, not run", text, re.I), text[:200]
