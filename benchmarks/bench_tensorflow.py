@@ -37,7 +37,7 @@ import keras  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from backends.tensorflow import MLSTM  # noqa: E402
-from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import machine, write_chart  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 #: (B, T, I, H) of the issue.
 SIZES = ((32, 128, 64, 256), (64, 100, 512, 512))
@@ -61,6 +61,8 @@ RATIOS = (
 
 
 HEADER = """# TensorFlow backend: speed against keras.layers.LSTM
+
+![Time ratios from the table below, drawn by benchmarks/_common.py](img/performance-tensorflow.png)
 
 Written by `benchmarks/bench_tensorflow.py` (not part of the test command). Every variant runs inside
 `tf.function`, as `model.fit` runs a model, on the same input in one process; variants take turns,
@@ -212,6 +214,7 @@ def main(argv=None):
     else:
         output.write_text(HEADER + section)
     print(f"written to {output}", file=sys.stderr)
+    print(f"chart drawn to {write_chart(output, 'TensorFlow backend')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.torch import MLSTM, compiled_cpu_loops, python_cpu_loops  # noqa: E402
 # benchmarks/ is on sys.path when this runs as a script
-from _common import SIZES, machine, parse_size, ratio_table  # noqa: E402
+from _common import SIZES, machine, parse_size, ratio_table, write_chart  # noqa: E402
 
 DEFAULT_SIZES = SIZES
 PEER = "torchrecurrent"
@@ -215,6 +215,7 @@ def main(argv=None):
     print(report)
     if args.output is not None:
         write_report(args.output, report)
+        print(f"chart drawn to {write_chart(args.output, 'PyTorch backend')}", file=sys.stderr)
     return results
 
 
