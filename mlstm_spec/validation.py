@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .equations import BIAS_FLAGS, INTEGRATION_MODES, PARAM_SHAPES
+from .equations import (
+    BIAS_FLAGS, INTEGRATION_MODES, PARAM_SHAPES, PEEPHOLE_WEIGHTS, RUNTIME_DEFAULTS, VARIANT_PARAM_SHAPES,
+)
 
 #: dtypes the NumPy spec computes in (bfloat16 has no NumPy dtype; backends compare it in float64).
 SPEC_DTYPES = ("float16", "float32", "float64")
@@ -29,15 +31,30 @@ class LayerInfo:
     multiplicative_bias: bool
     independent_recurrence: bool
     dtype: str
+    proj_size: int = 0  # P, the width of h, when weight_hr is present; 0 without a projection
+    peepholes: bool = False
+
+    @property
+    def output_size(self) -> int:
+        """The width of h (the output and the recurrent state): P with a projection, else H."""
+        return self.proj_size or self.hidden_size
 
     @property
     def options(self) -> dict:
-        return dict(
+        """The ``init_params`` keywords that give this layer's structure. ``proj_size`` and
+        ``peepholes`` appear only when switched on, so a layer without variants has the same options
+        as before the variants existed."""
+        options = dict(
             bias=self.bias,
             recurrent_bias=self.recurrent_bias,
             multiplicative_bias=self.multiplicative_bias,
             independent_recurrence=self.independent_recurrence,
         )
+        if self.proj_size:
+            options["proj_size"] = self.proj_size
+        if self.peepholes:
+            options["peepholes"] = True
+        return options
 
 
 def dtype_name(dtype) -> str:
@@ -55,6 +72,35 @@ def check_integration_mode(integration_mode) -> bool:
     return integration_mode == "multiplicative_integration"
 
 
+def check_runtime_options(info: LayerInfo | None = None, *, cell_clip=None, proj_clip=None,
+                          forget_bias=0.0) -> dict:
+    """Validate the run-time options of ``cell`` / ``forward`` / ``backward``; returns them as a dict
+    of Python floats (``None`` for a clip that is off).
+
+    ``cell_clip`` and ``proj_clip`` are ``None`` (off) or a finite number > 0; ``forget_bias`` a finite
+    number. ``proj_clip`` needs a projection (``weight_hr`` in the parameters described by ``info``).
+    """
+    options = {}
+    for name, value in (("cell_clip", cell_clip), ("proj_clip", proj_clip), ("forget_bias", forget_bias)):
+        is_clip = name != "forget_bias"
+        wanted = "None or a finite number > 0" if is_clip else "a finite number"
+        if value is None and is_clip:
+            options[name] = None
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be {wanted}, got {type(value).__name__} {value!r}")
+        number = float(value)
+        if not np.isfinite(number) or (is_clip and number <= 0):
+            raise ValueError(f"{name} must be {wanted}, got {value!r}")
+        options[name] = number
+    if options["proj_clip"] is not None and info is not None and not info.proj_size:
+        raise ValueError(
+            f"proj_clip={proj_clip!r} clips the projected output, but the parameters have no projection "
+            "(no weight_hr); pass proj_clip=None or use parameters with a projection"
+        )
+    return options
+
+
 def check_sizes(input_size, hidden_size) -> None:
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -63,13 +109,29 @@ def check_sizes(input_size, hidden_size) -> None:
             raise ValueError(f"{name} must be a positive int, got {value}")
 
 
-def expected_shapes(input_size: int, hidden_size: int, independent_recurrence: bool) -> dict:
-    """Concrete shape of every canonical parameter for the given sizes."""
-    sizes = {"I": input_size, "H": hidden_size, "4H": 4 * hidden_size, "5H": 5 * hidden_size}
+def expected_shapes(input_size: int, hidden_size: int, independent_recurrence: bool,
+                    proj_size: int = 0) -> dict:
+    """Concrete shape of every canonical parameter for the given sizes (``weight_hr`` only when
+    ``proj_size`` > 0; the peephole weights always, for when they are present)."""
+    sizes = {"I": input_size, "H": hidden_size, "4H": 4 * hidden_size, "5H": 5 * hidden_size,
+             "P": proj_size}
     shapes = {name: tuple(sizes[s] for s in dims) for name, dims in PARAM_SHAPES.items()}
+    shapes.update({name: tuple(sizes[s] for s in dims) for name, dims in VARIANT_PARAM_SHAPES.items()})
     if independent_recurrence:
         shapes["weight_hh"] = (hidden_size,)
+    if proj_size:
+        shapes["weight_hh"] = (hidden_size, proj_size)
+    else:
+        del shapes["weight_hr"]
     return shapes
+
+
+def _symbolic_shape(name: str, independent: bool, projected: bool) -> str:
+    if name == "weight_hh" and independent:
+        return "H"
+    if name == "weight_hh" and projected:
+        return "H,P"
+    return ",".join(PARAM_SHAPES.get(name) or VARIANT_PARAM_SHAPES[name])
 
 
 def check_params(params, *, shape_of=None, dtype_of=None, argument="params",
@@ -84,10 +146,11 @@ def check_params(params, *, shape_of=None, dtype_of=None, argument="params",
         raise TypeError(
             f"{argument} must be a mapping of parameter name to array, got {type(params).__name__}"
         )
-    unknown = sorted(set(params) - set(PARAM_SHAPES))
+    unknown = sorted(set(params) - set(PARAM_SHAPES) - set(VARIANT_PARAM_SHAPES))
     if unknown:
         raise ValueError(
-            f"{argument} has unknown keys {unknown}; expected only {list(PARAM_SHAPES)}"
+            f"{argument} has unknown keys {unknown}; expected only {list(PARAM_SHAPES)} and, for the "
+            f"variants, {list(VARIANT_PARAM_SHAPES)}"
         )
     missing = [w for w in ("weight_ih", "weight_hh", "weight_mh") if w not in params]
     if missing:
@@ -113,21 +176,52 @@ def check_params(params, *, shape_of=None, dtype_of=None, argument="params",
         )
     hidden, inputs = w_ih[0] // 5, w_ih[1]
     independent = len(shapes["weight_hh"]) == 1
-    expected = expected_shapes(inputs, hidden, independent)
+    proj_size = _projection_size(shapes, hidden, independent, argument, w_ih)
+    peepholes = [name for name in PEEPHOLE_WEIGHTS if name in params]
+    if peepholes and len(peepholes) != len(PEEPHOLE_WEIGHTS):
+        missing = [name for name in PEEPHOLE_WEIGHTS if name not in params]
+        raise ValueError(
+            f"{argument} has {peepholes} but not {missing}; peepholes need all three of "
+            f"{list(PEEPHOLE_WEIGHTS)} (gates i, f, o)"
+        )
+    expected = expected_shapes(inputs, hidden, independent, proj_size)
     for name, shape in shapes.items():
         if shape != expected[name]:
-            dims = ",".join(("H",) if name == "weight_hh" and independent else PARAM_SHAPES[name])
+            dims = _symbolic_shape(name, independent, bool(proj_size))
+            sizes = f"I={inputs}, H={hidden}" + (f", P={proj_size}" if proj_size else "")
             raise ValueError(
                 f"{argument}[{name!r}] must have shape ({dims}) = {expected[name]} for "
-                f"I={inputs}, H={hidden} (read from weight_ih {w_ih}), got {shape}"
+                f"{sizes} (read from weight_ih {w_ih}" + (" and weight_hr" if proj_size else "")
+                + f"), got {shape}"
             )
     return LayerInfo(
         input_size=inputs,
         hidden_size=hidden,
         independent_recurrence=independent,
         dtype=dtypes["weight_ih"],
+        proj_size=proj_size,
+        peepholes=bool(peepholes),
         **{flag: key in params for key, flag in BIAS_FLAGS.items()},
     )
+
+
+def _projection_size(shapes, hidden, independent, argument, w_ih) -> int:
+    """P from ``weight_hr`` (P, H), 1 <= P < H; 0 when absent."""
+    if "weight_hr" not in shapes:
+        return 0
+    w_hr = shapes["weight_hr"]
+    if len(w_hr) != 2 or w_hr[1] != hidden or not 1 <= w_hr[0] < hidden:
+        raise ValueError(
+            f"{argument}['weight_hr'] must have shape (P, H) with 1 <= P < H = {hidden} (H read from "
+            f"weight_ih {w_ih}), got {w_hr}"
+        )
+    if independent:
+        raise ValueError(
+            f"{argument} has a vector weight_hh {shapes['weight_hh']} (independent recurrence) and a "
+            f"projection weight_hr {w_hr}; they cannot be combined: the vector multiplies h element-wise, "
+            f"which needs h to be H = {hidden} wide, but the projection makes it P = {w_hr[0]} wide"
+        )
+    return int(w_hr[0])
 
 
 def check_stack(layers, *, shape_of=None, dtype_of=None, argument="params",
@@ -135,8 +229,8 @@ def check_stack(layers, *, shape_of=None, dtype_of=None, argument="params",
     """Check a stack: a non-empty list of canonical mappings, first layer first.
 
     Each layer must be valid (:func:`check_params`), all layers must share one dtype and one set of
-    options, and layer ``l > 0`` must take the previous layer's hidden state as input
-    (``I_l = H_{l-1}``) with the same hidden size. Returns one :class:`LayerInfo` per layer.
+    options, and layer ``l > 0`` must take the previous layer's output as input
+    (``I_l = H_{l-1}``, or ``P_{l-1}`` with a projection) with the same hidden size. Returns one :class:`LayerInfo` per layer.
     Errors name the layer as ``params[l]``.
     """
     if isinstance(layers, (Mapping, str, bytes)) or not isinstance(layers, (list, tuple)) or not layers:
@@ -157,11 +251,12 @@ def check_stack(layers, *, shape_of=None, dtype_of=None, argument="params",
                 f"{argument}[{i}] has options {info.options} and dtype {info.dtype}, but {argument}[0] "
                 f"has {first.options} and {first.dtype}; a stack shares one set"
             )
-        if info.input_size != infos[i - 1].hidden_size or info.hidden_size != first.hidden_size:
+        previous = infos[i - 1]
+        if info.input_size != previous.output_size or info.hidden_size != first.hidden_size:
+            size = "proj_size" if previous.proj_size else "hidden_size"
             raise ValueError(
-                f"{argument}[{i}] must take input_size = hidden_size of layer {i - 1} "
-                f"({infos[i - 1].hidden_size}) and have hidden_size {first.hidden_size}, got "
-                f"I={info.input_size}, H={info.hidden_size}"
+                f"{argument}[{i}] must take input_size = {size} of layer {i - 1} ({previous.output_size}) "
+                f"and have hidden_size {first.hidden_size}, got I={info.input_size}, H={info.hidden_size}"
             )
     return infos
 
@@ -202,17 +297,22 @@ def check_same_dtype(dtype, param_dtype, argument, allowed=SPEC_DTYPES) -> None:
 
 def check_state(state, batch_shape, info: LayerInfo, argument="state", allowed=SPEC_DTYPES,
                 shape_of=np.shape, dtype_of=lambda v: v.dtype) -> None:
-    """Check an ``(h, c)`` pair: each ``batch_shape + (H,)``, in the parameters' dtype."""
+    """Check an ``(h, c)`` pair: ``batch_shape + (P or H,)`` and ``batch_shape + (H,)``, in the
+    parameters' dtype (h is P wide with a projection)."""
     if not isinstance(state, (tuple, list)) or len(state) != 2:
         raise TypeError(
             f"{argument} must be a pair (h, c) of arrays, got {type(state).__name__}"
             + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
         )
-    want = tuple(batch_shape) + (info.hidden_size,)
-    for name, value in zip(("h", "c"), state):
+    for name, value, width in zip(("h", "c"), state, (info.output_size, info.hidden_size)):
+        want = tuple(batch_shape) + (width,)
         if shape_of is np.shape and not isinstance(value, np.ndarray):
             raise TypeError(f"{argument} {name} must be a numpy.ndarray, got {type(value).__name__}")
         got = tuple(shape_of(value))
         if got != want:
-            raise ValueError(f"{argument} {name} must have shape {want}, got {got}")
+            raise ValueError(
+                f"{argument} {name} must have shape {want}"
+                + (" (h is P wide: the projection's output)" if name == "h" and info.proj_size else "")
+                + f", got {got}"
+            )
         check_same_dtype(dtype_of(value), info.dtype, f"{argument} {name}", allowed)

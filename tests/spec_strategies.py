@@ -1,26 +1,82 @@
 """Hypothesis strategies and small helpers shared by the ``test_spec_*`` modules.
 
-Cases are :class:`mlstm_spec.conformance.cases.Case` values: small, printable, and reproducible from
-their seed (``Case(...).arrays()``), so a failing example can be pasted back as it is printed.
+Cases are :class:`VariantCase` values (a :class:`mlstm_spec.conformance.cases.Case` plus the variants):
+small, printable, and reproducible from their seed (``VariantCase(...).arrays()``), so a failing
+example can be pasted back as it is printed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from hypothesis import strategies as st
 
-from mlstm_spec.conformance.cases import Case
+from mlstm_spec import equations, reference
+from mlstm_spec.conformance.cases import Case, CaseArrays, to_dtype
 from mlstm_spec.conformance.tolerances import relative_error
+from mlstm_spec.params import init_params
 
 # Written from spec-facts.md / api-contract.md, not read from mlstm_spec, so the tests pin the code.
 MODES = ("addition", "multiplicative_integration")
 BIAS_OPTIONS = ("bias", "recurrent_bias", "multiplicative_bias")
+# The largest finite-difference step of test_spec_backward moves one entry by 2e-4; values reach the
+# clipped quantities with gains of a few units in these cases, so 1e-3 keeps the larger steps on one
+# side of a clip bound.
+CLIP_MARGIN = 1e-3
+
+
+@dataclass(frozen=True)
+class VariantCase(Case):
+    """A :class:`Case` with the variants: a projection of ``proj_size`` (0: none), peepholes, and the
+    run-time options. Without a projection and peepholes its arrays are exactly ``Case``'s."""
+
+    proj_size: int = 0
+    peepholes: bool = False
+    cell_clip: float | None = None
+    proj_clip: float | None = None
+    forget_bias: float = 0.0
+
+    @property
+    def runtime(self) -> dict:
+        """The keyword arguments of ``cell`` / ``forward`` / ``backward`` besides integration_mode."""
+        return dict(cell_clip=self.cell_clip, proj_clip=self.proj_clip, forget_bias=self.forget_bias)
+
+    @property
+    def output_size(self) -> int:
+        return self.proj_size or self.hidden_size
+
+    def arrays(self) -> CaseArrays:
+        if not (self.proj_size or self.peepholes):
+            return super().arrays()
+        assert self.num_layers == 1, "VariantCase draws one layer"
+        rng = np.random.default_rng(self.seed)
+        batch = () if self.batch is None else (self.batch,)
+        p = init_params(self.input_size, self.hidden_size, rng=rng, dtype=np.float64, bias=self.bias,
+                        recurrent_bias=self.recurrent_bias, multiplicative_bias=self.multiplicative_bias,
+                        independent_recurrence=self.independent_recurrence, proj_size=self.proj_size,
+                        peepholes=self.peepholes)
+        params = {k: rng.uniform(-1, 1, v.shape) * self.weight_scale for k, v in p.items()}
+        xs = rng.standard_normal(batch + (self.steps, self.input_size))
+        h_shape, c_shape = batch + (self.output_size,), batch + (self.hidden_size,)
+        state = rng.uniform(-1, 1, h_shape), rng.standard_normal(c_shape)
+        d_hs = rng.standard_normal(batch + (self.steps, self.output_size))
+        d_state = rng.uniform(-1, 1, h_shape), rng.standard_normal(c_shape)
+        cast = lambda a: to_dtype(a, self.dtype)  # noqa: E731
+        return CaseArrays(
+            params={k: cast(v) for k, v in params.items()},
+            xs=cast(xs),
+            state=(cast(state[0]), cast(state[1])) if self.with_state else None,
+            d_hs=cast(d_hs),
+            d_state=(cast(d_state[0]), cast(d_state[1])) if self.with_d_state else None,
+        )
 
 
 @st.composite
 def cases(draw, *, max_size=6, max_steps=6, dtype="float64", modes=MODES, independent=None,
-          batched=None, weight_scales=(0.5, 1.0, 2.0)):
-    """A drawn :class:`Case`: every size in 1..max_size, T in 1..max_steps, any option combination.
+          batched=None, weight_scales=(0.5, 1.0, 2.0), variants=True):
+    """A drawn :class:`VariantCase`: every size in 1..max_size, T in 1..max_steps, any option
+    combination, and (unless ``variants=False``) any combination of the variants.
 
     ``independent`` / ``batched`` fix that option when not None.
     """
@@ -28,24 +84,105 @@ def cases(draw, *, max_size=6, max_steps=6, dtype="float64", modes=MODES, indepe
         batch = draw(st.none() | st.integers(1, max_size), label="batch")
     else:
         batch = draw(st.integers(1, max_size), label="batch") if batched else None
-    return Case(
+    hidden_size = draw(st.integers(1, max_size), label="hidden_size")
+    independent_recurrence = (
+        draw(st.booleans(), label="independent_recurrence") if independent is None else independent
+    )
+    extra = {}
+    if variants:
+        # A projection needs 1 <= P < H and a matrix weight_hh. Clip bounds sit inside the range of the
+        # drawn values (|c| ~ 1, |h| ~ 0.5) so that clipping happens.
+        can_project = hidden_size > 1 and not independent_recurrence
+        proj_size = draw(st.integers(0, hidden_size - 1), label="proj_size") if can_project else 0
+        extra = dict(
+            proj_size=proj_size,
+            peepholes=draw(st.booleans(), label="peepholes"),
+            cell_clip=draw(st.sampled_from([None, 0.4, 1.0]), label="cell_clip"),
+            proj_clip=draw(st.sampled_from([None, 0.3]), label="proj_clip") if proj_size else None,
+            forget_bias=draw(st.sampled_from([0.0, 1.0, -0.5]), label="forget_bias"),
+        )
+    return VariantCase(
         batch=batch,
         steps=draw(st.integers(1, max_steps), label="steps"),
         input_size=draw(st.integers(1, max_size), label="input_size"),
-        hidden_size=draw(st.integers(1, max_size), label="hidden_size"),
+        hidden_size=hidden_size,
         dtype=dtype,
         integration_mode=draw(st.sampled_from(modes), label="integration_mode"),
         bias=draw(st.booleans(), label="bias"),
         recurrent_bias=draw(st.booleans(), label="recurrent_bias"),
         multiplicative_bias=draw(st.booleans(), label="multiplicative_bias"),
-        independent_recurrence=(
-            draw(st.booleans(), label="independent_recurrence") if independent is None else independent
-        ),
+        independent_recurrence=independent_recurrence,
         with_state=draw(st.booleans(), label="with_state"),
         with_d_state=draw(st.booleans(), label="with_d_state"),
         weight_scale=draw(st.sampled_from(weight_scales), label="weight_scale"),
         seed=draw(st.integers(0, 2**32 - 1), label="seed"),
+        **extra,
     )
+
+
+def zero_state(case: VariantCase):
+    """``(h0, c0)`` of zeros: h is P wide with a projection."""
+    batch = () if case.batch is None else (case.batch,)
+    return np.zeros(batch + (case.output_size,)), np.zeros(batch + (case.hidden_size,))
+
+
+def distance_to_clip_bounds(case: VariantCase, arrays: CaseArrays) -> float:
+    """How close any value that a clip acts on comes to its bound (inf without clipping). Finite
+    differences across a bound see the kink, not the derivative; tests keep away from it."""
+    if case.cell_clip is None and case.proj_clip is None:
+        return np.inf
+    xs = arrays.xs if arrays.xs.ndim == 3 else arrays.xs[None]
+    h0, c0 = arrays.state if arrays.state is not None else zero_state(case)
+    B = xs.shape[0]
+    _, _, tapes = equations.run_forward(
+        arrays.params, xs, h0.reshape(B, -1), c0.reshape(B, -1),
+        case.integration_mode == "multiplicative_integration", keep_tape=True, **case.runtime)
+    distances = [np.inf]
+    for tape in tapes:
+        for key, bound in (("c_unclipped", case.cell_clip), ("h_unclipped", case.proj_clip)):
+            if key in tape:
+                distances.append(np.min(np.abs(np.abs(tape[key]) - bound)))
+    return float(min(distances))
+
+
+# Each variant alone, then together, in both integration modes (the drawn test meets them in random
+# combinations; these make sure each one is met, and met where it acts).
+VARIANTS = {
+    "projection": dict(proj_size=2),
+    "projection+proj_clip": dict(proj_size=2, proj_clip=0.3),
+    "peepholes": dict(peepholes=True),
+    "cell_clip": dict(cell_clip=0.4),
+    "forget_bias": dict(forget_bias=1.0),
+    "peepholes+cell_clip, independent recurrence": dict(peepholes=True, cell_clip=0.4,
+                                                        independent_recurrence=True),
+    "all": dict(proj_size=2, proj_clip=0.3, peepholes=True, cell_clip=0.4, forget_bias=-0.5),
+}
+
+
+def clips_something(case):
+    """True when every clip of ``case`` changes at least one value (checked with the clip off)."""
+    a = case.arrays()
+    for option, index in (("cell_clip", 1), ("proj_clip", None)):
+        bound = getattr(case, option)
+        if bound is None:
+            continue
+        unclipped = dict(case.runtime, **{option: None})
+        hs, state = reference.forward(a.params, a.xs, a.state, integration_mode=case.integration_mode,
+                                       **unclipped)
+        values = hs if index is None else state[index]
+        if not np.abs(values).max() > bound:
+            return False
+    return True
+
+
+def variant_case(mode, options):
+    """The first seed whose clips act and whose clipped values keep CLIP_MARGIN from the bounds."""
+    for seed in range(100):
+        case = VariantCase(batch=2, steps=3, input_size=3, hidden_size=3, integration_mode=mode, seed=seed,
+                    **options)
+        if clips_something(case) and distance_to_clip_bounds(case, case.arrays()) > CLIP_MARGIN:
+            return case
+    raise AssertionError(f"no seed below 100 makes {options} clip away from the bounds")
 
 
 def assert_close(actual, expected, bound, what, case=None):

@@ -2,8 +2,9 @@
 numerical stability.
 
 Expected values never come from ``mlstm_spec`` itself: they come from a one-step mLSTM written below
-from spec-facts.md section 1 (block orders spelled out here), from a textbook LSTM (spec-facts.md
-section 4), or from ``forward`` run in another way (cell by cell, split in time, row by row).
+from spec-facts.md section 1 (block orders spelled out here) with the variants of issue 17 as
+TensorFlow's LSTM cell defines them, from a textbook LSTM (spec-facts.md section 4), or from ``forward``
+run in another way (cell by cell, split in time, row by row).
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from hypothesis.extra import numpy as hnp
 
 import mlstm_spec
 from mlstm_spec import equations
-from mlstm_spec.conformance.cases import Case
 from mlstm_spec.conformance.tolerances import tolerance
-from spec_strategies import MODES, assert_close, cases
+from spec_strategies import MODES, VARIANTS, VariantCase as Case, assert_close, cases, variant_case, zero_state
 
 # The block orders as spec-facts.md section 1 states them (RecurrentLayers.jl 0.3.4 code).
 FACTS_IH_ORDER = ("m", "i", "o", "f", "z")
@@ -40,8 +40,11 @@ def facts_blocks(array, order):
     return {name: array[k * size:(k + 1) * size] for k, name in enumerate(order)}
 
 
-def facts_step(params, x, h, c, integration_mode):
-    """One mLSTM step exactly as spec-facts.md section 1 writes it, batched over the leading axis."""
+def facts_step(params, x, h, c, integration_mode, cell_clip=None, proj_clip=None, forget_bias=0.0):
+    """One mLSTM step exactly as spec-facts.md section 1 writes it, batched over the leading axis,
+    with the variants as issue 17 and TensorFlow's LSTMCell define them: peepholes add w_ci * c_prev
+    to i's and w_cf * c_prev to f's pre-activation and w_co * c_new to o's; forget_bias is added to
+    f's; the new cell state is clipped (and carried clipped); the output is projected, then clipped."""
     hidden = c.shape[-1]
     zeros = lambda n: np.zeros(n * hidden)  # noqa: E731  (an absent bias adds nothing)
     w_ih = facts_blocks(params["weight_ih"], FACTS_IH_ORDER)
@@ -55,15 +58,21 @@ def facts_step(params, x, h, c, integration_mode):
     q = {g: m @ w_mh[g].T + b_mh[g] for g in FACTS_MH_ORDER}
     combine = np.add if integration_mode == "addition" else np.multiply
     a = {g: combine(p[g], q[g]) for g in FACTS_MH_ORDER}
+    peephole = {g: params.get(f"weight_c{g}", zeros(1)) for g in "ifo"}
     logistic = lambda v: 0.5 * (1.0 + np.tanh(0.5 * v))  # noqa: E731  (an identity; not the spec's form)
-    i, o, f, z = logistic(a["i"]), logistic(a["o"]), logistic(a["f"]), np.tanh(a["z"])
+    i = logistic(a["i"] + peephole["i"] * c)
+    f = logistic(a["f"] + peephole["f"] * c + forget_bias)
+    z = np.tanh(a["z"])
     c_new = f * c + i * z
-    return o * np.tanh(c_new), c_new
-
-
-def zero_state(case: Case):
-    shape = (() if case.batch is None else (case.batch,)) + (case.hidden_size,)
-    return np.zeros(shape), np.zeros(shape)
+    if cell_clip is not None:
+        c_new = np.minimum(np.maximum(c_new, -cell_clip), cell_clip)
+    o = logistic(a["o"] + peephole["o"] * c_new)
+    h_new = o * np.tanh(c_new)
+    if "weight_hr" in params:
+        h_new = h_new @ params["weight_hr"].T
+        if proj_clip is not None:
+            h_new = np.minimum(np.maximum(h_new, -proj_clip), proj_clip)
+    return h_new, c_new
 
 
 # ---- against the facts, step by step ----
@@ -71,13 +80,46 @@ def zero_state(case: Case):
 @given(case=cases())
 def test_forward_matches_the_equations_of_the_facts(case):
     a = case.arrays()
-    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=case.integration_mode)
+    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=case.integration_mode,
+                                        **case.runtime)
     h, c = a.state if a.state is not None else zero_state(case)
     for t in range(case.steps):
-        h, c = facts_step(a.params, a.xs[..., t, :], h, c, case.integration_mode)
+        h, c = facts_step(a.params, a.xs[..., t, :], h, c, case.integration_mode, **case.runtime)
         assert_close(hs[..., t, :], h, SAME_COMPUTATION, f"hs[..., {t}, :]", case)
     assert_close(h_T, h, SAME_COMPUTATION, "h_T", case)
     assert_close(c_T, c, SAME_COMPUTATION, "c_T", case)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda name: name.replace(" ", "_"))
+def test_each_variant_matches_the_equations_of_the_facts(variant, mode):
+    """Each variant alone and all together, on cases where every clip acts (the drawn test above meets
+    them in random combinations)."""
+    case = variant_case(mode, VARIANTS[variant])
+    a = case.arrays()
+    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=mode, **case.runtime)
+    h, c = a.state
+    for t in range(case.steps):
+        h, c = facts_step(a.params, a.xs[..., t, :], h, c, mode, **case.runtime)
+        assert_close(hs[..., t, :], h, SAME_COMPUTATION, f"hs[..., {t}, :]", case)
+    assert_close(h_T, h, SAME_COMPUTATION, "h_T", case)
+    assert_close(c_T, c, SAME_COMPUTATION, "c_T", case)
+
+
+def test_the_forget_bias_is_added_after_the_product_under_multiplicative_integration():
+    """The run-time forget_bias offsets f's pre-activation whatever the mode; a forget block of bias_ih
+    (what unit_forget_bias sets) only scales it under multiplicative integration. With weight_ih zero
+    and bias_ih's f block 0, p_f = 0 so a_f = p_f * q_f = 0 and f = 1/2 exactly, unless forget_bias
+    shifts it: f = sigmoid(forget_bias). With h0 = 0 and no bias_hh, z = 0, so c_1 = f * c0."""
+    H, I = 3, 2
+    params = {"weight_ih": np.zeros((5 * H, I)), "weight_hh": np.eye(H), "weight_mh": np.ones((4 * H, H)),
+              "bias_ih": np.zeros(5 * H), "bias_mh": np.ones(4 * H)}
+    state = (np.zeros((1, H)), np.array([[1.0, -2.0, 0.5]]))
+    x = np.ones((1, I))
+    for forget_bias in (0.0, 2.0, -1.0):
+        _, (_, c) = mlstm_spec.cell(params, x, state, integration_mode="multiplicative_integration",
+                                    forget_bias=forget_bias)
+        np.testing.assert_allclose(c, state[1] / (1 + np.exp(-forget_bias)), rtol=1e-15)
 
 
 # ---- forward run in other ways ----
@@ -86,10 +128,10 @@ def test_forward_matches_the_equations_of_the_facts(case):
 def test_forward_equals_repeated_cell(case):
     a = case.arrays()
     mode = case.integration_mode
-    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=mode)
+    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=mode, **case.runtime)
     state = a.state
     for t in range(case.steps):
-        h, state = mlstm_spec.cell(a.params, a.xs[..., t, :], state, integration_mode=mode)
+        h, state = mlstm_spec.cell(a.params, a.xs[..., t, :], state, integration_mode=mode, **case.runtime)
         assert h.shape == hs[..., t, :].shape
         assert_close(h, hs[..., t, :], SAME_COMPUTATION, f"cell h at t={t}", case)
         np.testing.assert_array_equal(state[0], h)  # the cell returns h twice: output and state
@@ -101,10 +143,12 @@ def test_forward_equals_repeated_cell(case):
 def test_running_t_then_the_rest_from_the_carried_state_equals_running_all(case, data):
     split = data.draw(st.integers(1, case.steps - 1), label="split")
     a = case.arrays()
-    mode = case.integration_mode
-    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=mode)
-    head, carried = mlstm_spec.forward(a.params, a.xs[..., :split, :], a.state, integration_mode=mode)
-    tail, (h_2, c_2) = mlstm_spec.forward(a.params, a.xs[..., split:, :], carried, integration_mode=mode)
+    mode, runtime = case.integration_mode, case.runtime
+    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=mode, **runtime)
+    head, carried = mlstm_spec.forward(a.params, a.xs[..., :split, :], a.state, integration_mode=mode,
+                                       **runtime)
+    tail, (h_2, c_2) = mlstm_spec.forward(a.params, a.xs[..., split:, :], carried, integration_mode=mode,
+                                          **runtime)
     assert_close(np.concatenate([head, tail], axis=-2), hs, SAME_COMPUTATION, "hs", case)
     assert_close(h_2, h_T, SAME_COMPUTATION, "h_T", case)
     assert_close(c_2, c_T, SAME_COMPUTATION, "c_T", case)
@@ -114,10 +158,10 @@ def test_running_t_then_the_rest_from_the_carried_state_equals_running_all(case,
 def test_each_batch_row_equals_running_that_row_alone(case):
     a = case.arrays()
     mode = case.integration_mode
-    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=mode)
+    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=mode, **case.runtime)
     for row in range(case.batch):
         state = None if a.state is None else (a.state[0][row], a.state[1][row])
-        alone, (h, c) = mlstm_spec.forward(a.params, a.xs[row], state, integration_mode=mode)
+        alone, (h, c) = mlstm_spec.forward(a.params, a.xs[row], state, integration_mode=mode, **case.runtime)
         assert_close(alone, hs[row], SAME_COMPUTATION, f"hs[{row}]", case)
         assert_close(h, h_T[row], SAME_COMPUTATION, f"h_T[{row}]", case)
         assert_close(c, c_T[row], SAME_COMPUTATION, f"c_T[{row}]", case)
@@ -127,11 +171,12 @@ def test_each_batch_row_equals_running_that_row_alone(case):
 def test_unbatched_equals_a_batch_of_one(case):
     a = case.arrays()
     mode = case.integration_mode
-    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=mode)
+    hs, (h_T, c_T) = mlstm_spec.forward(a.params, a.xs, a.state, integration_mode=mode, **case.runtime)
     state = None if a.state is None else (a.state[0][None], a.state[1][None])
-    batch_hs, (batch_h, batch_c) = mlstm_spec.forward(a.params, a.xs[None], state, integration_mode=mode)
-    assert hs.shape == (case.steps, case.hidden_size) and batch_hs.shape == (1,) + hs.shape
-    assert h_T.shape == c_T.shape == (case.hidden_size,)
+    batch_hs, (batch_h, batch_c) = mlstm_spec.forward(a.params, a.xs[None], state, integration_mode=mode,
+                                                      **case.runtime)
+    assert hs.shape == (case.steps, case.output_size) and batch_hs.shape == (1,) + hs.shape
+    assert h_T.shape == (case.output_size,) and c_T.shape == (case.hidden_size,)
     assert_close(hs, batch_hs[0], SAME_COMPUTATION, "hs", case)
     assert_close(h_T, batch_h[0], SAME_COMPUTATION, "h_T", case)
     assert_close(c_T, batch_c[0], SAME_COMPUTATION, "c_T", case)
@@ -249,7 +294,8 @@ def textbook_lstm(xs, h0, c0, weight_x, weight_h, bias):
     return np.stack(outputs, axis=1), (h, c)
 
 
-@given(case=cases(batched=True, modes=("addition",)).map(lambda c: dataclasses.replace(c, bias=True)))
+@given(case=cases(batched=True, modes=("addition",), variants=False)
+       .map(lambda c: dataclasses.replace(c, bias=True)))
 def test_with_block_m_of_the_input_zero_and_its_bias_one_the_mlstm_is_an_lstm(case):
     a = case.arrays()
     params = dict(a.params)
@@ -288,7 +334,7 @@ def _bounded(shape, low, high):
                       elements=st.floats(low, high, allow_nan=False, allow_subnormal=False))
 
 
-@given(case=cases(weight_scales=(0.2,)), data=st.data())
+@given(case=cases(weight_scales=(0.2,), variants=False), data=st.data())
 def test_h_stays_strictly_inside_minus_one_one(case, data):
     """With |x| <= 1, weights and biases <= 0.2, |h0| < 1, |c0| <= 2 and sizes, T <= 6, every gate
     pre-activation is below 4 in size and |c| <= 8, so o < 1 and |tanh(c)| < 1 are representable:
@@ -325,15 +371,25 @@ def test_inputs_up_to_1e4_give_no_warning_and_no_nan(dtype, mode, case, data):
         # (~1e8 at inputs of 1e4 with unsaturated gates), and six steps pass 3.4e38. Overflow is then
         # the right answer; the promise holds where the exact (float64) gradient fits in float32.
         exact = mlstm_spec.backward(*_as_float64(a.params, xs, a.state, a.d_hs, a.d_state),
-                                    integration_mode=mode)
+                                    integration_mode=mode, **case.runtime)
         assume(max(np.abs(g).max() for g in exact.values()) < np.finfo(np.float32).max / 1e3)
     with _no_floating_point_trouble():
-        hs, (h_T, c_T) = mlstm_spec.forward(a.params, xs, a.state, integration_mode=mode)
-        grads = mlstm_spec.backward(a.params, xs, a.state, a.d_hs, a.d_state, integration_mode=mode)
+        hs, (h_T, c_T) = mlstm_spec.forward(a.params, xs, a.state, integration_mode=mode, **case.runtime)
+        grads = mlstm_spec.backward(a.params, xs, a.state, a.d_hs, a.d_state, integration_mode=mode,
+                                    **case.runtime)
     for what, value in [("hs", hs), ("h_T", h_T), ("c_T", c_T)] + list(grads.items()):
         assert value.dtype == np.dtype(dtype), what
         assert np.all(np.isfinite(value)), f"{what} is not finite [{case}]"
-    assert np.all(np.abs(hs) <= 1)
+    assert np.all(np.abs(hs) <= output_bound(case, a.params))
+
+
+def output_bound(case, params):
+    """|h| <= 1 (a gate times a tanh); projected, |h| <= the largest absolute row sum of weight_hr,
+    or proj_clip; clipped cell states stay within cell_clip (checked by the caller)."""
+    if "weight_hr" not in params:
+        return 1
+    bound = np.abs(params["weight_hr"].astype(np.float64)).sum(axis=1).max()
+    return bound if case.proj_clip is None else min(bound, case.proj_clip)
 
 
 def _as_float64(params, xs, state, d_hs, d_state):
@@ -356,18 +412,20 @@ def test_float16_stays_finite_for_any_finite_input(mode, case, data):
     a = dataclasses.replace(case, integration_mode=mode).arrays()
     big = st.floats(-65504, 65504, width=16, allow_subnormal=False) | st.sampled_from([-65504.0, 65504.0])
     xs = data.draw(hnp.arrays(np.float16, a.xs.shape, elements=big), label="xs")
-    state_shape = a.xs.shape[:-2] + (case.hidden_size,)
-    state = (data.draw(hnp.arrays(np.float16, state_shape, elements=st.floats(-1, 1, width=16)),
-                       label="h0"),
-             data.draw(hnp.arrays(np.float16, state_shape, elements=st.floats(-100, 100, width=16)),
-                       label="c0"))
+    batch_shape = a.xs.shape[:-2]
+    state = (data.draw(hnp.arrays(np.float16, batch_shape + (case.output_size,),
+                                  elements=st.floats(-1, 1, width=16)), label="h0"),
+             data.draw(hnp.arrays(np.float16, batch_shape + (case.hidden_size,),
+                                  elements=st.floats(-100, 100, width=16)), label="c0"))
     with _no_floating_point_trouble():
-        hs, (h_T, c_T) = mlstm_spec.forward(a.params, xs, state, integration_mode=mode)
-        h_1, (_, c_1) = mlstm_spec.cell(a.params, xs[..., 0, :], state, integration_mode=mode)
+        hs, (h_T, c_T) = mlstm_spec.forward(a.params, xs, state, integration_mode=mode, **case.runtime)
+        h_1, (_, c_1) = mlstm_spec.cell(a.params, xs[..., 0, :], state, integration_mode=mode, **case.runtime)
     for what, value in [("hs", hs), ("h_T", h_T), ("c_T", c_T), ("cell h", h_1), ("cell c", c_1)]:
         assert value.dtype == np.float16, f"{what} is {value.dtype}"
         assert np.all(np.isfinite(value)), f"{what} is not finite [{case}]"
-    assert np.all(np.abs(hs) <= 1)
+    assert np.all(np.abs(hs) <= output_bound(case, a.params))
+    if case.cell_clip is not None:
+        assert np.all(np.abs(c_T) <= np.float16(case.cell_clip))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -381,10 +439,12 @@ def test_lower_precision_keeps_its_dtype_and_agrees_with_float64(dtype, case):
     params64 = {k: v.astype(np.float64) for k, v in low.params.items()}
     mode = case.integration_mode
     with _no_floating_point_trouble():
-        hs, (h_T, c_T) = mlstm_spec.forward(low.params, low.xs, low.state, integration_mode=mode)
-        h_1, (_, c_1) = mlstm_spec.cell(low.params, low.xs[..., 0, :], low.state, integration_mode=mode)
+        hs, (h_T, c_T) = mlstm_spec.forward(low.params, low.xs, low.state, integration_mode=mode,
+                                            **case.runtime)
+        h_1, (_, c_1) = mlstm_spec.cell(low.params, low.xs[..., 0, :], low.state, integration_mode=mode,
+                                        **case.runtime)
     ref_hs, (ref_h, ref_c) = mlstm_spec.forward(params64, as64(low.xs), as64(low.state),
-                                                integration_mode=mode)
+                                                integration_mode=mode, **case.runtime)
     for what, value, ref in [("hs", hs, ref_hs), ("h_T", h_T, ref_h), ("c_T", c_T, ref_c),
                              ("cell h", h_1, ref_hs[..., 0, :])]:
         assert value.dtype == np.dtype(dtype), f"{what} is {value.dtype}, not {dtype}"

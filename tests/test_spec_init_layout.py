@@ -1,5 +1,6 @@
-"""``init_params`` (Glorot default, orthogonal and forget-bias options), the layout helpers, and the
-promise that ``import mlstm_spec`` loads no deep-learning framework."""
+"""``init_params`` (Glorot default, orthogonal and forget-bias options, the projection and peephole
+variants), the layout helpers, and the promise that ``import mlstm_spec`` loads no deep-learning
+framework."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def test_defaults_follow_recurrent_layers_jl():
         np.testing.assert_array_equal(params[name], 0, err_msg=f"{name} must start at zero")
     # glorot_uniform and no forget-gate offset are the defaults, not merely available
     assert_same_params(params, mlstm_spec.init_params(3, 4, rng=0, weight_init="glorot_uniform",
-                                                      forget_bias=0.0))
+                                                      forget_bias_init=0.0, unit_forget_bias=False,
+                                                      proj_size=0, peepholes=False))
 
 
 @pytest.mark.parametrize("flags", list(itertools.product((False, True), repeat=3)),
@@ -136,21 +138,73 @@ def test_orthogonal_option_draws_each_gate_block_orthogonal(I, H):
     np.testing.assert_array_equal(np.abs(vector["weight_hh"]), 1)  # the diagonal of an orthogonal matrix
 
 
-def test_forget_bias_sets_only_the_forget_block():
+@pytest.mark.parametrize("options, value", [(dict(forget_bias_init=3.0), 3.0),
+                                            (dict(unit_forget_bias=True), 1.0)],
+                         ids=["forget_bias_init", "unit_forget_bias"])
+def test_initial_forget_bias_sets_only_the_forget_block_of_bias_ih(options, value):
     plain = mlstm_spec.init_params(3, 4, rng=9, dtype=np.float64)
-    offset = mlstm_spec.init_params(3, 4, rng=9, dtype=np.float64, forget_bias=3.0)
+    offset = mlstm_spec.init_params(3, 4, rng=9, dtype=np.float64, **options)
     for name in WEIGHTS:
         np.testing.assert_array_equal(offset[name], plain[name], err_msg=name)
     for gate in FACTS_IH_ORDER:
         np.testing.assert_array_equal(rows(offset["bias_ih"], FACTS_IH_ORDER, gate),
-                                      3.0 if gate == "f" else 0.0, err_msg=gate)
+                                      value if gate == "f" else 0.0, err_msg=gate)
     np.testing.assert_array_equal(offset["bias_mh"], 0)
     np.testing.assert_array_equal(offset["bias_hh"], 0)
-    # without an input bias the offset lives in the multiplicative bias
-    no_input_bias = mlstm_spec.init_params(3, 4, rng=9, bias=False, forget_bias=1.5)
-    for gate in FACTS_MH_ORDER:
-        np.testing.assert_array_equal(rows(no_input_bias["bias_mh"], FACTS_MH_ORDER, gate),
-                                      1.5 if gate == "f" else 0.0, err_msg=gate)
+
+
+# ---- the variants' parameters ----
+
+@pytest.mark.parametrize("weight_init", ["glorot_uniform", "orthogonal"])
+def test_proj_size_adds_weight_hr_and_narrows_weight_hh(weight_init):
+    I, H, P = 3, 6, 2
+    params = mlstm_spec.init_params(I, H, rng=4, dtype=np.float64, proj_size=P, weight_init=weight_init)
+    assert params["weight_hr"].shape == (P, H) and params["weight_hh"].shape == (H, P)
+    assert params["weight_mh"].shape == (4 * H, H), "m is H wide whatever P is"
+    info = mlstm_spec.check_params(params)
+    assert (info.proj_size, info.output_size, info.hidden_size) == (P, P, H)
+    plain = mlstm_spec.init_params(I, H, rng=4, dtype=np.float64, weight_init=weight_init)
+    np.testing.assert_array_equal(params["weight_ih"], plain["weight_ih"])  # drawn first, unchanged
+    if weight_init == "orthogonal":
+        np.testing.assert_allclose(params["weight_hr"] @ params["weight_hr"].T, np.eye(P), atol=1e-12)
+    else:
+        limit = glorot_limit(H, P)
+        assert np.abs(params["weight_hr"]).max() <= limit
+
+
+def test_peepholes_add_three_vectors_drawn_after_the_weights():
+    I, H = 3, 400
+    params = mlstm_spec.init_params(I, H, rng=6, dtype=np.float64, peepholes=True)
+    plain = mlstm_spec.init_params(I, H, rng=6, dtype=np.float64)
+    assert set(params) == set(plain) | {"weight_ci", "weight_cf", "weight_co"}
+    for name in plain:  # the variants come after every draw of the plain layer
+        np.testing.assert_array_equal(params[name], plain[name], err_msg=name)
+    limit = glorot_limit(1, H)  # the vector rule: an H x 1 matrix
+    for name in ("weight_ci", "weight_cf", "weight_co"):
+        assert params[name].shape == (H,)
+        assert 0.9 * limit <= np.abs(params[name]).max() <= limit, name
+    assert not np.array_equal(params["weight_ci"], params["weight_cf"])
+    assert mlstm_spec.check_params(params).peepholes
+
+
+def test_layer_options_name_the_variants_only_when_they_are_on():
+    plain = mlstm_spec.check_params(mlstm_spec.init_params(3, 4, rng=0))
+    assert set(plain.options) == {"bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence"}
+    params = mlstm_spec.init_params(3, 4, rng=0, proj_size=3, peepholes=True, bias=False)
+    options = mlstm_spec.check_params(params).options
+    assert options == dict(bias=False, recurrent_bias=True, multiplicative_bias=True,
+                           independent_recurrence=False, proj_size=3, peepholes=True)
+    again = mlstm_spec.init_params(3, 4, rng=1, **options)
+    assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in params.items()}
+
+
+def test_a_stack_with_a_projection_feeds_p_wide_outputs_to_the_next_layer():
+    first = mlstm_spec.init_params(3, 5, rng=0, proj_size=2)
+    second = mlstm_spec.init_params(2, 5, rng=1, proj_size=2)
+    infos = mlstm_spec.check_stack([first, second])
+    assert [info.input_size for info in infos] == [3, 2]
+    with pytest.raises(ValueError, match=r"params\[1\] must take input_size = proj_size of layer 0 \(2\)"):
+        mlstm_spec.check_stack([first, mlstm_spec.init_params(5, 5, rng=1, proj_size=2)])
 
 
 def test_block_helper_selects_the_rows_of_a_gate():

@@ -40,13 +40,12 @@ def valid_arguments(function):
 
 
 def invoke(function, a):
+    options = dict(integration_mode=a["integration_mode"], **a.get("runtime", {}))
     if function == "cell":
-        return mlstm_spec.cell(a["params"], a["input"], a["state"], integration_mode=a["integration_mode"])
+        return mlstm_spec.cell(a["params"], a["input"], a["state"], **options)
     if function == "forward":
-        return mlstm_spec.forward(a["params"], a["input"], a["state"],
-                                  integration_mode=a["integration_mode"])
-    return mlstm_spec.backward(a["params"], a["input"], a["state"], a["d_hs"], a["d_state"],
-                               integration_mode=a["integration_mode"])
+        return mlstm_spec.forward(a["params"], a["input"], a["state"], **options)
+    return mlstm_spec.backward(a["params"], a["input"], a["state"], a["d_hs"], a["d_state"], **options)
 
 
 def assert_raises_naming(error_type, fragments, call):
@@ -62,6 +61,12 @@ def assert_raises_naming(error_type, fragments, call):
 @pytest.mark.parametrize("function", FUNCTIONS)
 def test_the_valid_arguments_are_accepted(function):
     invoke(function, valid_arguments(function))
+    arguments = valid_arguments(function)
+    with_projection(arguments, function)
+    for name in ("weight_ci", "weight_cf", "weight_co"):
+        arguments["params"][name] = np.zeros(H)
+    arguments["runtime"] = dict(cell_clip=2, proj_clip=np.float32(0.5), forget_bias=-1)
+    invoke(function, arguments)
 
 
 # ---- cases shared by cell, forward and backward: (mutate(args, function) -> (type, fragments)) ----
@@ -243,6 +248,122 @@ def integration_mode_none(a, function):
     return ValueError, ["integration_mode", MODES_TEXT, "None"]
 
 
+def cell_clip_zero(a, function):
+    a["runtime"] = dict(cell_clip=0.0)
+    return ValueError, ["cell_clip", "None or a finite number > 0", "0.0"]
+
+
+def cell_clip_negative(a, function):
+    a["runtime"] = dict(cell_clip=-1)
+    return ValueError, ["cell_clip", "> 0", "-1"]
+
+
+def cell_clip_nan(a, function):
+    a["runtime"] = dict(cell_clip=float("nan"))
+    return ValueError, ["cell_clip", "finite", "nan"]
+
+
+def cell_clip_a_string(a, function):
+    a["runtime"] = dict(cell_clip="0.5")
+    return TypeError, ["cell_clip", "None or a finite number > 0", "'0.5'"]
+
+
+def cell_clip_true(a, function):
+    a["runtime"] = dict(cell_clip=True)
+    return TypeError, ["cell_clip", "bool", "True"]
+
+
+def proj_clip_without_projection(a, function):
+    a["runtime"] = dict(proj_clip=0.5)
+    return ValueError, ["proj_clip=0.5", "no projection", "weight_hr"]
+
+
+def proj_clip_infinite(a, function):
+    with_projection(a, function)
+    a["runtime"] = dict(proj_clip=float("inf"))
+    return ValueError, ["proj_clip", "finite number > 0", "inf"]
+
+
+def forget_bias_none(a, function):
+    a["runtime"] = dict(forget_bias=None)
+    return TypeError, ["forget_bias", "a finite number", "None"]
+
+
+def forget_bias_an_array(a, function):
+    a["runtime"] = dict(forget_bias=np.ones(H))
+    return TypeError, ["forget_bias", "a finite number", "ndarray"]
+
+
+def forget_bias_infinite(a, function):
+    a["runtime"] = dict(forget_bias=-float("inf"))
+    return ValueError, ["forget_bias", "a finite number", "-inf"]
+
+
+def with_projection(a, function, P=1):
+    """Valid arguments for a projection of size P (h is P wide)."""
+    rng = np.random.default_rng(1)
+    a["params"]["weight_hr"] = rng.uniform(-1, 1, (P, H))
+    a["params"]["weight_hh"] = rng.uniform(-1, 1, (H, P))
+    a["state"] = (a["state"][0][:, :P], a["state"][1])
+    a["d_hs"] = a["d_hs"][..., :P]
+    a["d_state"] = (a["d_state"][0][:, :P], a["d_state"][1])
+
+
+def weight_hr_as_wide_as_h(a, function):
+    with_projection(a, function)
+    a["params"]["weight_hr"] = np.zeros((H, H))
+    return ValueError, ["params['weight_hr']", f"(P, H) with 1 <= P < H = {H}", str((H, H))]
+
+
+def weight_hr_transposed(a, function):
+    with_projection(a, function)
+    a["params"]["weight_hr"] = np.zeros((H, 1))
+    return ValueError, ["params['weight_hr']", "(P, H)", str((H, 1))]
+
+
+def weight_hr_a_vector(a, function):
+    with_projection(a, function)
+    a["params"]["weight_hr"] = np.zeros(H)
+    return ValueError, ["params['weight_hr']", "(P, H)", str((H,))]
+
+
+def weight_hh_square_with_a_projection(a, function):
+    with_projection(a, function)
+    a["params"]["weight_hh"] = np.zeros((H, H))
+    return ValueError, ["params['weight_hh']", "(H,P)", str((H, 1)), "P=1", str((H, H))]
+
+
+def projection_with_independent_recurrence(a, function):
+    with_projection(a, function)
+    a["params"]["weight_hh"] = np.zeros(H)
+    return ValueError, ["weight_hh", "independent recurrence", "weight_hr", "cannot be combined"]
+
+
+def state_h_hidden_wide_with_a_projection(a, function):
+    with_projection(a, function)
+    a["state"] = (np.zeros((B, H)), a["state"][1])
+    return ValueError, ["state h", str((B, 1)), "P wide", str((B, H))]
+
+
+def state_c_projection_wide(a, function):
+    with_projection(a, function)
+    a["state"] = (a["state"][0], np.zeros((B, 1)))
+    return ValueError, ["state c", str((B, H)), str((B, 1))]
+
+
+def peepholes_incomplete(a, function):
+    a["params"]["weight_ci"] = np.zeros(H)
+    a["params"]["weight_co"] = np.zeros(H)
+    return ValueError, ["'weight_ci', 'weight_co'", "['weight_cf']", "all three"]
+
+
+def peephole_of_wrong_length(a, function):
+    for name in ("weight_ci", "weight_cf", "weight_co"):
+        a["params"][name] = np.zeros(H)
+    a["params"]["weight_cf"] = np.zeros(H + 1)
+    return ValueError, ["params['weight_cf']", str((H,)), str((H + 1,))]
+
+
 SHARED_CASES = [
     rank_too_high, rank_too_low, input_features_differ_from_params, input_without_rows,
     input_of_integers, input_of_booleans, input_dtype_differs_from_params, input_is_a_list,
@@ -254,6 +375,13 @@ SHARED_CASES = [
     bias_ih_of_wrong_length, bias_hh_of_wrong_length, bias_mh_of_wrong_length, bias_mh_as_a_matrix,
     params_of_mixed_dtypes, params_of_integers, param_given_as_a_list, unknown_integration_mode,
     julia_symbol_as_integration_mode, integration_mode_none,
+    # the variants
+    cell_clip_zero, cell_clip_negative, cell_clip_nan, cell_clip_a_string, cell_clip_true,
+    proj_clip_without_projection, proj_clip_infinite, forget_bias_none, forget_bias_an_array,
+    forget_bias_infinite, weight_hr_as_wide_as_h, weight_hr_transposed, weight_hr_a_vector,
+    weight_hh_square_with_a_projection, projection_with_independent_recurrence,
+    state_h_hidden_wide_with_a_projection, state_c_projection_wide, peepholes_incomplete,
+    peephole_of_wrong_length,
 ]
 
 
@@ -314,9 +442,15 @@ def d_state_dtype_differs(a):
     return TypeError, ["d_state h", "float32", "float64"]
 
 
+def d_hs_hidden_wide_with_a_projection(a):
+    with_projection(a, "backward")
+    a["d_hs"] = np.zeros((B, T, H))
+    return ValueError, ["d_hs", str((B, T, 1)), str((B, T, H))]
+
+
 @pytest.mark.parametrize("mutate", [
     d_hs_of_wrong_shape, d_hs_time_major, d_hs_dtype_differs, d_hs_of_integers, d_hs_is_a_list,
-    d_state_of_wrong_shape, d_state_not_a_pair, d_state_dtype_differs,
+    d_state_of_wrong_shape, d_state_not_a_pair, d_state_dtype_differs, d_hs_hidden_wide_with_a_projection,
 ], ids=lambda f: f.__name__)
 def test_bad_output_gradients_are_rejected(mutate):
     arguments = valid_arguments("backward")
@@ -340,8 +474,20 @@ INIT_CASES = [
     (dict(rng=1.5), TypeError, ["rng", "numpy.random.Generator", "float"]),
     (dict(rng=True), TypeError, ["rng", "numpy.random.Generator", "bool"]),
     (dict(rng=np.random.RandomState(0)), TypeError, ["rng", "numpy.random.Generator", "RandomState"]),
-    (dict(forget_bias=3.0, bias=False, multiplicative_bias=False), ValueError,
-     ["forget_bias", "bias=True or multiplicative_bias=True", "3.0"]),
+    (dict(forget_bias_init=3.0, bias=False), ValueError,
+     ["forget_bias_init=3.0", "forget block of bias_ih", "bias=False", "run-time forget_bias"]),
+    (dict(unit_forget_bias=True, bias=False), ValueError,
+     ["unit_forget_bias=True", "forget block of bias_ih", "bias=False"]),
+    (dict(unit_forget_bias=True, forget_bias_init=3.0), ValueError,
+     ["unit_forget_bias=True", "forget_bias_init=3.0", "give one"]),
+    (dict(forget_bias_init="1"), TypeError, ["forget_bias_init", "number", "'1'"]),
+    (dict(forget_bias_init=float("inf")), ValueError, ["forget_bias_init", "finite", "inf"]),
+    (dict(proj_size=2), ValueError, ["proj_size", "1..hidden_size-1 = 1..1", "2"]),
+    (dict(proj_size=-1), ValueError, ["proj_size", "0 (no projection)", "-1"]),
+    (dict(proj_size=1.0), TypeError, ["proj_size", "int", "float"]),
+    (dict(proj_size=True), TypeError, ["proj_size", "int", "bool"]),
+    (dict(proj_size=1, independent_recurrence=True), ValueError,
+     ["proj_size=1", "independent_recurrence=True", "element-wise"]),
 ]
 
 
