@@ -21,6 +21,8 @@ layout                      what maps                                           
 ``tamamori``,
 ``krause_chainer``,
 ``lux_recurrent_layers``
+``tamamori`` (TF 0.12)      its variables, with ``allow_formula_change=True`` only: the   :func:`from_tf012`,
+                            weights move exactly, the function does not (see below)      :func:`to_tf012`
 ==========================  ===========================================================  =========
 
 Block orders are the only real trap: torchrecurrent uses the same parameter *names* and shapes as
@@ -30,6 +32,17 @@ the canonical layout but orders the gate blocks ``m, i, f, z, o`` (input project
 
 None of these layouts knows ``integration_mode="multiplicative_integration"``: they all add the two
 projections, so converting to them refuses that mode, and converted parameters are for ``"addition"``.
+None of the exact layouts has a projection or peepholes either: converting parameters with
+``weight_hr`` or peephole weights to them is refused. Run-time options (``cell_clip``, ``proj_clip``,
+``forget_bias``) are not parameters and are not converted: use the values the model was run with.
+
+The TF 0.12 ``MultiplicativeLSTMCell`` (A. Tamamori's, the ``tamamori`` layout) has TensorFlow's
+``use_peepholes``, ``cell_clip``, ``num_proj``, ``proj_clip`` and ``forget_bias``, but computes another
+function: a linear candidate and ``h = tanh(c * o)`` (with peepholes
+``sigmoid(o + w_o * c) * tanh(c * (o + w_o * c))``). :func:`from_tf012` reads its variables and refuses,
+naming the formula the checkpoint was trained with; ``allow_formula_change=True`` copies the weights to
+their canonical places anyway (bit for bit), for a model that is *meant* to compute something else from
+then on, e.g. to start training from them. :func:`to_tf012` is the inverse.
 """
 
 from __future__ import annotations
@@ -38,13 +51,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .equations import BIAS_FLAGS, IH_BLOCKS, MH_BLOCKS
+from .equations import BIAS_FLAGS, IH_BLOCKS, MH_BLOCKS, PEEPHOLE_WEIGHTS
 from .validation import LayerInfo, check_integration_mode, check_params
 
 __all__ = [
     "LAYOUTS", "TORCHRECURRENT_IH_BLOCKS", "TORCHRECURRENT_MH_BLOCKS", "PAPER_NAMES", "convert_from",
-    "explain", "from_nvidia", "from_openai", "from_paper", "from_torchrecurrent", "to_nvidia",
-    "to_openai", "to_paper", "to_torchrecurrent", "to_torchrecurrent_module",
+    "explain", "from_nvidia", "from_openai", "from_paper", "from_tf012", "from_torchrecurrent", "to_nvidia",
+    "to_openai", "to_paper", "to_tf012", "to_torchrecurrent", "to_torchrecurrent_module", "TF012_NAMES",
+    "TF012_GATE_BLOCKS",
 ]
 
 #: torchrecurrent 0.2.5's row blocks of ``weight_ih`` / ``bias_ih`` (read from its ``forward``).
@@ -96,10 +110,12 @@ LAYOUTS = {
         "recurrent kernel is H x 5H (block order i,f,c,o,m) applied in a different arrangement, with "
         "biases on the input side only. It is a different function from RecurrentLayers.jl's cell.")),
     "tamamori": (False, (
-        "A. Tamamori's TensorFlow MultiplicativeLSTMCell uses one matrix over [x; h] for the gates "
-        "i,j,f,o, computes h = tanh(c * o) with no sigmoid on o, and its m is not the paper's eq. 18; "
-        "its peephole branch is malformed. No parameters of the canonical cell reproduce that output "
-        "formula.")),
+        "A. Tamamori's TensorFlow (0.12) MultiplicativeLSTMCell computes m from one matrix over [x; h] "
+        "(both factors see x and h, unlike the paper's eq. 18), then the gates i,j,f,o from one matrix "
+        "over [x; m] with a linear candidate j, and h = tanh(c * o) with no sigmoid on o; with peepholes "
+        "h = sigmoid(o + w_o * c) * tanh(c * (o + w_o * c)). No parameters of the canonical cell "
+        "reproduce that function. from_tf012 / to_tf012 move its variables with "
+        "allow_formula_change=True, for a model meant to compute the canonical function from then on.")),
     "krause_chainer": (False, (
         "Krause's Chainer training code interleaves the gate blocks per unit (a,i,f,o), adds a forget "
         "bias of 3 inside a single 4H gate bias, and weight-normalises every matrix: the stored "
@@ -185,6 +201,17 @@ def _dense_recurrence(params, info: LayerInfo, layout, expand_independent, argum
             "same function, but training there will fill the off-diagonal entries"
         )
     return np.diag(w_hh)
+
+
+def _require_no_variants(info: LayerInfo, layout, argument):
+    """The exact layouts have neither a projection nor peepholes: refuse rather than drop them."""
+    found = [what for what, on in (("a projection (weight_hr)", info.proj_size),
+                                   ("peepholes (weight_ci, weight_cf, weight_co)", info.peepholes)) if on]
+    if found:
+        raise ValueError(
+            f"{argument} has {' and '.join(found)}, which {layout} does not have; dropping them would "
+            "change the function"
+        )
 
 
 def _require_zero(value, argument, why):
@@ -298,6 +325,7 @@ def to_torchrecurrent(params, *, integration_mode="addition", expand_independent
     for index, layer in enumerate(layers):
         argument = "params" if len(layers) == 1 else f"params[{index}]"
         info = check_params(layer, argument=argument)
+        _require_no_variants(info, "torchrecurrent", argument)
         prefix = "" if cell else f"cells.{index}."
         hidden = info.hidden_size
         zeros = {"bias_ih": 5 * hidden, "bias_hh": hidden, "bias_mh": 4 * hidden}
@@ -396,6 +424,7 @@ def to_paper(params, *, integration_mode="addition", expand_independent=False) -
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be one canonical mapping, got {type(params).__name__}")
     info = check_params(params)
+    _require_no_variants(info, "the paper's equations", "params")
     for name in BIAS_FLAGS:
         if name in params:
             _require_zero(params[name], f"params[{name!r}]", "the paper's equations have no biases")
@@ -473,6 +502,7 @@ def to_openai(params, *, integration_mode="addition", expand_independent=False) 
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be one canonical mapping, got {type(params).__name__}")
     info = check_params(params)
+    _require_no_variants(info, "OpenAI's mLSTM", "params")
     for name, why in (("bias_hh", "OpenAI's m has no bias"),
                       ("bias_ih", "OpenAI's mLSTM has a single gate bias, which takes bias_mh")):
         if name in params:
@@ -536,6 +566,7 @@ def to_nvidia(params, *, integration_mode="addition", expand_independent=False) 
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be one canonical mapping, got {type(params).__name__}")
     info = check_params(params)
+    _require_no_variants(info, "NVIDIA's mLSTM", "params")
     hidden = info.hidden_size
     if "bias_hh" in params:
         _require_zero(params["bias_hh"], "params['bias_hh']", "NVIDIA's m has no bias")
@@ -551,3 +582,211 @@ def to_nvidia(params, *, integration_mode="addition", expand_independent=False) 
     if "bias_mh" in params:
         out["b_hh"] = _reorder(params["bias_mh"], MH_BLOCKS, LSTM_GATE_BLOCKS)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# TF 0.12 MultiplicativeLSTMCell (A. Tamamori's; TensorFlow, row-vector convention: [x, h] @ matrix)
+# ---------------------------------------------------------------------------------------------------
+
+#: Its variables by role, as named under the cell's variable scope (``<scope>/<name>``). The matrices
+#: are TensorFlow's ``_linear`` over concatenated inputs: ``[x, h] @ Matrix + Bias``.
+TF012_NAMES = {
+    "multiplicative_matrix": "Multipli_Weight/Linear/Matrix",  # (I + P, 2H): [x, h] -> both factors of m
+    "multiplicative_bias": "Multipli_Weight/Linear/Bias",  # (2H,)
+    "gate_matrix": "LSTM_Weight/Linear/Matrix",  # (I + H, 4H): [x, m] -> i, j, f, o
+    "gate_bias": "LSTM_Weight/Linear/Bias",  # (4H,)
+    "weight_ci": "W_I_diag",  # (H,), with use_peepholes
+    "weight_cf": "W_F_diag",
+    "weight_co": "W_O_diag",
+    "projection": "W_P",  # (H, P), with num_proj
+}
+#: Its gate columns ``i, j, f, o`` in canonical names (its ``j`` is the candidate ``z``).
+TF012_GATE_BLOCKS = ("i", "z", "f", "o")
+_TF012_REQUIRED = ("multiplicative_matrix", "multiplicative_bias", "gate_matrix", "gate_bias")
+_TF012_PEEPHOLES = dict(zip(PEEPHOLE_WEIGHTS, ("weight_ci", "weight_cf", "weight_co")))
+
+
+def _tf012_formula(peepholes: bool, projection: bool) -> str:
+    output = ("h = sigmoid(o + w_o * c) * tanh(c * (o + w_o * c))" if peepholes
+              else "h = tanh(c * o) (no sigmoid on o)")
+    cell = ("c = sigmoid(f + forget_bias + w_f * c_prev) * c_prev + sigmoid(i + w_i * c_prev) * j"
+            if peepholes else "c = sigmoid(f + forget_bias) * c_prev + sigmoid(i) * j")
+    return (f"m = ([x, h] A + a)[:H] * ([x, h] A + a)[H:]; {cell} with a linear candidate j; "
+            f"c clipped to cell_clip; {output}" + ("; h = clip(h W_P, proj_clip)" if projection else ""))
+
+
+_CANONICAL_FORMULA = ("c = sigmoid(f) * c_prev + sigmoid(i) * tanh(z), h = sigmoid(o) * tanh(c) (with "
+                      "peepholes sigmoid(o + w_co * c) * tanh(c))")
+
+
+def _formula_refusal(peepholes, projection, where) -> str:
+    return (
+        f"{where} is for the TF 0.12 MultiplicativeLSTMCell, which computes {_tf012_formula(peepholes, projection)}. "
+        f"mlstm_spec computes {_CANONICAL_FORMULA}: a different function, which no choice of parameters "
+        "reproduces. Pass allow_formula_change=True to move the weights to their places anyway (bit for "
+        "bit), e.g. to start training from them, knowing that the network's outputs change."
+    )
+
+
+def _tf012_variables(variables, scope):
+    """{role: array} from a mapping of TensorFlow variable names (``:0`` suffixes allowed) to arrays."""
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            "variables must be a mapping of TensorFlow variable name to array (e.g. from "
+            f"tf.train.load_checkpoint), got {type(variables).__name__}"
+        )
+    names = {str(key)[:-2] if str(key).endswith(":0") else str(key): key for key in variables}
+    if scope is not None:
+        prefix = scope.rstrip("/") + "/"
+        names = {name[len(prefix):]: key for name, key in names.items() if name.startswith(prefix)}
+    found = {}
+    for role, suffix in TF012_NAMES.items():
+        matches = [name for name in names if name == suffix or name.endswith("/" + suffix)]
+        if len(matches) > 1:
+            raise ValueError(
+                f"variables hold {len(matches)} candidates for {suffix} ({sorted(matches)}): pass scope= "
+                "to choose one cell (e.g. scope='rnn/multi_rnn_cell/cell_0/MultiplicativeLSTMCell')"
+            )
+        if matches:
+            found[role] = _to_numpy(variables[names[matches[0]]], matches[0])
+    missing = [TF012_NAMES[role] for role in _TF012_REQUIRED if role not in found]
+    if missing:
+        raise ValueError(
+            f"variables{'' if scope is None else f' under scope {scope!r}'} have no {missing}; the TF 0.12 "
+            f"MultiplicativeLSTMCell always has {[TF012_NAMES[r] for r in _TF012_REQUIRED]}"
+        )
+    return found
+
+
+def from_tf012(variables, *, scope=None, allow_formula_change=False) -> dict:
+    """Canonical parameters from the variables of the TF 0.12 ``MultiplicativeLSTMCell``.
+
+    Args:
+        variables: a mapping of TensorFlow variable name to array or tensor, e.g.
+            ``{name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}``. Names are
+            matched by their ending (:data:`TF012_NAMES`), so any enclosing scope works.
+        scope: the cell's scope, to pick one cell out of a checkpoint holding several.
+        allow_formula_change: the cell computes another function than the canonical one (see
+            :data:`LAYOUTS` ``["tamamori"]``), so by default this raises a ``ValueError`` that names the
+            formula the checkpoint was trained with. ``True`` moves the weights anyway.
+
+    Shapes (row-vector convention): ``Multipli_Weight`` matrix ``(I + P, 2H)`` and bias ``(2H,)``,
+    ``LSTM_Weight`` matrix ``(I + H, 4H)`` (gate columns ``i, j, f, o``) and bias ``(4H,)``, peepholes
+    ``W_I_diag``, ``W_F_diag``, ``W_O_diag`` ``(H,)``, projection ``W_P`` ``(H, P)`` (``P = H`` without
+    one). The two factors of ``m`` are the column halves of ``[x, h] @ Matrix + Bias``; the canonical
+    ``m = (W x + b) * (W h + b)`` holds the first factor's ``x`` rows and the second's ``h`` rows, so
+    the other two blocks must be zero (refused otherwise, whatever ``allow_formula_change`` says).
+
+    The result has ``bias_ih`` (its ``m`` block from the first half of the ``Multipli_Weight`` bias,
+    its gate blocks from the ``LSTM_Weight`` bias), ``bias_hh`` (the second half) and no ``bias_mh``,
+    plus ``weight_hr = W_P.T`` and the peephole weights when present. Values are copied bit for bit.
+    The cell's ``forget_bias`` (1.0 by default there), ``cell_clip`` and ``proj_clip`` are constructor
+    arguments, not variables: pass them to ``forward`` yourself.
+    """
+    found = _tf012_variables(variables, scope)
+    gate_matrix, mult_matrix = found["gate_matrix"], found["multiplicative_matrix"]
+    if gate_matrix.ndim != 2 or gate_matrix.shape[1] % 4 or not gate_matrix.shape[1]:
+        raise ValueError(f"{TF012_NAMES['gate_matrix']} must be (I + H, 4H), got {gate_matrix.shape}")
+    hidden = gate_matrix.shape[1] // 4
+    inputs = gate_matrix.shape[0] - hidden
+    projected = "projection" in found
+    out_size = mult_matrix.shape[0] - inputs if mult_matrix.ndim == 2 else 0
+    peepholes = [role for role in _TF012_PEEPHOLES.values() if role in found]
+    want = {
+        "gate_matrix": (inputs + hidden, 4 * hidden),
+        "gate_bias": (4 * hidden,),
+        "multiplicative_matrix": (inputs + out_size, 2 * hidden),
+        "multiplicative_bias": (2 * hidden,),
+        **{role: (hidden,) for role in peepholes},
+        **({"projection": (hidden, out_size)} if projected else {}),
+    }
+    wrong = {TF012_NAMES[role]: found[role].shape for role, shape in want.items() if found[role].shape != shape}
+    if inputs < 1 or out_size < 1 or wrong or (not projected and out_size != hidden):
+        raise ValueError(
+            f"the TF 0.12 variables must have shapes {dict((TF012_NAMES[r], s) for r, s in want.items())} "
+            f"(H = {hidden} and I = {inputs} read from {TF012_NAMES['gate_matrix']} {gate_matrix.shape}, "
+            f"P = {out_size} from {TF012_NAMES['multiplicative_matrix']}; P = H without {TF012_NAMES['projection']}); "
+            f"these differ: {wrong}"
+        )
+    if peepholes and len(peepholes) != len(_TF012_PEEPHOLES):
+        raise ValueError(f"the variables have {[TF012_NAMES[r] for r in peepholes]} but not all three peepholes")
+    cross = {"h rows of the first factor": mult_matrix[inputs:, :hidden],
+             "x rows of the second factor": mult_matrix[:inputs, hidden:]}
+    cross = [f"the {what} (max |value| {np.abs(block).max():.3g})" for what, block in cross.items()
+             if np.any(block != 0)]
+    cross_text = (
+        f"In {TF012_NAMES['multiplicative_matrix']}, {' and '.join(cross)} of m are nonzero: this cell's m "
+        "lets both factors see x and h, the canonical m = (W x + b) * (W h + b) does not, and no canonical "
+        "parameter can hold those blocks."
+    ) if cross else ""
+    if not allow_formula_change:
+        raise ValueError(f"{_formula_refusal(bool(peepholes), projected, 'this checkpoint')} {cross_text}".rstrip())
+    if cross:
+        raise ValueError(cross_text)
+    columns = dict(zip(TF012_GATE_BLOCKS, np.split(gate_matrix, 4, axis=1)))
+    gate_bias = dict(zip(TF012_GATE_BLOCKS, np.split(found["gate_bias"], 4)))
+    mult_bias = found["multiplicative_bias"]
+    params = {
+        "weight_ih": np.concatenate([mult_matrix[:inputs, :hidden].T]
+                                    + [columns[g][:inputs].T for g in MH_BLOCKS]),
+        "weight_hh": np.ascontiguousarray(mult_matrix[inputs:, hidden:].T),
+        "weight_mh": np.concatenate([columns[g][inputs:].T for g in MH_BLOCKS]),
+        "bias_ih": np.concatenate([mult_bias[:hidden]] + [gate_bias[g] for g in MH_BLOCKS]),
+        "bias_hh": mult_bias[hidden:].copy(),
+    }
+    if projected:
+        params["weight_hr"] = np.ascontiguousarray(found["projection"].T)
+    for name, role in _TF012_PEEPHOLES.items():
+        if role in found:
+            params[name] = found[role]
+    check_params(params, argument="the TF 0.12 variables")
+    return params
+
+
+def to_tf012(params, *, scope="rnn/MultiplicativeLSTMCell", integration_mode="addition",
+             allow_formula_change=False, expand_independent=False) -> dict:
+    """The TF 0.12 ``MultiplicativeLSTMCell``'s variables (``f"{scope}/{name}"`` -> array) for one
+    canonical layer: the inverse of :func:`from_tf012`.
+
+    Refused unless ``allow_formula_change=True``: that cell computes another function with these
+    weights. Its ``m`` matrix gets zero cross blocks; its single gate bias takes the gate blocks of
+    ``bias_ih``, or ``bias_mh`` when those are zero (both nonzero would have to be added, which rounds:
+    refused). Absent biases are written as zeros (the cell always has them).
+    """
+    _require_addition(integration_mode, "the TF 0.12 MultiplicativeLSTMCell")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be one canonical mapping, got {type(params).__name__}")
+    info = check_params(params)
+    if not allow_formula_change:
+        raise ValueError(_formula_refusal(info.peepholes, bool(info.proj_size), "to_tf012"))
+    hidden, inputs, out_size = info.hidden_size, info.input_size, info.output_size
+    dtype = np.dtype(info.dtype)
+    zeros = lambda n: np.zeros(n, dtype=dtype)  # noqa: E731
+    w_ih = dict(zip(IH_BLOCKS, np.split(params["weight_ih"], len(IH_BLOCKS))))
+    w_mh = dict(zip(MH_BLOCKS, np.split(params["weight_mh"], len(MH_BLOCKS))))
+    b_ih = dict(zip(IH_BLOCKS, np.split(params.get("bias_ih", zeros(5 * hidden)), len(IH_BLOCKS))))
+    gate_bias = np.concatenate([b_ih[g] for g in MH_BLOCKS])
+    if "bias_mh" in params and np.any(params["bias_mh"] != 0):
+        _require_zero(gate_bias, "the gate blocks of params['bias_ih']",
+                      "the TF 0.12 cell has one gate bias, which then takes bias_mh")
+        gate_bias = params["bias_mh"]
+    gate_bias = dict(zip(MH_BLOCKS, np.split(gate_bias, len(MH_BLOCKS))))
+    mult_matrix = np.zeros((inputs + out_size, 2 * hidden), dtype=dtype)
+    mult_matrix[:inputs, :hidden] = w_ih["m"].T
+    mult_matrix[inputs:, hidden:] = _dense_recurrence(params, info, "the TF 0.12 cell", expand_independent,
+                                                      "params").T
+    out = {
+        TF012_NAMES["multiplicative_matrix"]: mult_matrix,
+        TF012_NAMES["multiplicative_bias"]: np.concatenate([b_ih["m"], params.get("bias_hh", zeros(hidden))]),
+        TF012_NAMES["gate_matrix"]: np.concatenate(
+            [np.concatenate([w_ih[g].T for g in TF012_GATE_BLOCKS], axis=1),
+             np.concatenate([w_mh[g].T for g in TF012_GATE_BLOCKS], axis=1)]),
+        TF012_NAMES["gate_bias"]: np.concatenate([gate_bias[g] for g in TF012_GATE_BLOCKS]),
+    }
+    if info.proj_size:
+        out[TF012_NAMES["projection"]] = np.ascontiguousarray(params["weight_hr"].T)
+    for name, role in _TF012_PEEPHOLES.items():
+        if name in params:
+            out[TF012_NAMES[role]] = params[name].copy()
+    prefix = scope.rstrip("/") + "/" if scope else ""
+    return {prefix + name: value for name, value in out.items()}

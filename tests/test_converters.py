@@ -8,6 +8,8 @@ converters.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -387,3 +389,172 @@ def test_every_mappable_layout_has_both_directions():
     assert_bit_identical(converters.convert_from("paper", **W), converters.from_paper(**W))
     with pytest.raises(ValueError, match="layout must be one of"):
         converters.explain("keras")
+
+
+# ---------------------------------------------------------------------------------------------------
+# variants: the exact layouts have none
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", [dict(proj_size=2), dict(peepholes=True)], ids=["projection", "peepholes"])
+@pytest.mark.parametrize("convert", [converters.to_paper, converters.to_openai, converters.to_nvidia,
+                                     converters.to_torchrecurrent], ids=lambda f: f.__name__)
+def test_exact_layouts_refuse_a_projection_or_peepholes_instead_of_dropping_them(convert, variant):
+    params = mlstm_spec.init_params(3, 4, rng=0, dtype=np.float64, bias=False, recurrent_bias=False,
+                                    multiplicative_bias=False, **variant)
+    what = "a projection (weight_hr)" if "proj_size" in variant else "peepholes"
+    with pytest.raises(ValueError, match=rf"params has {re.escape(what)}.*dropping them would change the function"):
+        convert(params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the TF 0.12 MultiplicativeLSTMCell (Tamamori's): variables built by hand in its layout
+# ---------------------------------------------------------------------------------------------------
+
+# Its variables, written from its source: "<scope>/<name>", matrices applied to [x, h] / [x, m] as rows.
+TF_SCOPE = "rnn/MultiplicativeLSTMCell"
+TF_GATE_COLUMNS = ("i", "j", "f", "o")  # j: the candidate
+
+
+def tf012_checkpoint(I=3, H=4, P=None, peepholes=False, seed=0, cross=False, suffix=":0"):
+    """A checkpoint of the TF 0.12 cell as TensorFlow names and shapes it; ``cross`` leaves the blocks
+    of m's matrix that the canonical m has no place for nonzero."""
+    rng = np.random.default_rng(seed)
+    width = H if P is None else P
+    multipli = rng.uniform(-1, 1, (I + width, 2 * H))
+    if not cross:
+        multipli[I:, :H] = 0  # h -> first factor
+        multipli[:I, H:] = 0  # x -> second factor
+    names = {
+        "Multipli_Weight/Linear/Matrix": multipli,
+        "Multipli_Weight/Linear/Bias": rng.uniform(-1, 1, 2 * H),
+        "LSTM_Weight/Linear/Matrix": rng.uniform(-1, 1, (I + H, 4 * H)),
+        "LSTM_Weight/Linear/Bias": rng.uniform(-1, 1, 4 * H),
+    }
+    if peepholes:
+        names.update({f"W_{g}_diag": rng.uniform(-1, 1, H) for g in "IFO"})
+    if P is not None:
+        names["W_P"] = rng.uniform(-1, 1, (H, P))
+    return {f"{TF_SCOPE}/{name}{suffix}": value for name, value in names.items()}
+
+
+def tf_variables(checkpoint):
+    """name (without scope and :0) -> array."""
+    return {key.split(TF_SCOPE + "/")[1].removesuffix(":0"): value for key, value in checkpoint.items()}
+
+
+def tf_layout_step(v, x, h, c, output_formula):
+    """One step read from the TF variables as that cell reads them ([x, h] @ Matrix + Bias, split into
+    halves / gate columns i, j, f, o; peepholes; projection W_P), finished with either the canonical
+    formula or the TF 0.12 cell's own."""
+    sigma = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
+    H = v["LSTM_Weight/Linear/Bias"].shape[0] // 4
+    factors = np.concatenate([x, h], axis=-1) @ v["Multipli_Weight/Linear/Matrix"] + v["Multipli_Weight/Linear/Bias"]
+    m = factors[..., :H] * factors[..., H:]
+    gates = np.concatenate([x, m], axis=-1) @ v["LSTM_Weight/Linear/Matrix"] + v["LSTM_Weight/Linear/Bias"]
+    i, j, f, o = (gates[..., k * H:(k + 1) * H] for k in range(4))
+    w = {g: v.get(f"W_{g}_diag", np.zeros(H)) for g in "IFO"}
+    if output_formula == "canonical":
+        c_new = sigma(f + w["F"] * c) * c + sigma(i + w["I"] * c) * np.tanh(j)
+        h_new = sigma(o + w["O"] * c_new) * np.tanh(c_new)
+    else:  # the TF 0.12 cell's: linear candidate, tanh(c * o) or its peephole form
+        c_new = sigma(f + w["F"] * c) * c + sigma(i + w["I"] * c) * j
+        o_peep = o + w["O"] * c_new
+        h_new = sigma(o_peep) * np.tanh(c_new * o_peep) if "W_O_diag" in v else np.tanh(c_new * o)
+    if "W_P" in v:
+        h_new = h_new @ v["W_P"]
+    return h_new, c_new
+
+
+TF_SHAPES = [dict(), dict(peepholes=True), dict(P=2), dict(P=2, peepholes=True)]
+
+
+def tf_id(options):
+    return "+".join(f"{k}={v}" for k, v in options.items()) or "plain"
+
+
+@pytest.mark.parametrize("options", TF_SHAPES, ids=tf_id)
+def test_tf012_variables_move_to_the_places_tensorflow_reads_them_from(options):
+    checkpoint = tf012_checkpoint(**options)
+    params = converters.from_tf012(checkpoint, allow_formula_change=True)
+    info = mlstm_spec.check_params(params)
+    assert (info.proj_size, info.peepholes, info.hidden_size, info.input_size) == (
+        options.get("P", 0), options.get("peepholes", False), 4, 3)
+    rng = np.random.default_rng(9)
+    xs = rng.standard_normal((2, 5, 3))
+    h = rng.uniform(-1, 1, (2, info.output_size))
+    c = rng.standard_normal((2, 4))
+    hs, (h_T, c_T) = mlstm_spec.forward(params, xs, (h, c))
+    v = tf_variables(checkpoint)
+    for t in range(5):
+        h, c = tf_layout_step(v, xs[:, t], h, c, "canonical")
+        assert_close(hs[:, t], h, what=f"hs[:, {t}]")
+    assert_close(c_T, c, what="c_T")
+
+
+@pytest.mark.parametrize("options", TF_SHAPES, ids=tf_id)
+def test_tf012_round_trip_is_bit_identical(options):
+    checkpoint = tf012_checkpoint(seed=1, suffix="", **options)
+    params = converters.from_tf012(checkpoint, allow_formula_change=True)
+    assert_bit_identical(converters.to_tf012(params, scope=TF_SCOPE, allow_formula_change=True), checkpoint)
+    assert_bit_identical(converters.from_tf012(converters.to_tf012(params, allow_formula_change=True),
+                                               allow_formula_change=True), params)
+
+
+@pytest.mark.parametrize("options", TF_SHAPES, ids=tf_id)
+def test_tf012_is_refused_with_the_formula_the_checkpoint_was_trained_with(options):
+    checkpoint = tf012_checkpoint(**options)
+    output = (r"h = sigmoid\(o \+ w_o \* c\) \* tanh\(c \* \(o \+ w_o \* c\)\)" if options.get("peepholes")
+              else r"h = tanh\(c \* o\) \(no sigmoid on o\)")
+    with pytest.raises(ValueError, match=rf"this checkpoint is for the TF 0\.12 MultiplicativeLSTMCell, "
+                                         rf"which computes .*linear candidate j.*{output}.*allow_formula_change"):
+        converters.from_tf012(checkpoint)
+    params = converters.from_tf012(checkpoint, allow_formula_change=True)
+    with pytest.raises(ValueError, match=rf"to_tf012 is for the TF 0\.12 .*{output}"):
+        converters.to_tf012(params)
+    # why refusing is right: the cell's own formula is another function of the same weights
+    v = tf_variables(checkpoint)
+    rng = np.random.default_rng(2)
+    x, h, c = rng.standard_normal((2, 3)), rng.uniform(-1, 1, (2, 4 if "P" not in options else 2)), rng.standard_normal((2, 4))
+    canonical, _ = tf_layout_step(v, x, h, c, "canonical")
+    own, _ = tf_layout_step(v, x, h, c, "tf012")
+    assert np.abs(canonical - own).max() > 0.1
+
+
+def test_tf012_cross_blocks_of_m_cannot_be_placed_even_when_the_formula_change_is_allowed():
+    checkpoint = tf012_checkpoint(cross=True)
+    cross = r"the h rows of the first factor \(max \|value\| .*\) and the x rows of the second factor .* are nonzero"
+    with pytest.raises(ValueError, match=rf"h = tanh\(c \* o\).* {cross}"):
+        converters.from_tf012(checkpoint)
+    with pytest.raises(ValueError, match=rf"^In Multipli_Weight/Linear/Matrix, {cross}"):
+        converters.from_tf012(checkpoint, allow_formula_change=True)
+
+
+def test_tf012_variables_are_found_by_name_and_scope():
+    first, second = tf012_checkpoint(seed=3), tf012_checkpoint(seed=4, P=2)
+    both = {**first, **{key.replace(TF_SCOPE, "rnn/cell_1"): value for key, value in second.items()}}
+    with pytest.raises(ValueError, match=r"2 candidates for Multipli_Weight/Linear/Matrix.*pass scope="):
+        converters.from_tf012(both, allow_formula_change=True)
+    chosen = converters.from_tf012(both, scope="rnn/cell_1", allow_formula_change=True)
+    assert_bit_identical(chosen, converters.from_tf012(second, allow_formula_change=True))
+    incomplete = {k: v for k, v in first.items() if "LSTM_Weight/Linear/Bias" not in k}
+    with pytest.raises(ValueError, match=r"have no \['LSTM_Weight/Linear/Bias'\]"):
+        converters.from_tf012(incomplete, allow_formula_change=True)
+    partial = {k: v for k, v in tf012_checkpoint(peepholes=True).items() if "W_F_diag" not in k}
+    with pytest.raises(ValueError, match=r"not all three peepholes"):
+        converters.from_tf012(partial, allow_formula_change=True)
+    wrong = dict(first, **{f"{TF_SCOPE}/LSTM_Weight/Linear/Bias:0": np.zeros(15)})
+    with pytest.raises(ValueError, match=r"these differ: \{'LSTM_Weight/Linear/Bias': \(15,\)\}"):
+        converters.from_tf012(wrong, allow_formula_change=True)
+
+
+def test_to_tf012_takes_one_gate_bias_and_refuses_what_it_cannot_hold():
+    params = random_params(3, 4, seed=5)  # bias_ih, bias_hh and bias_mh all nonzero
+    with pytest.raises(ValueError, match=r"gate blocks of params\['bias_ih'\] is nonzero.*one gate bias"):
+        converters.to_tf012(params, allow_formula_change=True)
+    only_mh = dict(params, bias_ih=np.concatenate([params["bias_ih"][:4], np.zeros(16)]))
+    out = converters.to_tf012(only_mh, allow_formula_change=True)
+    gate_bias = out[f"{TF_SCOPE}/LSTM_Weight/Linear/Bias"]
+    order = dict(zip(TF_GATE_COLUMNS, np.split(gate_bias, 4)))
+    np.testing.assert_array_equal(order["j"], mlstm_spec.block(params["bias_mh"], "z", mlstm_spec.MH_BLOCKS))
+    with pytest.raises(ValueError, match="multiplicative_integration"):
+        converters.to_tf012(params, integration_mode="multiplicative_integration", allow_formula_change=True)
