@@ -145,6 +145,7 @@ def _check_layer(params, argument: str = "params") -> LayerInfo:
             _require_array(value, f"{argument}[{name!r}]")
     info = check_params(params, shape_of=_shape, dtype_of=_dtype, argument=argument, allowed=DTYPES)
     _check_x64(info.dtype, argument)
+    _refuse_variants([info], argument)
     return info
 
 
@@ -160,7 +161,18 @@ def _check_stack(layers, argument: str = "params") -> list[LayerInfo]:
                     _require_array(value, f"{where}[{name!r}]")
     infos = check_stack(layers, shape_of=_shape, dtype_of=_dtype, argument=argument, allowed=DTYPES)
     _check_x64(infos[0].dtype, argument)
+    _refuse_variants(infos, argument)
     return infos
+
+
+def _refuse_variants(infos, argument) -> None:
+    """The spec's projection and peepholes (issue 17) are not implemented here yet: refuse them rather
+    than compute without them."""
+    if any(info.proj_size or info.peepholes for info in infos):
+        raise NotImplementedError(
+            f"{argument} has a projection (weight_hr) or peepholes (weight_ci, weight_cf, weight_co), which "
+            "backends.jax does not implement yet; mlstm_spec.forward computes them"
+        )
 
 
 def _check_unroll(unroll) -> int:

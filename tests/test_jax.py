@@ -488,6 +488,14 @@ def test_errors_are_raised_at_trace_time_under_jit(layer):
         jax.jit(lambda m, x: m(x))(model, _xs(2, 5, 3, dtype=jnp.bfloat16))
 
 
+def test_the_spec_variants_are_refused_until_implemented():
+    for variant in (dict(peepholes=True), dict(proj_size=2)):
+        params = {k: jnp.asarray(v) for k, v in mlstm_spec.init_params(3, 4, rng=0, **variant).items()}
+        for call in (lambda: bj.mlstm(params, jnp.ones((2, 5, 3))), lambda: bj.MLSTM.from_canonical(params)):
+            with pytest.raises(NotImplementedError, match="does not implement yet"):
+                call()
+
+
 def test_bad_stacks_and_constructor_arguments(layer):
     with raises(ValueError, "params[1] must take input_size = hidden_size of layer 0 (4) "
                             "and have hidden_size 4, got I=3, H=4"):
