@@ -4,8 +4,8 @@
 moves its weights through it with ``to_canonical`` / ``from_canonical``; RecurrentLayers.jl reads the
 same file with SafeTensors.jl (see ``docs/interop.md``).
 
-File layout (format ``mlstm-spec.weights``, version 1)
-------------------------------------------------------
+File layout (format ``mlstm-spec.weights``, versions 1 and 2)
+--------------------------------------------------------------
 
 A standard safetensors file (an 8-byte little-endian header length, a JSON header, then the raw
 tensor bytes). Tensors are stored by *logical index*, row-major (C order), little-endian, in the
@@ -22,7 +22,19 @@ tensor                      shape         present when
 ``layers.{l}.bias_mh``      ``(4H,)``     ``multiplicative_bias``
 ==========================  ============  ====================================================
 
-``l`` runs over ``0 .. num_layers - 1``; layer 0 has ``I`` = the input size, later layers ``I = H``.
+Version 2 adds, for a model with the variants of :mod:`mlstm_spec.equations`:
+
+==========================  ============  ====================================================
+tensor                      shape         present when
+==========================  ============  ====================================================
+``layers.{l}.weight_hr``    ``(P, H)``    ``proj_size`` > 0 (``weight_hh`` is then ``(H, P)``)
+``layers.{l}.weight_ci``    ``(H,)``      ``peepholes``
+``layers.{l}.weight_cf``    ``(H,)``      ``peepholes``
+``layers.{l}.weight_co``    ``(H,)``      ``peepholes``
+==========================  ============  ====================================================
+
+``l`` runs over ``0 .. num_layers - 1``; layer 0 has ``I`` = the input size, later layers ``I = H``
+(``I = P`` with a projection).
 All tensors share one dtype: float16, float32 or float64 (bfloat16 models: save as float32, which
 holds every bfloat16 value exactly).
 
@@ -32,15 +44,17 @@ The header's ``__metadata__`` (string to string) holds:
 key                    value
 =====================  ========================================================================
 ``format``             ``"mlstm-spec.weights"``
-``format_version``     ``"1"``
-``formulation``        :data:`FORMULATION`, the equations the weights are for
-``layout``             :data:`LAYOUT`, the orientation and block orders above
+``format_version``     ``"1"``, or ``"2"`` for a model that uses a variant
+``formulation``        :data:`FORMULATION` (version 2: :data:`FORMULATION_V2`), the equations
+``layout``             :data:`LAYOUT` (version 2: :data:`LAYOUT_V2`), orientation and blocks
 ``num_layers``         decimal, e.g. ``"2"``
 ``input_size``         decimal, ``I`` of layer 0
 ``hidden_size``        decimal, ``H``
 ``dtype``              ``"float16"``, ``"float32"`` or ``"float64"``
 ``options``            JSON object: ``bias``, ``recurrent_bias``, ``multiplicative_bias``,
-                       ``independent_recurrence`` (booleans) and ``integration_mode``
+                       ``independent_recurrence`` (booleans) and ``integration_mode``; version 2
+                       also ``proj_size`` (int, 0: none), ``peepholes`` (boolean), ``cell_clip``
+                       and ``proj_clip`` (number or null) and ``forget_bias`` (number)
 ``library``            ``"mlstm_spec <version>"`` that wrote the file (informative)
 ``user.<key>``         the caller's own ``metadata`` entries
 ``checksum``           ``"sha256:<hex>"`` over every tensor and every other metadata entry
@@ -52,6 +66,12 @@ comma-separated decimals, raw data bytes; then for each metadata key other than 
 sorted order, the fields key, value. Each field is its UTF-8 bytes preceded by their length as an
 8-byte little-endian integer. It makes any bit flip in the file an error instead of silently
 different weights.
+
+Versions. :func:`save` writes version 1 whenever it can hold the model -- no projection, no peepholes,
+run-time options at their defaults -- so such a file holds exactly the tensors and metadata earlier
+releases wrote, and they still read it; it writes version 2 only for a model that needs it. :func:`load` reads both. A
+reader that knows only version 1 refuses a version-2 file on its ``format_version`` ("not one this
+library reads (1); it was written by a newer mlstm-spec"), never reads it without its variants.
 
 Safety: safetensors holds only a JSON header and raw numbers. Loading never executes code from the
 file (unlike pickle-based formats such as ``torch.save``), and every field is validated before use.
@@ -69,19 +89,29 @@ from pathlib import Path
 
 import numpy as np
 
-from .equations import BIAS_FLAGS, INTEGRATION_MODES, PARAM_SHAPES
-from .validation import SPEC_DTYPES, LayerInfo, check_integration_mode, check_stack, dtype_name
+from .equations import BIAS_FLAGS, INTEGRATION_MODES, PARAM_SHAPES, PEEPHOLE_WEIGHTS, RUNTIME_DEFAULTS, VARIANT_PARAM_SHAPES
+from .validation import SPEC_DTYPES, LayerInfo, check_integration_mode, check_runtime_options, check_stack, dtype_name
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FORMULATION", "LAYOUT", "WeightFile", "WeightFileError",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FORMULATION", "FORMULATION_V2", "LAYOUT", "LAYOUT_V2",
+           "READ_VERSIONS", "WeightFile", "WeightFileError",
            "checksum", "load", "load_bytes", "read_raw", "save"]
 
 FORMAT_NAME = "mlstm-spec.weights"
-FORMAT_VERSION = 1
+#: The newest format version, written for models that use a variant; see "Versions" above.
+FORMAT_VERSION = 2
+#: The versions :func:`load` reads.
+READ_VERSIONS = (1, 2)
 FORMULATION = "RecurrentLayers.jl 0.3.4 MultiplicativeLSTMCell (its code): h' = o * tanh(c')"
 LAYOUT = ("logical row-major; weight_ih (5H, I) row blocks m,i,o,f,z; weight_hh (H, H) or (H,); "
           "weight_mh (4H, H) row blocks i,o,f,z; bias_ih (5H,); bias_hh (H,); bias_mh (4H,)")
+FORMULATION_V2 = FORMULATION + (", with mlstm_spec's optional projection, peepholes, cell_clip, proj_clip "
+                                 "and forget_bias (docs/equations.md, Variants)")
+LAYOUT_V2 = LAYOUT + "; weight_hr (P, H) with weight_hh (H, P); weight_ci, weight_cf, weight_co (H,)"
 #: Layer options recorded in the ``options`` metadata entry, in this order.
 OPTION_NAMES = ("bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence", "integration_mode")
+#: What version 2 adds to them: the structural variants, then the run-time options.
+VARIANT_OPTION_NAMES = ("proj_size", "peepholes") + tuple(RUNTIME_DEFAULTS)
+_VARIANT_DEFAULTS = dict(proj_size=0, peepholes=False, **RUNTIME_DEFAULTS)
 
 #: safetensors dtype code <-> NumPy dtype name, for the dtypes a weight file may hold.
 _CODES = {"F16": "float16", "F32": "float32", "F64": "float64"}
@@ -105,8 +135,9 @@ class WeightFile:
     Attributes:
         layers: one canonical mapping of NumPy arrays per layer, first layer first (writable copies).
         options: ``bias``, ``recurrent_bias``, ``multiplicative_bias``, ``independent_recurrence``
-            and ``integration_mode``: every backend's ``MLSTM.from_canonical(layers, **options)``
-            takes them.
+            and ``integration_mode``, plus those of ``proj_size``, ``peepholes``, ``cell_clip``,
+            ``proj_clip``, ``forget_bias`` that are switched on (version 2): every backend's
+            ``MLSTM.from_canonical(layers, **options)`` takes them.
         dtype: the parameters' dtype name.
         input_size, hidden_size, num_layers: the stack's sizes.
         metadata: the caller's own entries given to :func:`save` (without the ``user.`` prefix).
@@ -158,12 +189,19 @@ def checksum(tensors: Mapping, metadata: Mapping) -> str:
 
 
 def _layer_names(info: LayerInfo) -> list[str]:
-    return ["weight_ih", "weight_hh", "weight_mh"] + [
-        name for name, flag in BIAS_FLAGS.items() if getattr(info, flag)
-    ]
+    return _tensor_names(dict(info.options, proj_size=info.proj_size, peepholes=info.peepholes))
 
 
-def save(path, layers, *, integration_mode: str = "addition", metadata: Mapping | None = None) -> Path:
+def _tensor_names(options) -> list[str]:
+    """The canonical names a layer with these options holds, in canonical order."""
+    names = ["weight_ih", "weight_hh", "weight_mh"]
+    names += [name for name, flag in BIAS_FLAGS.items() if options[flag]]
+    names += ["weight_hr"] if options.get("proj_size") else []
+    return names + (list(PEEPHOLE_WEIGHTS) if options.get("peepholes") else [])
+
+
+def save(path, layers, *, integration_mode: str = "addition", metadata: Mapping | None = None,
+         cell_clip=None, proj_clip=None, forget_bias=0.0) -> Path:
     """Write a stack of canonical layers to ``path`` (a safetensors file; see the module docstring).
 
     Args:
@@ -175,6 +213,11 @@ def save(path, layers, *, integration_mode: str = "addition", metadata: Mapping 
             trained to combine the input and multiplicative projections (not visible in the tensors).
         metadata: optional ``str -> str`` entries of your own (e.g. a training step), stored as
             ``user.<key>`` and returned by :func:`load` in ``WeightFile.metadata``.
+        cell_clip, proj_clip, forget_bias: the run-time options the model was trained with (see
+            :func:`mlstm_spec.forward`); like ``integration_mode`` they are not visible in the tensors.
+
+    A projection or peepholes (read from the tensors) or a run-time option away from its default make
+    the file version 2; otherwise it is version 1, the same content as before the variants existed.
 
     Returns:
         The path written, as a :class:`pathlib.Path`.
@@ -200,17 +243,21 @@ def save(path, layers, *, integration_mode: str = "addition", metadata: Mapping 
     if not isinstance(user, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
         raise TypeError(f"metadata must be a mapping of str to str, got {metadata!r}")
     first = infos[0]
-    options = dict(first.options, integration_mode=integration_mode)
+    runtime = check_runtime_options(first, cell_clip=cell_clip, proj_clip=proj_clip, forget_bias=forget_bias)
+    options = dict(first.options, integration_mode=integration_mode, proj_size=first.proj_size,
+                   peepholes=first.peepholes, **runtime)
+    version = 2 if any(options[name] != _VARIANT_DEFAULTS[name] for name in VARIANT_OPTION_NAMES) else 1
+    names = OPTION_NAMES + (VARIANT_OPTION_NAMES if version == 2 else ())
     header = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "formulation": FORMULATION,
-        "layout": LAYOUT,
+        "format_version": str(version),
+        "formulation": FORMULATION if version == 1 else FORMULATION_V2,
+        "layout": LAYOUT if version == 1 else LAYOUT_V2,
         "num_layers": str(len(stack)),
         "input_size": str(first.input_size),
         "hidden_size": str(first.hidden_size),
         "dtype": first.dtype,
-        "options": json.dumps({name: options[name] for name in OPTION_NAMES}),
+        "options": json.dumps({name: options[name] for name in names}),
         "library": f"mlstm_spec {_version()}",
     }
     header.update({f"user.{key}": value for key, value in user.items()})
@@ -274,15 +321,16 @@ def _parse_positive_int(path, metadata, key) -> int:
     return int(text)
 
 
-def _parse_options(path, text) -> dict:
+def _parse_options(path, text, version=1) -> dict:
     try:
         options = json.loads(text)
     except ValueError as exc:
         raise WeightFileError(f"{path}: metadata 'options' is not valid JSON ({exc}): {text!r}") from exc
-    if not isinstance(options, dict) or sorted(options) != sorted(OPTION_NAMES):
+    names = OPTION_NAMES + (VARIANT_OPTION_NAMES if version == 2 else ())
+    if not isinstance(options, dict) or sorted(options) != sorted(names):
         raise WeightFileError(
             f"{path}: metadata 'options' must be a JSON object with exactly the keys "
-            f"{list(OPTION_NAMES)}, got {text!r}"
+            f"{list(names)} (format version {version}), got {text!r}"
         )
     for name in OPTION_NAMES[:-1]:
         if not isinstance(options[name], bool):
@@ -292,7 +340,17 @@ def _parse_options(path, text) -> dict:
             f"{path}: option integration_mode must be one of {INTEGRATION_MODES}, "
             f"got {options['integration_mode']!r}"
         )
-    return {name: options[name] for name in OPTION_NAMES}
+    if version == 2:
+        size = options["proj_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise WeightFileError(f"{path}: option proj_size must be an integer >= 0, got {size!r}")
+        if not isinstance(options["peepholes"], bool):
+            raise WeightFileError(f"{path}: option peepholes must be true or false, got {options['peepholes']!r}")
+        try:
+            check_runtime_options(**{name: options[name] for name in RUNTIME_DEFAULTS})
+        except (TypeError, ValueError) as exc:
+            raise WeightFileError(f"{path}: option {exc}") from exc
+    return {name: options[name] for name in names}
 
 
 def load(path, *, verify_checksum: bool = True) -> WeightFile:
@@ -334,12 +392,14 @@ def load_bytes(data: bytes, *, name: str = "<bytes>", verify_checksum: bool = Tr
             f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {FORMAT_NAME!r}"
         )
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in [str(v) for v in READ_VERSIONS]:
         newer = isinstance(version, str) and version.isdecimal() and int(version) > FORMAT_VERSION
         raise WeightFileError(
-            f"{path}: format_version {version!r} is not one this library reads ({FORMAT_VERSION})"
+            f"{path}: format_version {version!r} is not one this library reads "
+            f"({', '.join(map(str, READ_VERSIONS))})"
             + ("; it was written by a newer mlstm-spec, upgrade to read it" if newer else "")
         )
+    version = int(version)
     missing_keys = [key for key in _REQUIRED_KEYS if key not in metadata]
     if missing_keys:
         raise WeightFileError(f"{path}: metadata is missing {missing_keys}")
@@ -356,7 +416,9 @@ def load_bytes(data: bytes, *, name: str = "<bytes>", verify_checksum: bool = Tr
                 f"{path}: checksum mismatch (stored {stored}, computed {actual}): the file is "
                 "corrupt or was edited after it was written"
             )
-    for key, expected in (("formulation", FORMULATION), ("layout", LAYOUT)):
+    expected_text = dict(formulation=FORMULATION, layout=LAYOUT) if version == 1 else dict(
+        formulation=FORMULATION_V2, layout=LAYOUT_V2)
+    for key, expected in expected_text.items():
         if metadata[key] != expected:
             raise WeightFileError(f"{path}: metadata {key!r} is {metadata[key]!r}, expected {expected!r}")
     dtype = metadata["dtype"]
@@ -365,10 +427,9 @@ def load_bytes(data: bytes, *, name: str = "<bytes>", verify_checksum: bool = Tr
     num_layers = _parse_positive_int(path, metadata, "num_layers")
     input_size = _parse_positive_int(path, metadata, "input_size")
     hidden_size = _parse_positive_int(path, metadata, "hidden_size")
-    options = _parse_options(path, metadata["options"])
+    options = _parse_options(path, metadata["options"], version)
 
-    flags = {flag: options[flag] for flag in BIAS_FLAGS.values()}
-    names = ["weight_ih", "weight_hh", "weight_mh"] + [n for n, flag in BIAS_FLAGS.items() if flags[flag]]
+    names = _tensor_names(options)
     expected_names = {f"layers.{index}.{name}" for index in range(num_layers) for name in names}
     missing = sorted(expected_names - set(tensors))
     unexpected = sorted(set(tensors) - expected_names)
@@ -386,7 +447,7 @@ def load_bytes(data: bytes, *, name: str = "<bytes>", verify_checksum: bool = Tr
     layers = []
     for index in range(num_layers):
         layer = {}
-        for name in PARAM_SHAPES:
+        for name in (*PARAM_SHAPES, *VARIANT_PARAM_SHAPES):
             key = f"layers.{index}.{name}"
             if key in tensors:
                 _, shape, raw = tensors[key]
@@ -402,6 +463,18 @@ def load_bytes(data: bytes, *, name: str = "<bytes>", verify_checksum: bool = Tr
             f"{path}: option independent_recurrence={options['independent_recurrence']} contradicts "
             f"layers.0.weight_hh of shape {layers[0]['weight_hh'].shape}"
         )
+    if version == 2:
+        if infos[0].proj_size != options["proj_size"]:
+            raise WeightFileError(
+                f"{path}: option proj_size={options['proj_size']} contradicts layers.0.weight_hr of shape "
+                f"{layers[0]['weight_hr'].shape}"
+            )
+        try:
+            check_runtime_options(infos[0], **{name: options[name] for name in RUNTIME_DEFAULTS})
+        except ValueError as exc:
+            raise WeightFileError(f"{path}: option {exc}") from exc
+        options = {name: value for name, value in options.items()
+                   if name in OPTION_NAMES or value != _VARIANT_DEFAULTS[name]}
     for key, value, actual in (("input_size", input_size, infos[0].input_size),
                                ("hidden_size", hidden_size, infos[0].hidden_size)):
         if value != actual:

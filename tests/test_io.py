@@ -337,8 +337,8 @@ HAND_EDITS = {
     "num_layers not a number": (
         dict(metadata=edit_meta(num_layers="two")), r"'num_layers' must be a positive integer, got 'two'"),
     "newer format version": (
-        dict(metadata=edit_meta(format_version="2")),
-        r"format_version '2' is not one this library reads \(1\); .*newer"),
+        dict(metadata=edit_meta(format_version="3")),
+        r"format_version '3' is not one this library reads \(1, 2\); .*newer"),
     "unknown format version": (
         dict(metadata=edit_meta(format_version="one")), r"format_version 'one' is not one this library reads"),
     "another format": (
