@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .equations import (
-    BIAS_FLAGS, INTEGRATION_MODES, PARAM_SHAPES, PEEPHOLE_WEIGHTS, RUNTIME_DEFAULTS, VARIANT_PARAM_SHAPES,
+    BIAS_FLAGS, INTEGRATION_MODES, PARAM_SHAPES, PEEPHOLE_WEIGHTS, VARIANT_PARAM_SHAPES,
 )
 
 #: dtypes the NumPy spec computes in (bfloat16 has no NumPy dtype; backends compare it in float64).
