@@ -1,22 +1,9 @@
 r"""The JAX backend of the mLSTM: a functional core and pytree modules that pass through ``jit``,
 ``grad``, ``vmap`` and optax unchanged.
 
-For each element of the input sequence, each layer computes (RecurrentLayers.jl's
-``MultiplicativeLSTMCell``; :mod:`mlstm_spec.equations` holds the reference)::
-
-    p_t = W_ih x_t + b_ih                          blocks  m, i, o, f, z  (each H wide)
-    r_t = W_hh h_{t-1} + b_hh                      (W_hh ⊙ h_{t-1} + b_hh under independent recurrence)
-    m_t = p_m ⊙ r_t
-    q_t = W_mh m_t + b_mh                          blocks  i, o, f, z
-    i_t = σ(p_i ⊕ q_i)     o_t = σ(p_o ⊕ q_o)     f_t = σ(p_f ⊕ q_f)     z_t = tanh(p_z ⊕ q_z)
-    c_t = f_t ⊙ c_{t-1} + i_t ⊙ z_t
-    h_t = o_t ⊙ tanh(c_t)
-
-where ``x_t`` is the input at step t, ``h_t`` the hidden state, ``c_t`` the cell state, ``m_t`` the
-multiplicative state, ``σ`` the logistic sigmoid, ``⊙`` the element-wise product, and ``⊕`` is ``+``
-for ``integration_mode="addition"`` (the default) or ``⊙`` for ``"multiplicative_integration"``.
-A switched-off bias is not added. In a stack, layer ``l > 0`` takes ``h_t`` of layer ``l - 1`` as its
-input.
+Each layer computes the step of docs/equations.md (RecurrentLayers.jl's ``MultiplicativeLSTMCell``;
+:mod:`mlstm_spec.equations` is the reference) for each element of the input sequence; in a stack,
+layer ``l > 0`` takes ``h_t`` of layer ``l - 1`` as its input.
 
 Parameters of one layer (the canonical mapping shared with :mod:`mlstm_spec`; gate blocks are
 contiguous row blocks, block k is rows ``k*H:(k+1)*H``):
@@ -76,7 +63,6 @@ one batch row does not reach the other rows.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
 from functools import partial
 
 import jax
@@ -84,29 +70,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mlstm_spec.equations import IH_BLOCKS, MH_BLOCKS
-from mlstm_spec.validation import (
-    LayerInfo,
-    check_integration_mode,
-    check_params,
-    check_sequence,
-    check_sizes,
-    check_stack,
-    check_state,
-    dtype_name,
-    expected_shapes,
-)
+from mlstm_spec.validation import LayerInfo, check_integration_mode, dtype_name
 
-from ._common import LAYER_OPTIONS, check_layer_options
+from ._common import (
+    DTYPES,
+    LAYER_OPTIONS,
+    AdapterBase,
+    InputChecks,
+    canonical_import,
+    check_layer_options,
+    init_layers,
+    work_dtype,
+)
 
 __all__ = ["DTYPES", "MLSTM", "MLSTMCell", "ConformanceAdapter", "cell", "devices", "init", "mlstm",
            "mlstm_stack"]
 
-#: dtypes this backend computes in.
-DTYPES = ("float64", "float32", "bfloat16", "float16")
-_HALF_DTYPES = ("float16", "bfloat16")
-WEIGHT_INITS = ("glorot_uniform", "orthogonal")
-_BIAS_OPTIONS = ("bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence")
+CHECKS = InputChecks(is_array=lambda v: hasattr(v, "shape") and hasattr(v, "dtype"),
+                     array_name="a JAX or NumPy array")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,7 +95,7 @@ _BIAS_OPTIONS = ("bias", "recurrent_bias", "multiplicative_bias", "independent_r
 # ---------------------------------------------------------------------------------------------------
 
 def _x64_enabled() -> bool:
-    return bool(jax.config.read("jax_enable_x64"))
+    return bool(jax.config.jax_enable_x64)
 
 
 def _check_x64(dtype: str, argument: str) -> None:
@@ -125,41 +106,17 @@ def _check_x64(dtype: str, argument: str) -> None:
         )
 
 
-def _require_array(value, argument: str) -> None:
-    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-        raise TypeError(f"{argument} must be a JAX or NumPy array, got {type(value).__name__}")
-
-
-def _shape(value) -> tuple:
-    return tuple(value.shape)
-
-
-def _dtype(value) -> str:
-    return dtype_name(value.dtype)
-
-
 def _check_layer(params, argument: str = "params") -> LayerInfo:
     """Validate one canonical mapping of arrays (or tracers) and return what it describes."""
-    if isinstance(params, Mapping):
-        for name, value in params.items():
-            _require_array(value, f"{argument}[{name!r}]")
-    info = check_params(params, shape_of=_shape, dtype_of=_dtype, argument=argument, allowed=DTYPES)
+    info = CHECKS.params(params, argument)
     _check_x64(info.dtype, argument)
     _refuse_variants([info], argument)
     return info
 
 
 def _check_stack(layers, argument: str = "params") -> list[LayerInfo]:
-    """Validate a list of canonical mappings of arrays (or tracers) with
-    :func:`mlstm_spec.validation.check_stack`: each layer valid, one dtype and one set of options, and
-    each layer's input size equal to the previous layer's hidden size."""
-    if isinstance(layers, (list, tuple)):
-        for i, p in enumerate(layers):
-            if isinstance(p, Mapping):
-                where = f"{argument}[{i}]" if len(layers) > 1 else argument
-                for name, value in p.items():
-                    _require_array(value, f"{where}[{name!r}]")
-    infos = check_stack(layers, shape_of=_shape, dtype_of=_dtype, argument=argument, allowed=DTYPES)
+    """Validate a list of canonical mappings of arrays (or tracers): see InputChecks.stack."""
+    infos = CHECKS.stack(layers, argument)
     _check_x64(infos[0].dtype, argument)
     _refuse_variants(infos, argument)
     return infos
@@ -181,19 +138,6 @@ def _check_unroll(unroll) -> int:
     return int(unroll)
 
 
-def _check_state_pair(state, batch_shape, info: LayerInfo, argument: str = "state") -> None:
-    if isinstance(state, (tuple, list)) and len(state) == 2:
-        for name, value in zip(("h", "c"), state):
-            _require_array(value, f"{argument} {name}")
-    check_state(state, batch_shape, info, argument=argument, allowed=DTYPES, shape_of=_shape,
-                dtype_of=_dtype)
-
-
-def _check_sequence(xs, info: LayerInfo, argument: str = "xs") -> bool:
-    _require_array(xs, argument)
-    return check_sequence(_shape(xs), _dtype(xs), info, argument, allowed=DTYPES)
-
-
 def _check_dtype_option(dtype) -> str:
     try:
         name = dtype_name(jnp.dtype(dtype))
@@ -211,7 +155,7 @@ def _check_dtype_option(dtype) -> str:
 
 def _compute_dtype(dtype):
     """float32 for half-precision inputs (see the module docstring), else the dtype itself."""
-    return jnp.dtype(jnp.float32) if jnp.dtype(dtype).name in _HALF_DTYPES else jnp.dtype(dtype)
+    return jnp.dtype(work_dtype(jnp.dtype(dtype).name))
 
 
 def _cast(tree, dtype):
@@ -321,9 +265,9 @@ def mlstm(params, xs, state=None, *, integration_mode="addition", unroll=1):
     multiplicative = check_integration_mode(integration_mode)
     unroll = _check_unroll(unroll)
     info = _check_layer(params)
-    batched = _check_sequence(xs, info)
+    batched = CHECKS.sequence(xs, info)
     if state is not None:
-        _check_state_pair(state, _shape(xs)[:1] if batched else (), info)
+        CHECKS.state(state, CHECKS.shape_of(xs)[:1] if batched else (), info)
         state = tuple(state)
     return _forward_jit([dict(params)], xs, state, multiplicative, unroll, layer_axis=False)
 
@@ -337,10 +281,10 @@ def mlstm_stack(layers, xs, state=None, *, integration_mode="addition", unroll=1
     multiplicative = check_integration_mode(integration_mode)
     unroll = _check_unroll(unroll)
     infos = _check_stack(layers)
-    batched = _check_sequence(xs, infos[0])
+    batched = CHECKS.sequence(xs, infos[0])
     if state is not None:
-        batch_shape = (len(infos),) + (_shape(xs)[:1] if batched else ())
-        _check_state_pair(state, batch_shape, infos[0])
+        batch_shape = (len(infos),) + (CHECKS.shape_of(xs)[:1] if batched else ())
+        CHECKS.state(state, batch_shape, infos[0])
         state = tuple(state)
     return _forward_jit([dict(p) for p in layers], xs, state, multiplicative, unroll, layer_axis=True)
 
@@ -350,13 +294,14 @@ def cell(params, x, state=None, *, integration_mode="addition"):
     each ``(B, H)`` or ``(H,)`` (``None``: zeros). Returns ``h, (h, c)``."""
     multiplicative = check_integration_mode(integration_mode)
     info = _check_layer(params)
-    _require_array(x, "x")
-    if len(_shape(x)) not in (1, 2):
-        raise ValueError(f"x must have shape (B, I) or (I,), got {len(_shape(x))} dimensions {_shape(x)}")
-    check_sequence(_shape(x)[:-1] + (1,) + _shape(x)[-1:], _dtype(x), info, "x", allowed=DTYPES)
-    batch_shape = _shape(x)[:-1]
+    CHECKS.array(x, "x")
+    shape = CHECKS.shape_of(x)
+    if len(shape) not in (1, 2):
+        raise ValueError(f"x must have shape (B, I) or (I,), got {len(shape)} dimensions {shape}")
+    CHECKS.sequence(x, info, "x", shape=shape[:-1] + (1,) + shape[-1:])  # one step
+    batch_shape = shape[:-1]
     if state is not None:
-        _check_state_pair(state, batch_shape, info)
+        CHECKS.state(state, batch_shape, info)
     return _cell_jit(dict(params), x, state, multiplicative)
 
 
@@ -388,63 +333,22 @@ def _check_key(key):
         )
 
 
-def _glorot_uniform(key, shape, draw_dtype):
-    fan_out, fan_in = (shape[0], 1) if len(shape) == 1 else shape  # a vector is an H x 1 matrix
-    limit = float(np.sqrt(6.0 / (fan_in + fan_out)))
-    return jax.random.uniform(key, shape, draw_dtype, minval=-limit, maxval=limit)
-
-
-def _orthogonal(key, shape, blocks, draw_dtype):
-    if len(shape) == 1:  # the diagonal of an orthogonal matrix: random signs
-        return jnp.where(jax.random.bernoulli(key, 0.5, shape), 1.0, -1.0).astype(draw_dtype)
-    rows, cols = shape[0] // blocks, shape[1]
-    parts = []
-    for block_key in jax.random.split(key, blocks):
-        a = jax.random.normal(block_key, (max(rows, cols), min(rows, cols)), draw_dtype)
-        q, r = jnp.linalg.qr(a)
-        q = q * jnp.sign(jnp.diag(r))  # uniform over orthogonal matrices
-        parts.append(q if rows >= cols else q.T)
-    return jnp.concatenate(parts, axis=0)
-
-
 def init(key, input_size, hidden_size, *, dtype=jnp.float32, bias=True, recurrent_bias=True,
          multiplicative_bias=True, independent_recurrence=False, weight_init="glorot_uniform",
          forget_bias=0.0) -> dict:
-    """Draw one layer's canonical parameters from ``key``, by the rules of :func:`mlstm_spec.init_params`.
-
-    ``glorot_uniform`` (the default, as RecurrentLayers.jl): each whole stacked matrix
-    ``U(-a, a)`` with ``a = sqrt(6 / (fan_in + fan_out))`` (a vector ``weight_hh`` counts as H x 1);
-    ``orthogonal``: each gate block an independent orthogonal matrix. Biases start at zero;
-    ``forget_bias`` is added to the forget block of ``bias_ih`` (of ``bias_mh`` when ``bias=False``).
-    The three weights use ``jax.random.split(key, 3)`` in the order weight_ih, weight_hh, weight_mh;
-    values are drawn in float32 (float64 for float64) and rounded to ``dtype``.
-    """
+    """Draw one layer's canonical parameters, as :func:`mlstm_spec.init_params` draws them (its
+    ``weight_init`` and ``forget_bias`` included), from a NumPy generator seeded by ``key``: the same key
+    gives the same values. Values are drawn in float64 and rounded to ``dtype``."""
     _check_key(key)
-    check_sizes(input_size, hidden_size)
     dtype = _check_dtype_option(dtype)
-    if weight_init not in WEIGHT_INITS:
-        raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
-    flags = dict(bias=bias, recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias)
-    check_layer_options(input_size, hidden_size, **flags, independent_recurrence=independent_recurrence)
-    if forget_bias and not (bias or multiplicative_bias):
-        raise ValueError(f"forget_bias={forget_bias} needs bias=True or multiplicative_bias=True to live in")
-    draw_dtype = jnp.float64 if dtype == "float64" else jnp.float32
-    shapes = expected_shapes(input_size, hidden_size, independent_recurrence)
-    blocks = {"weight_ih": len(IH_BLOCKS), "weight_hh": 1, "weight_mh": len(MH_BLOCKS)}
-    params = {}
-    for name, weight_key in zip(("weight_ih", "weight_hh", "weight_mh"), jax.random.split(key, 3)):
-        if weight_init == "glorot_uniform":
-            params[name] = _glorot_uniform(weight_key, shapes[name], draw_dtype)
-        else:
-            params[name] = _orthogonal(weight_key, shapes[name], blocks[name], draw_dtype)
-    for name, flag in (("bias_ih", "bias"), ("bias_hh", "recurrent_bias"), ("bias_mh", "multiplicative_bias")):
-        if flags[flag]:
-            params[name] = jnp.zeros(shapes[name], draw_dtype)
-    if forget_bias:
-        target, order = ("bias_ih", IH_BLOCKS) if bias else ("bias_mh", MH_BLOCKS)
-        k = order.index("f")
-        params[target] = params[target].at[k * hidden_size : (k + 1) * hidden_size].set(forget_bias)
-    return {name: value.astype(dtype) for name, value in params.items()}
+    check_layer_options(input_size, hidden_size, bias=bias, recurrent_bias=recurrent_bias,
+                        multiplicative_bias=multiplicative_bias, independent_recurrence=independent_recurrence)
+    seed = np.asarray(jax.random.key_data(key)).ravel()
+    (params,) = init_layers(input_size, hidden_size, rng=np.random.default_rng(seed), dtype=dtype, bias=bias,
+                            recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
+                            independent_recurrence=independent_recurrence, weight_init=weight_init,
+                            forget_bias=forget_bias)
+    return {name: jnp.asarray(value) for name, value in params.items()}
 
 
 def _default_key(key):
@@ -455,21 +359,18 @@ def _default_key(key):
 # modules (pytrees: the parameter mappings are the leaves, the options are static)
 # ---------------------------------------------------------------------------------------------------
 
-def _from_arrays(layers, argument="params"):
-    """Copy canonical mappings (NumPy or JAX arrays) into JAX arrays of the same dtype, exactly."""
-    infos = _check_stack(layers, argument)
-    return [{name: jnp.asarray(value) for name, value in p.items()} for p in layers], infos
+def _from_canonical(params, options: dict, one_layer=False, owner="MLSTM"):
+    """Canonical parameters (any backend's arrays, or a weight file) -> JAX arrays of the same dtype,
+    exactly, and the options (see backends._common.canonical_import)."""
+    layers, infos, options = canonical_import(params, options, one_layer=one_layer, owner=owner)
+    _check_x64(infos[0].dtype, "params")
+    return [{name: jnp.asarray(value) for name, value in p.items()} for p in layers], options
 
 
-def _check_flags_match(info: LayerInfo, flags: dict) -> None:
-    for name, value in flags.items():
-        if name not in _BIAS_OPTIONS:
-            raise TypeError(f"unexpected option {name!r}; the options are {sorted(LAYER_OPTIONS) + ['unroll']}")
-        if bool(value) != getattr(info, name):
-            raise ValueError(
-                f"option {name}={value!r} contradicts the parameters, which have {name}={getattr(info, name)} "
-                "(the options are read from which parameters are present)"
-            )
+def _unknown_options(options: dict, allowed) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unexpected option(s) {unknown}; the options are {sorted(allowed)}")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -508,14 +409,13 @@ class MLSTMCell:
         return cell(self.params, x, state, integration_mode=self.integration_mode)
 
     @classmethod
-    def from_canonical(cls, params, *, integration_mode="addition", **flags):
-        """Build from one canonical mapping (NumPy or JAX arrays), copying values and dtype exactly."""
-        if not isinstance(params, Mapping):
-            raise TypeError(f"params must be one canonical mapping, got {type(params).__name__}")
-        check_integration_mode(integration_mode)
-        (layer,), (info,) = _from_arrays([params])
-        _check_flags_match(info, flags)
-        return cls._build(layer, integration_mode)
+    def from_canonical(cls, params, **options):
+        """Build from one canonical mapping (any backend's arrays, or what :func:`mlstm_spec.load`
+        returns), copying values and dtype exactly. Options as for :meth:`MLSTM.from_canonical`."""
+        _unknown_options(options, LAYER_OPTIONS)
+        (layer,), options = _from_canonical(params, options, one_layer=True, owner="MLSTMCell")
+        check_integration_mode(options.get("integration_mode", "addition"))
+        return cls._build(layer, options.get("integration_mode", "addition"))
 
     def to_canonical(self) -> list[dict]:
         """``[mapping]``: the parameters as NumPy arrays (a one-layer list, like ``MLSTM``)."""
@@ -596,24 +496,16 @@ class MLSTM:
         return mlstm_stack(self.layers, xs, state, integration_mode=self.integration_mode, unroll=self.unroll)
 
     @classmethod
-    def from_canonical(cls, params, *, integration_mode="addition", unroll=1, **flags):
-        """Build from one canonical mapping or a list of them (a stack), copying values and dtype
-        exactly. Bias options may be given but must agree with the parameters present."""
-        check_integration_mode(integration_mode)
+    def from_canonical(cls, params, *, unroll=1, **options):
+        """Build from one canonical mapping, a list of them (a stack), or what :func:`mlstm_spec.load`
+        returns (whose options are used), copying values and dtype exactly; the values may be any
+        backend's arrays. The bias options, ``independent_recurrence`` and ``num_layers`` may be given
+        but must agree with the parameters."""
         unroll = _check_unroll(unroll)
-        if isinstance(params, Mapping):
-            layers = [params]
-        elif isinstance(params, Sequence) and not isinstance(params, (str, bytes)) and len(params) > 0:
-            layers = list(params)
-        else:
-            raise TypeError(
-                "params must be a canonical mapping or a non-empty list of them (one per layer), "
-                f"got {type(params).__name__}"
-            )
-        layers, infos = _from_arrays(layers)
-        _check_flags_match(infos[0], {k: v for k, v in flags.items() if k != "num_layers"})
-        if "num_layers" in flags and flags["num_layers"] != len(layers):
-            raise ValueError(f"num_layers={flags['num_layers']!r} contradicts the {len(layers)} layer(s) given")
+        _unknown_options(options, [*LAYER_OPTIONS, "num_layers"])
+        layers, options = _from_canonical(params, options)
+        integration_mode = options.get("integration_mode", "addition")
+        check_integration_mode(integration_mode)
         return cls._build(layers, integration_mode, unroll)
 
     def to_canonical(self) -> list[dict]:
@@ -666,6 +558,18 @@ def devices() -> list[str]:
     return names
 
 
+def describe_device(device: str) -> str:
+    """The accelerator's kind (e.g. its GPU model); the device name otherwise."""
+    found = _jax_device(device)
+    return device if found.platform == "cpu" else found.device_kind
+
+
+def versions() -> dict:
+    import jaxlib
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
+
+
 def _jax_device(name: str):
     platform, _, index = str(name).partition(":")
     try:
@@ -693,8 +597,8 @@ def _adapter_programs() -> dict:
     return {"forward": jax.jit(forward), "pullback": jax.jit(pullback)}
 
 
-class ConformanceAdapter:
-    """The conformance suite's adapter (see :mod:`mlstm_spec.conformance.suite`) for this backend.
+class ConformanceAdapter(AdapterBase):
+    """The conformance suite's adapter for this backend (on :class:`backends._common.AdapterBase`).
 
     It builds the model with :meth:`MLSTM.from_canonical`, computes with jitted functions whose
     compilations JAX reuses across calls of the same shapes and options (a bounded number of them,
@@ -708,9 +612,8 @@ class ConformanceAdapter:
 
     def __init__(self, device: str = "cpu"):
         jax.config.update("jax_enable_x64", True)
-        self.device = str(device)
+        super().__init__(device)
         self._device = _jax_device(self.device)
-        self.dtypes = ("float64", "float32", "bfloat16", "float16")
         self._programs, self._signatures = _adapter_programs(), set()
 
     def _run(self, program: str, *args):
@@ -724,10 +627,7 @@ class ConformanceAdapter:
             self._signatures.add(signature)
         return self._programs[program](*args)
 
-    def supports(self, options) -> bool:
-        return options.get("dtype", "float32") in self.dtypes
-
-    def _context(self):
+    def precision(self):
         if self._device.platform == "cpu":
             return contextlib.nullcontext()
         return jax.default_matmul_precision("highest")
@@ -735,45 +635,16 @@ class ConformanceAdapter:
     def _put(self, tree):
         return jax.device_put(tree, self._device)
 
-    def _inputs(self, params, xs, state, integration_mode):
-        stacked = not isinstance(params, Mapping)
-        model = self._put(MLSTM.from_canonical(params, integration_mode=integration_mode))
-        return stacked, model, self._put(jnp.asarray(xs)), self._put(self._layer_state(state, stacked))
+    def build(self, layers, integration_mode):
+        return self._put(MLSTM.from_canonical(layers, integration_mode=integration_mode))
 
-    @staticmethod
-    def _layer_state(state, stacked):
-        """The suite's (h, c) pair (one layer) or list of pairs (stack) -> MLSTM's (h_0, c_0) (L, ..., H)."""
-        if state is None:
-            return None
-        pairs = state if stacked else [state]
-        return tuple(jnp.stack([jnp.asarray(pair[k]) for pair in pairs]) for k in (0, 1))
+    def run(self, model, xs, state):
+        hs, (h_n, c_n) = self._run("forward", model, self._put(jnp.asarray(xs)), self._put(state))
+        return np.asarray(hs), np.asarray(h_n), np.asarray(c_n)
 
-    @staticmethod
-    def _suite_state(h_n, c_n, stacked):
-        pairs = [(np.asarray(h), np.asarray(c)) for h, c in zip(h_n, c_n)]
-        return pairs if stacked else pairs[0]
-
-    def forward(self, params, xs, state, *, integration_mode):
-        with self._context():
-            stacked, model, xs_, state_ = self._inputs(params, xs, state, integration_mode)
-            hs, (h_n, c_n) = self._run("forward", model, xs_, state_)
-            return np.asarray(hs), self._suite_state(h_n, c_n, stacked)
-
-    def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode):
-        with self._context():
-            stacked, model, xs_, state_ = self._inputs(params, xs, state, integration_mode)
-            layers = model.num_layers
-            batch_shape = np.shape(xs)[:-2]
-            zeros = jnp.zeros((layers,) + batch_shape + (model.hidden_size,), xs_.dtype)
-            if state_ is None:
-                state_ = self._put((zeros, zeros))
-            d_state_ = (zeros, zeros) if d_state is None else self._layer_state(d_state, stacked)
-            cotangents = self._put((jnp.asarray(d_hs), d_state_))
-            d_model, d_xs, (d_h0, d_c0) = self._run("pullback", model, xs_, state_, cotangents)
-        grads = []
-        for layer, d_params in enumerate(d_model.layers):
-            entry = {name: np.asarray(value) for name, value in d_params.items()}
-            entry.update(h0=np.asarray(d_h0[layer]), c0=np.asarray(d_c0[layer]))
-            grads.append(entry)
-        grads[0]["x"] = np.asarray(d_xs)
-        return grads if stacked else grads[0]
+    def pullback(self, model, xs, state, d_hs, d_state):
+        cotangents = self._put((jnp.asarray(d_hs), d_state))
+        d_model, d_xs, (d_h0, d_c0) = self._run("pullback", model, self._put(jnp.asarray(xs)), self._put(state),
+                                                cotangents)
+        grads = [{name: np.asarray(value) for name, value in layer.items()} for layer in d_model.layers]
+        return grads, np.asarray(d_xs), np.asarray(d_h0), np.asarray(d_c0)

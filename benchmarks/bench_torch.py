@@ -5,7 +5,7 @@ Compared, at each size (B, T, I, H), one layer, float32, time-major input (T, B,
 - ``MLSTM``: this project's layer (``backends.torch.MLSTM``, the fused path; on CPU its time loops
   run in compiled C++, see ``backends.torch.compiled_cpu_loops``);
 - ``MLSTM (Python loops)``: the same fused layer with its time loops in Python, as on a machine
-  without a C++ compiler (``backends.torch.python_cpu_loops``);
+  without a C++ compiler (``MLSTM(..., cpu_loops="python")``);
 - ``MLSTM (plain)``: the same layer with ``fused=False`` (ordinary autograd, one step at a time);
 - ``nn.LSTM``: ``torch.nn.LSTM`` at the same sizes (it does 4/5 of the mLSTM's multiply-adds);
 - ``torchrecurrent``: ``MultiplicativeLSTM`` of the published torchrecurrent package, the peer to beat;
@@ -28,7 +28,6 @@ It is not part of the test command.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import platform
@@ -42,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.torch import MLSTM, compiled_cpu_loops, python_cpu_loops  # noqa: E402
+from backends.torch import MLSTM, compiled_cpu_loops  # noqa: E402
 # benchmarks/ is on sys.path when this runs as a script
 from _common import SIZES, machine, parse_size, ratio_table, write_chart  # noqa: E402
 
@@ -83,9 +82,7 @@ def build(name, input_size, hidden_size):
     if name == "MLSTM":
         return MLSTM(input_size, hidden_size)
     if name == "MLSTM (Python loops)":
-        model = MLSTM(input_size, hidden_size)
-        model.bench_python_loops = True  # time_once runs it, backward included, under python_cpu_loops
-        return model
+        return MLSTM(input_size, hidden_size, cpu_loops="python")
     if name == "MLSTM (plain)":
         return MLSTM(input_size, hidden_size, fused=False)
     if name == "nn.LSTM":
@@ -116,13 +113,11 @@ def forward_backward(model, x):
 def time_once(function, model, x):
     if x.device.type == "cuda":
         torch.cuda.synchronize()
-    loops = python_cpu_loops() if getattr(model, "bench_python_loops", False) else contextlib.nullcontext()
-    with loops:
-        start = time.perf_counter()
-        function(model, x)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+    start = time.perf_counter()
+    function(model, x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def run_size(size, names, repeats, warmup, device):

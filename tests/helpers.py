@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 import backends
+import mlstm_spec
 
 
 def requested_backends() -> set[str]:
     """Frameworks that must be present: ``MLSTM_BACKENDS``, or all of them in CI (which installs all)."""
     value = os.environ.get("MLSTM_BACKENDS")
     if value is None:
-        return set(backends.FRAMEWORKS) if os.environ.get("CI") else set()
+        return set(backends.BACKENDS) if os.environ.get("CI") else set()
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
@@ -77,3 +79,14 @@ def run_conformance(adapter_factory, device: str, dtype: str, **check_options) -
         print(f"{result.device} {result.dtype} {result.check}: worst {result.worst_error:.2e} "
               f"<= {result.tolerance:.0e} at {result.worst_at}")
         assert result.status == "pass", result.message
+
+
+def random_params(rng, input_size, hidden_size, dtype="float64", scale=1.0, **options):
+    """Canonical NumPy parameters with random values everywhere (biases included): uniform in
+    [-scale, scale], drawn in float64 and rounded to ``dtype`` ("bfloat16": ``ml_dtypes.bfloat16``)."""
+    shapes = mlstm_spec.init_params(input_size, hidden_size, rng=0, dtype=np.float64, **options)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        dtype = ml_dtypes.bfloat16
+    return {k: (rng.uniform(-1, 1, v.shape) * scale).astype(dtype) for k, v in shapes.items()}

@@ -4,22 +4,25 @@ torch.func, dropout, initialiser, converters, and the errors bad input gets)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+import subprocess
 import traceback
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
-from helpers import assert_gpu_present, conformance_params, device_params, require_backend, run_conformance
+from helpers import (assert_gpu_present, conformance_params, device_params, random_params, require_backend,
+                     run_conformance)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 bt = require_backend("torch")
 
 import torch  # noqa: E402
+
+from backends.torch import build, fused, loops  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import mlstm_spec  # noqa: E402
@@ -28,12 +31,6 @@ from mlstm_spec.equations import IH_BLOCKS, MH_BLOCKS  # noqa: E402
 from mlstm_spec.params import block  # noqa: E402
 
 MODES = ("addition", "multiplicative_integration")
-
-
-def random_params(rng, input_size, hidden_size, dtype="float64", scale=1.0, **options):
-    """Canonical NumPy parameters with random values everywhere (biases included)."""
-    shapes = mlstm_spec.init_params(input_size, hidden_size, rng=0, dtype=np.float64, **options)
-    return {k: (rng.uniform(-1, 1, v.shape) * scale).astype(dtype) for k, v in shapes.items()}
 
 
 def random_stack(rng, input_size, hidden_size, num_layers, **options):
@@ -96,26 +93,72 @@ def test_conformance_python_loops(dtype):
 
 # ---- the compiled CPU loops ----
 
-def test_compiled_cpu_loops_in_use():
-    """On CPU the fused layer runs backends/_torch_cpu.cpp. In CI (which has a compiler) failing to
-    build it is an error; elsewhere it is reported as skipped, with the build error."""
+class CountingLoops:
+    """The compiled CPU loops, counting the calls of each function."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, {"layer_forward": 0, "layer_backward": 0}
+
+    def __getattr__(self, name):
+        function = getattr(self.module, name)
+
+        def counted(*args):
+            self.calls[name] += 1
+            return function(*args)
+
+        return counted
+
+
+def test_compiled_cpu_loops_in_use(monkeypatch):
+    """On CPU the fused layer runs backends/torch/cpu_loops.cpp, forward and backward, and not with
+    cpu_loops="python". In CI (which has a compiler) failing to build it is an error; elsewhere it is
+    reported as skipped, with the build error."""
     compiled, reason = bt.compiled_cpu_loops()
     if not compiled:
         if os.environ.get("CI"):
             pytest.fail(f"the compiled CPU loops are not in use: {reason}")
         pytest.skip(f"compiled CPU loops not in use: {reason}")
-    with torch.autograd.profiler.profile() as prof, torch.no_grad():
-        bt.MLSTM(3, 4)(torch.randn(5, 2, 3))
-    assert "mlstm_cpu::layer_forward" in {event.key for event in prof.key_averages()}
+    counting = CountingLoops(build.cpu_loops())
+    monkeypatch.setattr(build, "cpu_loops", lambda: counting)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    bt.MLSTM(3, 4)(x)[0].sum().backward()
+    assert counting.calls == {"layer_forward": 1, "layer_backward": 1}
+    bt.MLSTM(3, 4, cpu_loops="python")(x)[0].sum().backward()
+    assert counting.calls == {"layer_forward": 1, "layer_backward": 1}
 
 
 def test_cpu_loops_setting(monkeypatch):
     monkeypatch.setenv(bt.CPU_LOOPS_VARIABLE, "python")
-    assert bt._build_cpu_loops() == {"ok": False, "warn": False, "reason": "MLSTM_TORCH_CPU_LOOPS=python"}
+    assert build.build() == {"module": None, "warn": False, "reason": "MLSTM_TORCH_CPU_LOOPS=python"}
     monkeypatch.setenv(bt.CPU_LOOPS_VARIABLE, "fast")
-    state = bt._build_cpu_loops()
-    assert not state["ok"] and state["warn"]
+    state = build.build()
+    assert state["module"] is None and state["warn"]
     assert "must be 'compiled' or 'python', got 'fast'" in state["reason"]
+    with pytest.raises(ValueError, match=r"cpu_loops must be one of \('compiled', 'python'\), got 'c'"):
+        bt.MLSTM(3, 4, cpu_loops="c")
+
+
+def test_building_the_cpu_loops_changes_no_environment_variable(monkeypatch, tmp_path):
+    """The C++ build runs in a child process whose own environment gets ninja's directory (the pip
+    package's, when no ninja is on PATH); this process's environment is left alone. (The child is
+    faked here: it records its environment and fails.)"""
+    monkeypatch.delenv(bt.CPU_LOOPS_VARIABLE, raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache: the build must run
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)  # as where no ninja is on PATH
+    children = []
+
+    def child(command, env, **options):
+        children.append(env)
+        return subprocess.CompletedProcess(command, 1, "", "error: no compiler here (fake)")
+
+    monkeypatch.setattr(build.subprocess, "run", child)
+    before = dict(os.environ)
+    state = build.build()
+    assert dict(os.environ) == before
+    assert state["module"] is None and "no compiler here (fake)" in state["reason"]
+    (env,) = children
+    ninja = pytest.importorskip("ninja")
+    assert env["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -137,8 +180,9 @@ def test_compiled_loops_equal_python_loops(mode, independent, dtype):
     weight = torch.tensor(rng.standard_normal((steps, batch, hidden)), dtype=dtype)
     chunk_bytes = 2 * batch * 5 * hidden * x.element_size()  # two steps per chunk
     results = []
-    for loops in (contextlib.nullcontext, bt.python_cpu_loops):
-        with loops(), mock.patch.object(bt, "_PROJECTION_CHUNK_BYTES", chunk_bytes):
+    for cpu_loops in ("compiled", "python"):
+        model.cpu_loops = cpu_loops
+        with mock.patch.object(loops, "PROJECTION_CHUNK_BYTES", chunk_bytes):
             inputs = x.clone().requires_grad_(True)
             out, (h_n, c_n) = model(inputs)
             grads = torch.autograd.grad((out * weight).sum() + c_n.sum(), [inputs, *model.parameters()])
@@ -161,8 +205,8 @@ def test_fused_equals_plain(options, mode, num_layers, batch, steps, hidden, chu
     """Outputs, final states and all gradients agree in float64 (the same arithmetic in a different
     order), in training and in inference, also when the input projection is computed in chunks of a
     few steps (``chunk_steps``; None: the default chunk, which holds every step at these sizes)."""
-    chunk_bytes = bt._PROJECTION_CHUNK_BYTES if chunk_steps is None else chunk_steps * batch * 5 * hidden * 8
-    with mock.patch.object(bt, "_PROJECTION_CHUNK_BYTES", chunk_bytes):
+    chunk_bytes = loops.PROJECTION_CHUNK_BYTES if chunk_steps is None else chunk_steps * batch * 5 * hidden * 8
+    with mock.patch.object(loops, "PROJECTION_CHUNK_BYTES", chunk_bytes):
         _check_fused_equals_plain(options, mode, num_layers, batch, steps, hidden, seed)
 
 
@@ -356,39 +400,15 @@ def test_reset_parameters_draws_glorot_uniform():
 
 # ---- converters ----
 
-@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
-def test_canonical_round_trip_is_exact(dtype):
-    rng = np.random.default_rng(5)
-    layers = random_stack(rng, 3, 4, 2, recurrent_bias=False)
-    if dtype == "bfloat16":
-        ml_dtypes = pytest.importorskip("ml_dtypes")
-        layers = [{k: v.astype(np.float32).astype(ml_dtypes.bfloat16) for k, v in p.items()} for p in layers]
-    else:
-        layers = [{k: v.astype(dtype) for k, v in p.items()} for p in layers]
-    model = bt.MLSTM.from_canonical(layers)
-    assert model._param_dtype() == getattr(torch, dtype)
-    back = model.to_canonical()
-    assert [set(p) for p in back] == [set(p) for p in layers]
-    for got, want in zip(back, layers):
-        for name in want:
-            assert got[name].dtype == want[name].dtype
-            assert np.array_equal(got[name].view(np.uint8), want[name].view(np.uint8)), name
-    again = bt.MLSTM.from_canonical(back)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
-    cell = bt.MLSTMCell.from_canonical(layers[0])
-    assert np.array_equal(cell.to_canonical()[0]["weight_ih"].view(np.uint8),
-                          layers[0]["weight_ih"].view(np.uint8))
-
-
 def test_from_canonical_options_must_agree_with_params():
     params = random_params(np.random.default_rng(6), 3, 4, bias=False)
-    with pytest.raises(ValueError, match=r"bias=True disagrees with params, which say bias=False"):
+    with pytest.raises(ValueError, match=r"bias=True contradicts params, which imply bias=False"):
         bt.MLSTM.from_canonical(params, bias=True)
-    with pytest.raises(ValueError, match="num_layers=2 disagrees"):
+    with pytest.raises(ValueError, match="num_layers=2 contradicts params, which imply num_layers=1"):
         bt.MLSTM.from_canonical(params, num_layers=2)
     with pytest.raises(ValueError, match=r"params\['weight_hh'\] must have shape"):
         bt.MLSTM.from_canonical({**params, "weight_hh": np.zeros((4, 3))})
-    with pytest.raises(ValueError, match="one layer"):
+    with pytest.raises(ValueError, match="params holds 2 layers, but MLSTMCell is one layer"):
         bt.MLSTMCell.from_canonical([params, params])
     model = bt.MLSTM.from_canonical(params, dtype=torch.float32, bias=False, batch_first=True)
     assert model.batch_first and not model.bias and model._param_dtype() == torch.float32
@@ -464,16 +484,17 @@ def test_custom_operators_pass_opcheck(mode):
     w_ih, w_hh, w_mh, b_ih, b_hh, b_mh = params
     multiplicative = mode == "multiplicative_integration"
     for keep_tape in (False, True):
-        args = (x, h0, c0, w_ih, w_hh, w_mh, b_ih, None, b_mh, multiplicative, keep_tape)
-        if keep_tape:
-            args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(bt._layer_forward_op, args)
+        for python_loops in (False, True):
+            args = (x, h0, c0, w_ih, w_hh, w_mh, b_ih, None, b_mh, multiplicative, keep_tape, python_loops)
+            if keep_tape:
+                args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
+            torch.library.opcheck(fused.layer_forward, args)
     with torch.no_grad():
-        outputs = bt._layer_forward_op(x, h0, c0, w_ih, w_hh, w_mh, b_ih, None, b_mh, multiplicative, True)
+        outputs = fused.layer_forward(x, h0, c0, w_ih, w_hh, w_mh, b_ih, None, b_mh, multiplicative, True, False)
     d_hs = torch.randn(T, B, H, dtype=torch.float64)
-    torch.library.opcheck(bt._layer_backward_op, (d_hs, None, torch.randn(B, H, dtype=torch.float64), x, h0,
-                                                  w_ih, w_hh, w_mh, True, False, True, multiplicative,
-                                                  True, outputs[0], *outputs[3:]))
+    torch.library.opcheck(fused.layer_backward, (d_hs, None, torch.randn(B, H, dtype=torch.float64), x, h0,
+                                                 w_ih, w_hh, w_mh, True, False, True, multiplicative,
+                                                 True, False, outputs[0], *outputs[3:]))
 
 
 @pytest.mark.slow
@@ -578,12 +599,6 @@ def test_thread_count_untouched():
     model(torch.randn(5, 2, 3))[0].sum().backward()
     bt.ConformanceAdapter("cpu")
     assert torch.get_num_threads() == before
-
-
-def test_devices_lists_cpu_first():
-    found = bt.devices()
-    assert found[0] == "cpu"
-    assert len(found) == 1 + (torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
 # ---- bad input: clear errors, raised before the recurrence starts ----

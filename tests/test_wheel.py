@@ -47,7 +47,7 @@ def install_wheel(root: Path) -> Path:
                     str(source)], check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = (root / "dist").glob("mlstm_spec-*.whl")
     # the PyTorch backend's C++ loops are compiled from source on first use: the source must ship
-    assert "backends/_torch_cpu.cpp" in zipfile.ZipFile(wheel).namelist()
+    assert "backends/torch/cpu_loops.cpp" in zipfile.ZipFile(wheel).namelist()
     env_dir = root / "venv"
     venv.create(env_dir, with_pip=True)
     bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")

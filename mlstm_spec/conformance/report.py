@@ -180,8 +180,12 @@ def _indent(text: str, prefix: str = "    ") -> str:
 def _footer(report: Report) -> str:
     lines = [report.summary()]
     if report.exit_status == EXIT_NOTHING_CHECKED:
-        lines.append("No implementation was checked: install a backend (pip install 'mlstm-spec[torch]', "
-                     "[jax] or [tensorflow]) or pass --impl MODULE:FACTORY")
+        try:  # the registry of backends (framework-free)
+            from backends import BACKENDS
+        except ImportError:
+            BACKENDS = {}
+        hints = ", ".join(backend.install_hint for backend in BACKENDS.values())
+        lines.append(f"No implementation was checked: install a backend ({hints}) or pass --impl MODULE:FACTORY")
     seed = report.metadata.get("seed")
     if seed is not None and report.metadata.get("seed_source") == "drawn":
         lines.append(f"Examples drawn with seed {seed}: rerun them with --seed {seed}")

@@ -30,8 +30,14 @@ from .report import (EXIT_FAIL, EXIT_NOTHING_CHECKED, EXIT_PASS, EXIT_USAGE, Rep
                      print_rich, to_json)
 from .tolerances import DTYPES, device_kind
 
+try:  # the registry of backends (framework-free); absent where only mlstm_spec is installed
+    import backends
+    from backends import BACKENDS
+except ImportError:
+    backends, BACKENDS = None, {}
+
 SPEC = "mlstm_spec"
-FRAMEWORK_BACKENDS = ("torch", "jax", "tensorflow")
+FRAMEWORK_BACKENDS = tuple(BACKENDS)
 BACKEND_NAMES = (SPEC,) + FRAMEWORK_BACKENDS
 ALIASES = {"spec": SPEC, "tf": "tensorflow"}
 PROFILES = ("default", "ci", "thorough")
@@ -242,8 +248,6 @@ def _plan_spec(plan: Plan, args, explicit: bool) -> None:
 
 
 def _plan_backend(plan: Plan, name: str, args, explicit: bool) -> None:
-    import backends
-
     reason = backends.missing_reason(name)
     if reason is not None:
         if explicit:
@@ -472,13 +476,8 @@ def _versions(plan: Plan) -> dict:
 
     out = {"python": platform.python_version(), "mlstm_spec": __version__, "numpy": numpy.__version__,
            "hypothesis": hypothesis.__version__}
-    for module in ("torch", "jax", "jaxlib", "tensorflow", "keras"):
-        if module in sys.modules:
-            out[module] = str(getattr(sys.modules[module], "__version__", "?"))
-    for target in plan.targets:
-        adapter_module = sys.modules.get(type(target.adapter).__module__)
-        if hasattr(adapter_module, "compiled_cpu_loops"):  # backends.torch: which CPU loops were checked
-            out["backends.torch CPU loops"] = adapter_module.compiled_cpu_loops()[1]
+    for name in dict.fromkeys(t.backend for t in plan.targets if t.backend is not None):
+        out.update(getattr(backends.load(name), "versions", dict)())
     for target in plan.targets:
         if target.backend is None and target.label != SPEC:
             top = type(target.adapter).__module__.split(".")[0]
@@ -506,22 +505,11 @@ def describe_device(backend: str | None, device: str) -> str:
     """A human name for a device (best effort: the GPU model when the framework says it)."""
     if device_kind(device) == "cpu":
         return f"{_cpu_name()} ({os.cpu_count()} cores)"
-    try:
-        if backend == "torch":
-            import torch
-            return torch.cuda.get_device_name(torch.device(device))
-        if backend == "jax":
-            import jax
-            for d in jax.devices():
-                if f"{d.platform}:{d.id}" == device or str(d) == device:
-                    return d.device_kind
-        if backend == "tensorflow":
-            import tensorflow as tf
-            for d in tf.config.list_physical_devices("GPU"):
-                if d.name.endswith(device.split(":", 1)[-1]) or device.upper() in d.name.upper():
-                    return tf.config.experimental.get_device_details(d).get("device_name", device)
-    except Exception:
-        pass
+    if backend is not None:
+        try:
+            return backends.load(backend).describe_device(device)
+        except Exception:  # noqa: BLE001 - best effort: the device's own name
+            pass
     return device
 
 

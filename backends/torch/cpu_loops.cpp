@@ -1,8 +1,9 @@
-// The CPU time loops of the PyTorch backend's fused layer (backends/torch.py): the same computation as
-// _fused_forward_python and _fused_backward_python, without their per-step costs. Each step is two BLAS
+// The CPU time loops of the PyTorch backend's fused layer: the same computation as backends/torch/loops.py,
+// without its per-step costs. Each step is two BLAS
 // calls on raw pointers and a few vectorised element-wise passes, instead of ~12 torch operations
-// dispatched from Python. Compiled on first use by torch.utils.cpp_extension; backends/torch.py runs
-// its Python loops where it cannot be.
+// dispatched from Python. Compiled on first use (backends/torch/build.py) into a Python module whose two
+// functions backends/torch/fused.py registers as the CPU kernels of its custom operators; the Python
+// loops run where this cannot be compiled.
 //
 // Layouts (row-major, contiguous unless said): x (T, B, I); h0, c0 (B, H); the input projection p holds
 // the blocks (m, i, o, f, z) along its last axis; gate pre-activations hold (i, o, f, z).
@@ -11,7 +12,7 @@
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <optional>
@@ -424,7 +425,7 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
   return {hs, h_T, c_T, p_tape, r_all, m_all, f_tape, K, dh_to_dc, q_all};
 }
 
-// Back-propagation through time: the computation of _fused_backward_python in backends/torch.py, for
+// Back-propagation through time: the computation of backward_loop in backends/torch/loops.py, for
 // its arguments, with the same nine results (empty tensors for gradients not asked for).
 std::vector<Tensor> layer_backward(const std::optional<Tensor>& d_hs_given, const std::optional<Tensor>& d_hT,
                                    const std::optional<Tensor>& d_cT, const Tensor& x, const Tensor& h0,
@@ -523,16 +524,9 @@ std::vector<Tensor> layer_backward(const std::optional<Tensor>& d_hs_given, cons
 
 }  // namespace
 
-TORCH_LIBRARY(mlstm_cpu, m) {
-  m.def("layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor w_mh, Tensor? b_ih, "
-        "Tensor? b_hh, Tensor? b_mh, bool multiplicative, bool keep_tape, int chunk_bytes) -> Tensor[]");
-  m.def("layer_backward(Tensor? d_hs, Tensor? d_hT, Tensor? d_cT, Tensor x, Tensor h0, Tensor w_ih, "
-        "Tensor w_hh, Tensor w_mh, bool has_b_ih, bool has_b_hh, bool has_b_mh, bool multiplicative, "
-        "bool need_dx, Tensor hs, Tensor p, Tensor r_all, Tensor m_all, Tensor f, Tensor K, Tensor dh_to_dc, "
-        "Tensor q_all) -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(mlstm_cpu, CPU, m) {
-  m.impl("layer_forward", &layer_forward);
-  m.impl("layer_backward", &layer_backward);
+// The returned lists are (hs, h_T, c_T, *tape) and the nine gradients (d_x, d_h0, d_c0, d_w_ih, d_w_hh,
+// d_w_mh, d_b_ih, d_b_hh, d_b_mh); the tape's fields are in the order of Tape in backends/torch/fused.py.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("layer_forward", &layer_forward, "the fused forward loop");
+  m.def("layer_backward", &layer_backward, "the fused backward loop");
 }

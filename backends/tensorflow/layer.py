@@ -1,0 +1,561 @@
+"""The Keras layers: :class:`MLSTMCell` (one step, for ``keras.layers.RNN``) and :class:`MLSTM` (a layer
+used like ``keras.layers.LSTM``, running the fused recurrence of ``recurrence.py`` by default)."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from backends._common import (
+    DTYPES,
+    LAYER_OPTIONS,
+    as_numpy,
+    canonical_import,
+    check_layer_options,
+    layer_info,
+    present_params,
+    set_layer_options,
+    work_dtype,
+)
+from mlstm_spec.equations import BIAS_FLAGS
+from mlstm_spec.validation import LayerInfo, check_sequence, check_state, dtype_name, expected_shapes
+
+from .recurrence import FusedConfig, fused_function, step, transposed
+
+_FUSED_CHOICES = ("auto", True, False)
+_WEIGHTS = ("weight_ih", "weight_hh", "weight_mh")
+_BIASES = tuple(BIAS_FLAGS)  # bias_ih, bias_hh, bias_mh
+
+
+def _vector_initializer(initializer):
+    """Draw a vector (H,) as an (H, 1) matrix, so fan-based initializers see fan_in=1, fan_out=H
+    (Flux's rule; Keras would read a vector as fan_in = fan_out = H)."""
+
+    def draw(shape, dtype=None):
+        return tf.reshape(initializer((shape[0], 1), dtype=dtype), shape)
+
+    return draw
+
+
+def _options_info(cell, input_size, dtype) -> LayerInfo:
+    return layer_info(input_size, cell.units, dtype, **cell.options)
+
+
+@keras.saving.register_keras_serializable(package="mlstm")
+class MLSTMCell(keras.layers.Layer):
+    """Cell of the Multiplicative LSTM (one step of docs/equations.md), for ``keras.layers.RNN``.
+
+    Use it like ``keras.layers.LSTMCell``: ``keras.layers.RNN(MLSTMCell(64))`` gives masking,
+    ``go_backwards``, ``stateful`` and ``keras.layers.Bidirectional`` through Keras's generic loop.
+    :class:`MLSTM` computes the same function much faster over whole sequences.
+
+    Args:
+        units: hidden size H (positive int), like ``keras.layers.LSTM``'s ``units``.
+        bias: learn ``bias_ih`` (5H,). Default True.
+        recurrent_bias: learn ``bias_hh`` (H,). Default True.
+        multiplicative_bias: learn ``bias_mh`` (4H,). Default True.
+        independent_recurrence: ``weight_hh`` is a vector (H,) applied element-wise. Default False.
+        integration_mode: ``"addition"`` (default) or ``"multiplicative_integration"``.
+        kernel_initializer, recurrent_initializer, multiplicative_initializer: initializers of
+            ``weight_ih``, ``weight_hh`` and ``weight_mh``. Default ``"glorot_uniform"`` over each
+            whole stacked matrix, as RecurrentLayers.jl draws them; the vector ``weight_hh`` is drawn as
+            an (H, 1) matrix (``U(-a, a)``, ``a = sqrt(6 / (H + 1))``).
+        bias_initializer: initializer of every bias. Default ``"zeros"``.
+        kernel_regularizer, recurrent_regularizer, multiplicative_regularizer, bias_regularizer,
+        kernel_constraint, recurrent_constraint, multiplicative_constraint, bias_constraint:
+            as for ``keras.layers.LSTM``, per weight as above.
+        **kwargs: Keras layer arguments (``name``, ``dtype``, ``trainable``).
+
+    Call arguments:
+        inputs: (B, I), one step.
+        states: ``[h, c]``, each (B, H).
+
+    Returns:
+        ``h, [h, c]``: the output (B, H) and the new state.
+
+    Weights (canonical names, shapes and block order, so ``to_canonical`` is a plain copy):
+        weight_ih: (5H, I), row blocks ``m, i, o, f, z``.
+        weight_hh: (H, H), or (H,) under independent recurrence.
+        weight_mh: (4H, H), row blocks ``i, o, f, z``.
+        bias_ih: (5H,) blocks ``m, i, o, f, z``; bias_hh: (H,); bias_mh: (4H,) blocks ``i, o, f, z``
+            (each only when its option is on).
+    """
+
+    def __init__(
+        self,
+        units,
+        *,
+        bias=True,
+        recurrent_bias=True,
+        multiplicative_bias=True,
+        independent_recurrence=False,
+        integration_mode="addition",
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="glorot_uniform",
+        multiplicative_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        multiplicative_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        multiplicative_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        check_layer_options(None, units, integration_mode=integration_mode, bias=bias,
+                            recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
+                            independent_recurrence=independent_recurrence)
+        super().__init__(**kwargs)
+        self.units = int(units)
+        set_layer_options(self, bias=bias, recurrent_bias=recurrent_bias,
+                          multiplicative_bias=multiplicative_bias,
+                          independent_recurrence=independent_recurrence,
+                          integration_mode=integration_mode)
+        self.initializers = {
+            "weight_ih": keras.initializers.get(kernel_initializer),
+            "weight_hh": keras.initializers.get(recurrent_initializer),
+            "weight_mh": keras.initializers.get(multiplicative_initializer),
+            "bias": keras.initializers.get(bias_initializer),
+        }
+        self.regularizers = {
+            "weight_ih": keras.regularizers.get(kernel_regularizer),
+            "weight_hh": keras.regularizers.get(recurrent_regularizer),
+            "weight_mh": keras.regularizers.get(multiplicative_regularizer),
+            "bias": keras.regularizers.get(bias_regularizer),
+        }
+        self.constraints = {
+            "weight_ih": keras.constraints.get(kernel_constraint),
+            "weight_hh": keras.constraints.get(recurrent_constraint),
+            "weight_mh": keras.constraints.get(multiplicative_constraint),
+            "bias": keras.constraints.get(bias_constraint),
+        }
+        self.state_size = [self.units, self.units]
+        self.output_size = self.units
+        self.input_size = None
+
+    @property
+    def options(self) -> dict:
+        """The layer options, by the names every backend uses."""
+        return dict(bias=self.bias, recurrent_bias=self.recurrent_bias,
+                    multiplicative_bias=self.multiplicative_bias,
+                    independent_recurrence=self.independent_recurrence,
+                    integration_mode=self.integration_mode)
+
+    @property
+    def param_names(self) -> list[str]:
+        """Canonical names of this cell's weights, in canonical order."""
+        return present_params(_options_info(self, 1, "float32"))
+
+    def build(self, input_shape):
+        input_size = input_shape[-1]
+        if input_size is None:
+            raise ValueError(
+                "inputs must have a known feature size I in their last dimension, got shape "
+                f"{tuple(input_shape)}"
+            )
+        self.input_size = int(input_size)
+        H, I = self.units, self.input_size
+        shapes = expected_shapes(I, H, self.independent_recurrence)
+        for name in self.param_names:
+            kind = "bias" if name.startswith("bias") else name
+            initializer = self.initializers[kind]
+            if name == "weight_hh" and self.independent_recurrence:
+                initializer = _vector_initializer(initializer)
+            variable = self.add_weight(
+                shape=shapes[name], name=name, initializer=initializer,
+                regularizer=self.regularizers[kind], constraint=self.constraints[kind],
+            )
+            setattr(self, name, variable)
+        for name in _BIASES:
+            if name not in self.param_names:
+                setattr(self, name, None)
+
+    def weights_in(self, dtype) -> dict:
+        """Every weight as a tensor of ``dtype``, absent biases as None.
+
+        Under a mixed policy the float32 variables are first rounded to the compute dtype (as Keras's
+        autocasting rounds them), then widened to ``dtype`` when that is wider.
+        """
+        return {name: None if getattr(self, name) is None
+                else tf.cast(tf.cast(getattr(self, name).value, self.compute_dtype), dtype)
+                for name in _WEIGHTS + _BIASES}
+
+    def call(self, inputs, states):
+        if inputs.shape[-1] is not None and inputs.shape[-1] != self.input_size:
+            raise ValueError(
+                f"inputs must have I={self.input_size} features in their last dimension (the cell was "
+                f"built for that size), got shape {tuple(inputs.shape)}"
+            )
+        work = work_dtype(self.compute_dtype)
+        inputs, h, c = (tf.cast(t, work) for t in (inputs, states[0], states[1]))
+        w = self.weights_in(work)
+        p = tf.matmul(inputs, w["weight_ih"], transpose_b=True)
+        if w["bias_ih"] is not None:
+            p = p + w["bias_ih"]
+        h, c, _ = step(p[:, : self.units], p[:, self.units :], h, c, transposed(w["weight_hh"]),
+                        tf.transpose(w["weight_mh"]), w["bias_hh"], w["bias_mh"], self.multiplicative)
+        h, c = tf.cast(h, self.compute_dtype), tf.cast(c, self.compute_dtype)
+        return h, [h, c]
+
+    def get_initial_state(self, batch_size=None):
+        return [tf.zeros((batch_size, self.units), dtype=self.compute_dtype) for _ in range(2)]
+
+    def get_config(self):
+        config = dict(units=self.units, **self.options)
+        for kind, arg in (("weight_ih", "kernel"), ("weight_hh", "recurrent"),
+                          ("weight_mh", "multiplicative"), ("bias", "bias")):
+            config[f"{arg}_initializer"] = keras.initializers.serialize(self.initializers[kind])
+            config[f"{arg}_regularizer"] = keras.regularizers.serialize(self.regularizers[kind])
+            config[f"{arg}_constraint"] = keras.constraints.serialize(self.constraints[kind])
+        return {**super().get_config(), **config}
+
+    @classmethod
+    def from_canonical(cls, params, **options):
+        """A built cell holding exactly the values of one canonical mapping (see
+        :meth:`MLSTM.from_canonical`)."""
+        layer_params, info, options = _canonical_options(cls, params, options)
+        cell = cls(info.hidden_size, **options)
+        cell.build((None, info.input_size))
+        _assign(cell, layer_params)
+        return cell
+
+    def to_canonical(self) -> list[dict]:
+        """``[mapping]``: this cell's weights as NumPy arrays under their canonical names."""
+        return _to_canonical(self)
+
+
+@keras.saving.register_keras_serializable(package="mlstm")
+class MLSTM(keras.layers.RNN):
+    """Multiplicative LSTM layer (Krause et al. 2016), used like ``keras.layers.LSTM``: the step of
+    docs/equations.md over a sequence.
+
+    Args:
+        units, bias, recurrent_bias, multiplicative_bias, independent_recurrence, integration_mode,
+        the initializers, regularizers and constraints: as for :class:`MLSTMCell`.
+        return_sequences: return the output of every step (B, T, H) instead of the last (B, H).
+        return_state: also return the final state ``h_T, c_T`` (each (B, H)), as ``keras.layers.LSTM``.
+        go_backwards: process the sequence in reverse and return the reversed output sequence.
+        stateful: the final state of batch row k is the initial state of row k in the next call
+            (needs a fixed batch size; ``reset_state()`` clears it).
+        use_fused: ``"auto"`` (default) runs the fused path -- the input projection of the whole
+            sequence as one matrix product, then one graph loop (a cached ``tf.function``) with a
+            hand-written backward pass -- whenever it can express the configuration, and Keras's
+            generic ``RNN`` loop over :class:`MLSTMCell` otherwise. ``True`` requires the fused path and
+            raises ValueError when it cannot be used; ``False`` always runs the generic loop.
+            Both compute the same function.
+        jit_compile: compile the fused path with XLA. Default False, as Keras leaves XLA off on CPU:
+            there the fused graph loop is as fast or faster (docs/performance.md). Inside a model
+            compiled with ``jit_compile=True`` the fused path is compiled with the model either way.
+        zero_output_for_mask: as for ``keras.layers.RNN`` (``Bidirectional`` sets it).
+        **kwargs: Keras layer arguments (``name``, ``dtype``, ``trainable``, ``activity_regularizer``).
+
+    Call arguments:
+        sequences: (B, T, I), batch-major. Keras layers take batched input only: add a batch axis of
+            one (``x[None]``) for a single sequence.
+        initial_state: ``[h_0, c_0]``, each (B, H); zeros when omitted.
+        mask: (B, T) booleans; a masked step keeps the state and repeats the previous output.
+        training: accepted for Keras; the layer has no training-only behaviour.
+
+    Returns:
+        The last output (B, H), or every output (B, T, H) with ``return_sequences``; with
+        ``return_state``, ``[output, h_T, c_T]`` like ``keras.layers.LSTM``.
+
+    Dtypes: the input dtype must equal the layer's compute dtype -- a float64 array given to a float32
+    layer raises TypeError instead of being rounded silently. Under a mixed policy
+    (``dtype="mixed_float16"``) the variables are float32 and the compute dtype float16: inputs and
+    initial states in either dtype are cast to float16 and the weights are rounded to float16 (Keras's
+    mixed-precision mechanism); then the recurrence computes in float32 and returns float16 results,
+    because rounding every step's intermediates to float16 would compound over the steps (mlstm_spec,
+    and the torch and JAX backends, compute float16 the same way). ``"mixed_bfloat16"`` likewise.
+
+    Non-finite inputs are propagated, not checked (a check would need a device synchronisation); a NaN
+    in one batch row never reaches the outputs of another row.
+    Weights: those of :class:`MLSTMCell`, read through the layer (``layer.weight_ih``, ...).
+
+    Example::
+
+        layer = MLSTM(128, return_sequences=True)
+        hs = layer(np.zeros((4, 10, 32), "float32"))                    # (4, 10, 128)
+        same = MLSTM.from_canonical(layer.to_canonical(), return_sequences=True)
+    """
+
+    def __init__(
+        self,
+        units,
+        *,
+        bias=True,
+        recurrent_bias=True,
+        multiplicative_bias=True,
+        independent_recurrence=False,
+        integration_mode="addition",
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="glorot_uniform",
+        multiplicative_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        multiplicative_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        multiplicative_constraint=None,
+        bias_constraint=None,
+        return_sequences=False,
+        return_state=False,
+        go_backwards=False,
+        stateful=False,
+        use_fused="auto",
+        jit_compile=False,
+        **kwargs,
+    ):
+        numeric = isinstance(use_fused, (int, float)) and not isinstance(use_fused, bool)
+        if numeric or use_fused not in _FUSED_CHOICES:
+            raise ValueError(f"use_fused must be one of {_FUSED_CHOICES}, got {use_fused!r}")
+        if not isinstance(jit_compile, (bool, np.bool_)):
+            raise TypeError(f"jit_compile must be a bool, got {type(jit_compile).__name__} {jit_compile!r}")
+        if kwargs.pop("unroll", False):
+            raise ValueError("unroll=True is not supported by MLSTM: the fused graph loop replaces it")
+        cell = MLSTMCell(
+            units,
+            bias=bias,
+            recurrent_bias=recurrent_bias,
+            multiplicative_bias=multiplicative_bias,
+            independent_recurrence=independent_recurrence,
+            integration_mode=integration_mode,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            multiplicative_initializer=multiplicative_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer,
+            multiplicative_regularizer=multiplicative_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint,
+            multiplicative_constraint=multiplicative_constraint,
+            bias_constraint=bias_constraint,
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+            name="mlstm_cell",
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=False,
+            **kwargs,
+        )
+        self.use_fused = use_fused
+        self.jit_compile = bool(jit_compile)
+
+    # ---- options and weights, read from the cell ----
+
+    @property
+    def units(self) -> int:
+        return self.cell.units
+
+    @property
+    def options(self) -> dict:
+        return self.cell.options
+
+    # The weights (weight_ih, ..., bias_mh) and the option flags live on the cell; they are exposed
+    # here as read-only properties, defined below the class.
+
+    # ---- input checks, before Keras converts anything ----
+
+    def __call__(self, *args, **kwargs):
+        sequences = args[0] if args else kwargs.get("sequences")
+        initial_state = args[1] if len(args) > 1 else kwargs.get("initial_state")
+        self._check_call(sequences, initial_state, kwargs.get("mask"))
+        return super().__call__(*args, **kwargs)
+
+    def _accepted_dtype(self, value) -> str:
+        """The dtype name of ``value``; under a mixed policy the variable dtype counts as the compute
+        dtype, because Keras casts it (that is the framework's mixed-precision mechanism)."""
+        name = dtype_name(value.dtype)
+        policy = self.dtype_policy
+        if policy.compute_dtype != policy.variable_dtype and name == policy.variable_dtype:
+            return policy.compute_dtype
+        return name
+
+    def _check_call(self, sequences, initial_state, mask):
+        if not hasattr(sequences, "shape") or not hasattr(sequences, "dtype"):
+            raise TypeError(
+                f"sequences must be an array or tensor of shape (B, T, I), got {type(sequences).__name__}"
+            )
+        shape = tuple(sequences.shape)
+        if len(shape) != 3:
+            raise ValueError(
+                "sequences must have shape (B, T, I) (Keras layers take batched input only; add a batch "
+                f"axis of one with x[None] for a single sequence), got {len(shape)} dimensions {shape}"
+            )
+        input_size = self.cell.input_size if self.cell.built else shape[-1]
+        if input_size is None:
+            raise ValueError(f"sequences must have a known feature size I, got shape {shape}")
+        info = _options_info(self.cell, input_size, self.compute_dtype)
+        check_sequence(shape, self._accepted_dtype(sequences), info, "sequences", DTYPES)
+        if initial_state is not None:
+            batch = shape[0]
+
+            def shape_of(v):
+                got = tuple(v.shape)
+                if got and (got[0] is None or batch is None):  # a dynamic batch size matches any
+                    got = (batch,) + got[1:]
+                return got
+
+            check_state(initial_state, (batch,), info, "initial_state", DTYPES,
+                        shape_of=shape_of, dtype_of=self._accepted_dtype)
+        if mask is not None and not isinstance(mask, (list, tuple)) and hasattr(mask, "shape"):
+            want = shape[:2]
+            got = tuple(mask.shape)
+            if len(got) != 2 or any(g is not None and w is not None and g != w for g, w in zip(got, want)):
+                raise ValueError(f"mask must have shape (B, T) = {want} like sequences, got {got}")
+
+    # ---- the fused path ----
+
+    def fused_unavailable_reason(self) -> str | None:
+        """Why the fused path cannot run this layer, or None when it can.
+
+        It covers every option of :class:`MLSTMCell`, masks, ``go_backwards``, ``stateful`` and mixed
+        precision; only a cell whose step was overridden (a subclass redefining ``call``) needs the
+        generic loop, because the fused path would not run that step.
+        """
+        if type(self.cell).call is not MLSTMCell.call:
+            return f"the cell's step was overridden by {type(self.cell).__name__}.call"
+        return None
+
+    # Not converted by autograph: every branch here is on Python values, and converting the call
+    # through a conditional expression below once dispatched to the wrong converted function.
+    @tf.autograph.experimental.do_not_convert
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        reason = None if self.use_fused is False else self.fused_unavailable_reason()
+        if self.use_fused is True and reason is not None:
+            raise ValueError(
+                f"use_fused=True, but the fused path cannot run this layer: {reason}. "
+                "Pass use_fused='auto' to fall back to the generic keras.layers.RNN loop."
+            )
+        if self.use_fused is False or reason is not None:
+            return super().inner_loop(sequences, initial_state, mask=mask, training=training)
+        cell = self.cell
+        config = FusedConfig(
+            independent=cell.independent_recurrence, multiplicative=cell.multiplicative,
+            bias=cell.bias, recurrent_bias=cell.recurrent_bias,
+            multiplicative_bias=cell.multiplicative_bias, masked=mask is not None,
+            go_backwards=bool(self.go_backwards), zero_output_for_mask=bool(self.zero_output_for_mask),
+            return_sequences=bool(self.return_sequences), jit_compile=self.jit_compile,
+        )
+        work = work_dtype(self.compute_dtype)
+        w = cell.weights_in(work)
+        args = [tf.cast(t, work) for t in (sequences, initial_state[0], initial_state[1])]
+        if mask is not None:
+            args.append(tf.cast(mask, tf.bool))
+        args += [w[name] for name in _WEIGHTS + _BIASES if w[name] is not None]
+        compiled, plain = fused_function(config, work)
+        # Called eagerly, the compiled function runs the loop as a graph. Inside a graph being built
+        # (tf.function, model.fit) the plain body is traced in place instead: a nested function call
+        # would hand the shapes its gradient needs across the call boundary as values, and an enclosing
+        # XLA compilation would then treat every input as a compile-time constant and recompile for each
+        # new batch. A layer that asks for XLA marks the traced ops for XLA compilation (inside an XLA
+        # compilation they are compiled with it anyway).
+        if not tf.inside_function():
+            results = compiled(*args)
+        elif self.jit_compile:
+            with tf.xla.experimental.jit_scope():
+                results = plain(*args)
+        else:
+            results = plain(*args)
+        last, outputs, h, c = (tf.cast(t, self.compute_dtype) for t in results)
+        return last, outputs, [h, c]
+
+    # ---- serialisation and canonical parameters ----
+
+    def get_config(self):
+        config = self.cell.get_config()
+        for key in ("name", "trainable", "dtype"):
+            config.pop(key, None)
+        base = super().get_config()
+        del base["cell"]
+        base.pop("unroll", None)
+        return {**base, **config, "use_fused": self.use_fused, "jit_compile": self.jit_compile}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    @classmethod
+    def from_canonical(cls, params, **options):
+        """A layer holding exactly the values of a canonical parameter mapping.
+
+        Args:
+            params: one canonical mapping (``mlstm_spec.init_params``'s output), or a list holding
+                one. A Keras ``MLSTM`` is one layer: for a stack, build one layer per mapping and
+                chain them with ``return_sequences=True`` (a longer list raises ValueError).
+            **options: any constructor argument. The bias flags and ``independent_recurrence`` are read
+                from ``params`` (passing a contradicting value raises ValueError); ``units`` is read from
+                the shapes. ``dtype`` defaults to the parameters' dtype, or to the global policy when
+                that is a mixed one.
+
+        The values are copied exactly: the variable dtype must hold the parameters' dtype without
+        rounding (float16 parameters into a ``mixed_float16`` layer's float32 variables are fine;
+        float64 parameters into a float32 layer raise TypeError).
+        """
+        layer_params, info, options = _canonical_options(cls, params, options)
+        layer = cls(info.hidden_size, **options)
+        layer.cell.build((None, info.input_size))
+        _assign(layer.cell, layer_params)
+        return layer
+
+    def to_canonical(self) -> list[dict]:
+        """``[mapping]``: the weights as NumPy arrays (variable dtype) under their canonical names."""
+        return _to_canonical(self.cell)
+
+
+def _cell_property(name):
+    return property(lambda self: getattr(self.cell, name),
+                    doc=f"The cell's ``{name}`` (see :class:`MLSTMCell`).")
+
+
+for _name in _WEIGHTS + _BIASES + tuple(LAYER_OPTIONS):
+    setattr(MLSTM, _name, _cell_property(_name))
+del _name
+
+
+def _canonical_options(cls, params, options):
+    """Check ``params`` for one layer (backends._common.canonical_import) and merge what it implies into
+    ``options``; ``units`` is read from the shapes."""
+    units = options.pop("units", None)
+    layers, infos, options = canonical_import(params, options, one_layer=True, owner=cls.__name__)
+    del options["num_layers"]
+    info = infos[0]
+    if units is not None and units != info.hidden_size:
+        raise ValueError(f"units={units!r} contradicts params, which imply units={info.hidden_size} (from the shapes)")
+    if options.get("dtype") is None:
+        policy = keras.config.dtype_policy()
+        mixed = policy.compute_dtype != policy.variable_dtype
+        options["dtype"] = policy.name if mixed else info.dtype
+    return layers[0], info, options
+
+
+def _assign(cell, params):
+    for name in cell.param_names:
+        variable, value = getattr(cell, name), params[name]
+        target = np.dtype(tf.as_dtype(variable.dtype).as_numpy_dtype)
+        if not np.can_cast(value.dtype, target, casting="safe"):
+            raise TypeError(
+                f"params[{name!r}] has dtype {value.dtype.name}, which the layer's {target.name} "
+                f"variables cannot hold exactly; pass dtype={value.dtype.name!r} (or a mixed policy)"
+            )
+        variable.assign(value.astype(target))
+
+
+def _to_canonical(cell) -> list[dict]:
+    if not cell.built:
+        raise ValueError("the layer is not built yet: call it on an input first, or use from_canonical")
+    return [{name: np.array(getattr(cell, name).value.numpy()) for name in cell.param_names}]

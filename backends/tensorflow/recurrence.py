@@ -1,0 +1,274 @@
+"""The fused recurrence of the Keras layer: the input projection of the whole sequence as one matrix
+product, then one graph loop over the steps, with a hand-written backward pass where no mask is given."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import tensorflow as tf
+
+# ---------------------------------------------------------------------------------------------------
+# The equations on tensors, all in one dtype (see backends._common.work_dtype). ``w_hh_t`` and ``w_mh_t``
+# are the transposes of the canonical matrices, made once outside the loop (so a step is
+# ``h @ w_hh_t``): on CPU a small product with a transposed operand (``transpose_b=True``) runs about
+# 2.5x slower. A vector ``w_hh`` is independent recurrence. The input projection arrives as two
+# tensors, ``p_m`` (block m, H wide) and ``p_g`` (blocks i, o, f, z, 4H wide), and gate blocks are
+# taken with equal ``tf.split``s: no slice needs H as a number, so one trace serves every layer size
+# and XLA sees only static shapes.
+# ---------------------------------------------------------------------------------------------------
+
+def step(p_m, p_g, h, c, w_hh_t, w_mh_t, b_hh, b_mh, multiplicative):
+    """One step from the input projection and the state ``(h, c)``; returns the new ``h, c`` and
+    ``q`` (which the fused backward pass keeps instead of recomputing it).
+
+    ``b_mh`` may be None when the caller has already added it to ``p_g`` (additive integration only).
+    """
+    r = h * w_hh_t if w_hh_t.shape.rank == 1 else tf.matmul(h, w_hh_t)
+    if b_hh is not None:
+        r = r + b_hh
+    q = tf.matmul(p_m * r, w_mh_t)
+    if b_mh is not None:
+        q = q + b_mh
+    a = p_g * q if multiplicative else p_g + q
+    i, o, f, a_z = tf.split(a, 4, axis=-1)
+    c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(a_z)
+    return tf.sigmoid(o) * tf.tanh(c), c, q
+
+
+def transposed(w_hh):
+    """``w_hh`` transposed; a vector (independent recurrence) is returned as it is."""
+    return w_hh if w_hh.shape.rank == 1 else tf.transpose(w_hh)
+
+
+def _reader(sequence, steps=None):
+    """A TensorArray holding ``sequence`` (T, ...) for reading one step at a time inside a loop.
+
+    Reading through a TensorArray (not ``sequence[t]``) keeps the autodiff of the masked loop linear
+    in T: the gradient of a slice of a loop-invariant tensor would be a full-size tensor per step.
+    """
+    steps = tf.shape(sequence)[0] if steps is None else steps
+    return tf.TensorArray(sequence.dtype, size=steps, clear_after_read=False).unstack(sequence)
+
+
+def _writer(like, steps):
+    return tf.TensorArray(like.dtype, size=steps, element_shape=like.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_mh: bool):
+    """The unmasked recurrence over a precomputed projection, with a hand-written backward pass.
+
+    ``recurrence(p_m, p_g, h0, c0, w_hh, w_mh, *biases) -> (hs, c_T)`` with ``p_m`` (T, B, H) and
+    ``p_g`` (T, B, 4H) time-major, ``biases`` being ``b_hh`` and/or ``b_mh`` as flagged (``b_mh`` only
+    when it is not folded into ``p_g``). The forward loop stores ``h_t``, ``c_t`` and
+    ``q_t = W_mh m_t + b_mh`` (the largest product). The backward pass recomputes every other
+    intermediate for all steps at once (one large product for ``r``, no sequential dependency), runs
+    one reverse loop with two matrix products per step, and forms the weight gradients afterwards as
+    one matrix product each -- where autodiff of the loop would store every intermediate and do one
+    small weight-gradient product per step.
+    """
+
+    @tf.custom_gradient
+    def recurrence(p_m, p_g, h0, c0, w_hh, w_mh, *biases):
+        biases = list(biases)
+        b_hh = biases.pop(0) if has_b_hh else None
+        b_mh = biases.pop(0) if has_b_mh else None
+        steps = tf.shape(p_m)[0]
+        m_steps, g_steps = _reader(p_m), _reader(p_g)
+        w_hh_t, w_mh_t = transposed(w_hh), tf.transpose(w_mh)
+
+        def body(t, h, c, hs, cs, qs):
+            h, c, q = step(m_steps.read(t), g_steps.read(t), h, c, w_hh_t, w_mh_t, b_hh, b_mh,
+                            multiplicative)
+            return t + 1, h, c, hs.write(t, h), cs.write(t, c), qs.write(t, q)
+
+        _, _, c_last, hs, cs, qs = tf.while_loop(
+            lambda t, *_: t < steps, body,
+            (0, h0, c0, _writer(h0, steps), _writer(c0, steps), _writer(p_g[0], steps)),
+            maximum_iterations=steps,
+        )
+        hs, cs, q = hs.stack(), cs.stack(), qs.stack()
+
+        def grad(d_hs, d_c_last):
+            d_hs = tf.zeros_like(hs) if d_hs is None else d_hs
+            d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
+            # Sizes come from the shapes of tensors the backward graph receives, never from the
+            # forward's own size tensors: under XLA, a size passed between the two graphs is a value
+            # that must be a compile-time constant, which would make XLA recompile for every input.
+            steps = tf.shape(p_m)[0]
+            # Every other intermediate of every step, recomputed at once from the stored h, c and q.
+            h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
+            c_prev = tf.concat([c0[None], cs[:-1]], axis=0)
+            r = h_prev * w_hh if independent else tf.einsum("tbk,jk->tbj", h_prev, w_hh)
+            if b_hh is not None:
+                r = r + b_hh
+            m = p_m * r
+            a = p_g * q if multiplicative else p_g + q
+            a_i, a_o, a_f, a_z = tf.split(a, 4, axis=-1)
+            i, o, f, z = tf.sigmoid(a_i), tf.sigmoid(a_o), tf.sigmoid(a_f), tf.tanh(a_z)
+            tanh_c = tf.tanh(cs)
+            # In the loop: d_c += d_h * dc_dh;  d_a = concat(d_c, d_h, d_c, d_c) * da_dhc (blocks i, o, f, z)
+            dc_dh = o * (1 - tanh_c * tanh_c)
+            da_dhc = tf.concat(
+                [z * i * (1 - i), tanh_c * o * (1 - o), c_prev * f * (1 - f), i * (1 - z * z)], axis=-1
+            )
+            d_hs_steps, dc_dh_steps, da_dhc_steps, p_m_steps, f_steps = (
+                _reader(x, steps) for x in (d_hs, dc_dh, da_dhc, p_m, f))
+            p_g_steps = _reader(p_g, steps) if multiplicative else None
+
+            def back(k, d_h, d_c, d_as, d_ms):
+                t = steps - 1 - k
+                d_h = d_h + d_hs_steps.read(t)
+                d_c = d_c + d_h * dc_dh_steps.read(t)
+                d_a = tf.concat([d_c, d_h, d_c, d_c], axis=-1) * da_dhc_steps.read(t)
+                d_q = d_a * p_g_steps.read(t) if multiplicative else d_a
+                d_m = tf.matmul(d_q, w_mh)
+                d_r = d_m * p_m_steps.read(t)
+                d_h = d_r * w_hh if independent else tf.matmul(d_r, w_hh)
+                return k + 1, d_h, d_c * f_steps.read(t), d_as.write(t, d_a), d_ms.write(t, d_m)
+
+            _, d_h0, d_c0, d_as, d_ms = tf.while_loop(
+                lambda k, *_: k < steps, back,
+                (0, tf.zeros_like(h0), d_c_last, _writer(p_g[0], steps), _writer(h0, steps)),
+                maximum_iterations=steps,
+            )
+            d_a, d_m = d_as.stack(), d_ms.stack()
+            d_q = d_a * p_g if multiplicative else d_a
+            d_p_g = d_a * q if multiplicative else d_a
+            d_r = d_m * p_m
+            d_w_mh = tf.einsum("tbj,tbk->jk", d_q, m)
+            d_w_hh = (tf.reduce_sum(d_r * h_prev, axis=(0, 1)) if independent
+                      else tf.einsum("tbj,tbk->jk", d_r, h_prev))
+            d_biases = []
+            if has_b_hh:
+                d_biases.append(tf.reduce_sum(d_r, axis=(0, 1)))
+            if has_b_mh:
+                d_biases.append(tf.reduce_sum(d_q, axis=(0, 1)))
+            return (d_m * r, d_p_g, d_h0, d_c0, d_w_hh, d_w_mh, *d_biases)
+
+        return (hs, c_last), grad
+
+    return recurrence
+
+
+def _masked_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh, multiplicative, zero_output_for_mask):
+    """The recurrence with a (T, B) boolean mask, differentiated by TensorFlow's autodiff.
+
+    A masked step keeps the state; its output is the previous output (zeros before the first valid
+    step), or zeros with ``zero_output_for_mask`` -- the semantics of ``keras.layers.RNN``.
+    """
+    steps = tf.shape(p_m)[0]
+    w_hh_t, w_mh_t = transposed(w_hh), tf.transpose(w_mh)
+    m_steps, g_steps, keep_steps = _reader(p_m), _reader(p_g), _reader(mask)
+    zeros = tf.zeros_like(h0)
+
+    def body(t, h, c, out, outs):
+        h_new, c_new, _ = step(m_steps.read(t), g_steps.read(t), h, c, w_hh_t, w_mh_t, b_hh, b_mh,
+                                multiplicative)
+        keep = keep_steps.read(t)[:, None]
+        out = tf.where(keep, h_new, zeros if zero_output_for_mask else out)
+        return t + 1, tf.where(keep, h_new, h), tf.where(keep, c_new, c), out, outs.write(t, out)
+
+    _, h, c, _, outs = tf.while_loop(
+        lambda t, *_: t < steps, body, (0, h0, c0, zeros, _writer(h0, steps)), maximum_iterations=steps
+    )
+    return outs.stack(), h, c
+
+
+class FusedConfig(NamedTuple):
+    """Everything that changes the traced graph of the fused path (one tf.function per value)."""
+
+    independent: bool
+    multiplicative: bool
+    bias: bool
+    recurrent_bias: bool
+    multiplicative_bias: bool
+    masked: bool
+    go_backwards: bool
+    zero_output_for_mask: bool
+    return_sequences: bool
+    jit_compile: bool
+
+
+class FusedBody:
+    """The whole fused layer body for one configuration, as a plain callable.
+
+    Called as ``body(xs, h0, c0, [mask], w_ih, w_hh, w_mh, [b_ih], [b_hh], [b_mh])`` with only the
+    bracketed arguments that the configuration switches on, it returns
+    ``(last_output, outputs, h_T, c_T)``; outputs are (B, T, H) with ``return_sequences``, else
+    (B, 1, H). (An object rather than a closure: TensorFlow counts retraces per function code, and
+    one closure per configuration would look like one function retracing.)
+    """
+
+    def __init__(self, config: FusedConfig):
+        self.config = config
+
+    def __call__(self, *args):
+        config = self.config
+        args = list(args)
+        xs, h0, c0 = args[:3]
+        mask = args.pop(3) if config.masked else None
+        w_ih, w_hh, w_mh = args[3:6]
+        biases = iter(args[6:])
+        b_ih, b_hh, b_mh = (next(biases) if flag else None
+                            for flag in (config.bias, config.recurrent_bias, config.multiplicative_bias))
+        x_steps = tf.transpose(xs, [1, 0, 2])  # time-major (T, B, I): each step is contiguous
+        if config.masked:
+            mask = tf.transpose(mask, [1, 0])
+        if config.go_backwards:
+            x_steps = tf.reverse(x_steps, [0])
+            if config.masked:
+                mask = tf.reverse(mask, [0])
+        steps, batch = tf.shape(x_steps)[0], tf.shape(x_steps)[1]
+        x_rows = tf.reshape(x_steps, [steps * batch, -1])
+        # The projection of the whole sequence: block m and the four gate blocks as two products.
+        w_blocks = tf.split(w_ih, 5, axis=0)
+        p_m = tf.matmul(x_rows, w_blocks[0], transpose_b=True)
+        p_g = tf.matmul(x_rows, tf.concat(w_blocks[1:], axis=0), transpose_b=True)
+        b_m = b_g = None
+        if config.bias:
+            b_blocks = tf.split(b_ih, 5, axis=0)
+            b_m, b_g = b_blocks[0], tf.concat(b_blocks[1:], axis=0)
+        # With additive integration bias_mh adds to the gate blocks just like bias_ih: fold it into
+        # the projection, so the loop does one addition less per step.
+        fold_b_mh = config.multiplicative_bias and not config.multiplicative
+        if fold_b_mh:
+            b_g = b_mh if b_g is None else b_g + b_mh
+        if b_m is not None:
+            p_m = tf.nn.bias_add(p_m, b_m)
+        if b_g is not None:
+            p_g = tf.nn.bias_add(p_g, b_g)
+        p_m = tf.reshape(p_m, [steps, batch, -1])
+        p_g = tf.reshape(p_g, [steps, batch, -1])
+        b_mh_inside = None if fold_b_mh else b_mh
+        if config.masked:
+            outs, h, c = _masked_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh_inside,
+                                      config.multiplicative, config.zero_output_for_mask)
+        else:
+            recurrence = _recurrence(config.independent, config.multiplicative,
+                                     config.recurrent_bias, b_mh_inside is not None)
+            inside = [b for b in (b_hh, b_mh_inside) if b is not None]
+            outs, c = recurrence(p_m, p_g, h0, c0, w_hh, w_mh, *inside)
+            h = outs[-1]
+        last = outs[-1]
+        outputs = tf.transpose(outs, [1, 0, 2]) if config.return_sequences else last[:, None, :]
+        return last, outputs, h, c
+
+
+
+@functools.lru_cache(maxsize=None)
+def fused_function(config: FusedConfig, dtype: str):
+    """``(compiled, plain)``: the fused body for ``config`` as a cached ``tf.function`` (XLA-compiled
+    with ``config.jit_compile``), and as the plain callable. The compiled function's signature leaves
+    every size dynamic, so there is exactly one trace per configuration and dtype, whatever the batch
+    size, sequence length or layer size.
+    """
+    matrix, vector = tf.TensorSpec([None, None], dtype), tf.TensorSpec([None], dtype)
+    signature = [tf.TensorSpec([None, None, None], dtype), matrix, matrix]
+    if config.masked:
+        signature.append(tf.TensorSpec([None, None], tf.bool))
+    signature += [matrix, vector if config.independent else matrix, matrix]
+    signature += [vector for flag in (config.bias, config.recurrent_bias, config.multiplicative_bias) if flag]
+    plain = FusedBody(config)
+    return tf.function(plain, input_signature=signature, jit_compile=config.jit_compile), plain

@@ -1,0 +1,495 @@
+"""The torch modules: :class:`MLSTMCell` and :class:`MLSTM`, used like ``torch.nn.LSTMCell`` and
+``torch.nn.LSTM``. The equations are in docs/equations.md (and :mod:`mlstm_spec.equations`)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backends._common import (
+    InputChecks,
+    as_numpy,
+    canonical_import,
+    check_layer_options,
+    init_layers,
+    layer_info,
+    present_params,
+    set_layer_options,
+    work_dtype,
+)
+from mlstm_spec.validation import LayerInfo, dtype_name, expected_shapes
+
+from .fused import fused_layer
+from .plain import functorch_active, plain_layer, plain_step
+
+CHECKS = InputChecks(is_array=lambda v: isinstance(v, Tensor), array_name="a torch.Tensor")
+CPU_LOOPS = ("compiled", "python")
+
+
+class _MLSTMBase(nn.Module):
+    """What the cell and the layer share: options, per-layer parameters, initialiser, converters."""
+
+    input_size: int
+    hidden_size: int
+    num_layers: int
+
+    def _init_options(self, input_size, hidden_size, num_layers, bias, recurrent_bias,
+                      multiplicative_bias, independent_recurrence, integration_mode, dropout):
+        check_layer_options(input_size, hidden_size, num_layers=num_layers, dropout=dropout,
+                            integration_mode=integration_mode, bias=bias, recurrent_bias=recurrent_bias,
+                            multiplicative_bias=multiplicative_bias,
+                            independent_recurrence=independent_recurrence)
+        self.input_size = int(input_size)
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        set_layer_options(self, bias=bias, recurrent_bias=recurrent_bias,
+                          multiplicative_bias=multiplicative_bias,
+                          independent_recurrence=independent_recurrence,
+                          integration_mode=integration_mode)
+
+    def _register_layer(self, layer: int, suffix: str, factory_kwargs):
+        info = self._info(layer)
+        shapes = expected_shapes(info.input_size, info.hidden_size, info.independent_recurrence)
+        for name in present_params(info):
+            self.register_parameter(name + suffix, nn.Parameter(torch.empty(shapes[name], **factory_kwargs)))
+
+    def _info(self, layer: int, dtype: str = "float32") -> LayerInfo:
+        return layer_info(self.input_size if layer == 0 else self.hidden_size, self.hidden_size, dtype,
+                          bias=self.bias, recurrent_bias=self.recurrent_bias,
+                          multiplicative_bias=self.multiplicative_bias,
+                          independent_recurrence=self.independent_recurrence)
+
+    def _suffix(self, layer: int) -> str:
+        raise NotImplementedError
+
+    def layer_parameters(self, layer: int = 0) -> dict:
+        """The parameters of layer ``layer`` under their canonical names (``weight_ih``, ...)."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        suffix = self._suffix(layer)
+        return {name: getattr(self, name + suffix) for name in present_params(self._info(layer))}
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw the weights as :func:`mlstm_spec.init_params` does (RecurrentLayers.jl's rule: Glorot
+        uniform over each whole stacked matrix; biases zero), from a seed drawn from torch's global
+        random generator (seed it with ``torch.manual_seed``)."""
+        seed = int(torch.randint(0, 2**62, ()).item())
+        drawn = init_layers(self.input_size, self.hidden_size, num_layers=self.num_layers, rng=seed,
+                            dtype="float64", bias=self.bias, recurrent_bias=self.recurrent_bias,
+                            multiplicative_bias=self.multiplicative_bias,
+                            independent_recurrence=self.independent_recurrence)
+        for layer, values in enumerate(drawn):
+            for name, param in self.layer_parameters(layer).items():
+                param.copy_(torch.from_numpy(values[name]))
+
+    def _param_dtype(self) -> torch.dtype:
+        return self.layer_parameters(0)["weight_ih"].dtype
+
+    def _param_device(self) -> torch.device:
+        return self.layer_parameters(0)["weight_ih"].device
+
+    # ---- canonical parameters ----
+
+    @classmethod
+    def from_canonical(cls, params, *, device=None, dtype=None, **options):
+        """Build the module from canonical parameters, copying values exactly.
+
+        Args:
+            params: one canonical mapping (``weight_ih``, ``weight_hh``, ``weight_mh`` and the biases
+                switched on; see :mod:`mlstm_spec`), a list of them, first layer first (a stack;
+                :class:`MLSTMCell` takes exactly one), or what :func:`mlstm_spec.load` returns (whose
+                options are used). Values may be any backend's arrays (float16, float32, float64 or
+                bfloat16).
+            device: where to put the parameters (default: CPU).
+            dtype: convert the values to this dtype (an explicit cast); default: keep theirs.
+            **options: the remaining constructor options (``integration_mode``, ``batch_first``,
+                ``dropout``, ``fused``, ``cpu_loops``). The bias flags, ``independent_recurrence`` and
+                ``num_layers`` are read from ``params``; giving them is allowed only when they agree.
+        """
+        single = cls is MLSTMCell
+        layers, infos, options = canonical_import(params, options, one_layer=single, owner=cls.__name__)
+        if single:
+            del options["num_layers"]
+        first = infos[0]
+        module = cls(first.input_size, first.hidden_size, device=device,
+                     dtype=dtype if dtype is not None else getattr(torch, first.dtype), **options)
+        with torch.no_grad():
+            for layer, values in enumerate(layers):
+                target = module.layer_parameters(layer)
+                for name, value in values.items():
+                    target[name].copy_(to_tensor(value))
+        return module
+
+    def to_canonical(self) -> list[dict]:
+        """The parameters as canonical mappings of NumPy arrays, one per layer (bfloat16 as
+        ``ml_dtypes.bfloat16``), that :meth:`from_canonical` and :mod:`mlstm_spec` accept."""
+        return [{name: as_numpy(param) for name, param in self.layer_parameters(layer).items()}
+                for layer in range(self.num_layers)]
+
+    # ---- input checks ----
+
+    def _checked_dtypes(self, input: Tensor) -> tuple[Optional[torch.dtype], torch.dtype, LayerInfo]:
+        """(autocast dtype or None, the dtype the inputs must have, the layer-0 info for the checks)."""
+        device = self._param_device()
+        cast = _autocast_dtype(device.type, self._param_dtype())
+        dtype = cast or self._param_dtype()
+        return cast, dtype, self._info(0, dtype_name(dtype))
+
+    def _check_input(self, input: Tensor, shape, info: LayerInfo, cast) -> None:
+        if cast is not None:  # autocast: any floating input, computed in the autocast dtype
+            CHECKS.dtype(input, "input")
+        CHECKS.sequence(input, info, "input", shape=shape, dtype=info.dtype if cast is not None else None)
+        _check_device(input, self._param_device(), "input")
+
+    def _check_hx(self, hx, batch_shape, info: LayerInfo, cast) -> None:
+        if isinstance(hx, (tuple, list)) and len(hx) == 2 and cast is not None:
+            for name, value in zip(("h", "c"), hx):
+                CHECKS.dtype(value, f"hx {name}")
+        CHECKS.state(hx, batch_shape, info, "hx", dtype=info.dtype if cast is not None else None)
+        for name, value in zip(("h", "c"), hx):
+            _check_device(value, self._param_device(), f"hx {name}")
+
+
+def to_tensor(array: np.ndarray) -> Tensor:
+    """A tensor holding exactly the values of a NumPy array (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    if not array.flags.writeable:  # e.g. JAX's to_canonical(); torch.from_numpy warns on those
+        array = array.copy()
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class MLSTMCell(_MLSTMBase):
+    r"""A multiplicative LSTM (mLSTM) cell (Krause et al., 2016), as RecurrentLayers.jl computes it: one
+    step of the equations in docs/equations.md (:func:`mlstm_spec.cell`).
+
+    Args:
+        input_size: The number of expected features in the input ``x``.
+        hidden_size: The number of features in the hidden state ``h`` (and cell state ``c``).
+        bias: If ``False``, there is no ``bias_ih``. Default: ``True``
+        recurrent_bias: If ``False``, there is no ``bias_hh``. Default: ``True``
+        multiplicative_bias: If ``False``, there is no ``bias_mh``. Default: ``True``
+        independent_recurrence: If ``True``, ``weight_hh`` is a vector of ``hidden_size`` applied
+            element-wise. Default: ``False``
+        integration_mode: ``"addition"`` or ``"multiplicative_integration"``. Default: ``"addition"``
+        device, dtype: of the parameters.
+
+    Inputs: input, (h_0, c_0)
+        - **input** of shape ``(batch, input_size)`` or ``(input_size,)``.
+        - **h_0**, **c_0** of shape ``(batch, hidden_size)`` or ``(hidden_size,)``; zeros if not
+          given. They must have the parameters' dtype and device (dtypes, autocast and non-finite
+          values as for :class:`MLSTM`).
+
+    Outputs: (h_1, c_1)
+        - **h_1**, **c_1** of shape ``(batch, hidden_size)`` or ``(hidden_size,)``.
+
+    Attributes:
+        weight_ih: ``(5*hidden_size, input_size)``, row blocks in the order ``m, i, o, f, z``.
+        weight_hh: ``(hidden_size, hidden_size)``, or ``(hidden_size,)`` with independent recurrence.
+        weight_mh: ``(4*hidden_size, hidden_size)``, row blocks ``i, o, f, z``.
+        bias_ih: ``(5*hidden_size)``, blocks ``m, i, o, f, z``; present when ``bias=True``.
+        bias_hh: ``(hidden_size)``; present when ``recurrent_bias=True``.
+        bias_mh: ``(4*hidden_size)``, blocks ``i, o, f, z``; present when ``multiplicative_bias=True``.
+
+    The names, shapes and block orders are the canonical ones (RecurrentLayers.jl's), so
+    :meth:`to_canonical` is a plain copy. Weights start Glorot-uniform, biases zero
+    (:meth:`reset_parameters`). Non-finite inputs are not checked: they propagate to the outputs of
+    their own batch row only.
+
+    Examples::
+
+        >>> cell = MLSTMCell(10, 20)
+        >>> x = torch.randn(6, 3, 10)
+        >>> h, c = torch.zeros(3, 20), torch.zeros(3, 20)
+        >>> for t in range(6):
+        ...     h, c = cell(x[t], (h, c))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, recurrent_bias: bool = True,
+                 multiplicative_bias: bool = True, independent_recurrence: bool = False,
+                 integration_mode: str = "addition", device=None, dtype=None):
+        super().__init__()
+        self._init_options(input_size, hidden_size, 1, bias, recurrent_bias, multiplicative_bias,
+                           independent_recurrence, integration_mode, 0.0)
+        self._register_layer(0, "", dict(device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def _suffix(self, layer: int) -> str:
+        return ""
+
+    def extra_repr(self) -> str:
+        return _extra_repr(self)
+
+    def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        CHECKS.array(input, "input")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"input must have shape (batch, input_size) or (input_size,), got "
+                             f"{input.dim()} dimensions {tuple(input.shape)}")
+        batched = input.dim() == 2
+        cast, dtype, info = self._checked_dtypes(input)
+        # check_sequence reads a 2-d shape as (steps, features): the same checks a cell needs
+        self._check_input(input, tuple(input.shape) if batched else (1,) + tuple(input.shape), info, cast)
+        batch = (input.shape[0],) if batched else ()
+        if hx is None:
+            h = c = input.new_zeros(batch + (self.hidden_size,), dtype=dtype)
+        else:
+            self._check_hx(hx, batch, info, cast)
+            h, c = hx
+        work = getattr(torch, work_dtype(dtype_name(dtype)))
+        input, h, c = _to_work(input, cast, work), _to_work(h, cast, work), _to_work(c, cast, work)
+        params = {k: _to_work(v, cast, work) for k, v in self.layer_parameters(0).items()}
+        with _no_autocast(cast, self._param_device().type):
+            p = F.linear(input, params["weight_ih"], params.get("bias_ih"))
+            h, c = plain_step(p, h, c, params["weight_hh"], params["weight_mh"], params.get("bias_hh"),
+                              params.get("bias_mh"), self.multiplicative)
+        return h.to(dtype), c.to(dtype)
+
+
+class MLSTM(_MLSTMBase):
+    r"""A multi-layer multiplicative LSTM (mLSTM, Krause et al., 2016) over an input sequence, used
+    like :class:`torch.nn.LSTM`.
+
+    Each layer computes, for each element of the input sequence, the step of docs/equations.md
+    (RecurrentLayers.jl's formulation, :func:`mlstm_spec.forward`). In a multilayer mLSTM, the input
+    :math:`x^{(l)}_t` of layer :math:`l \ge 1` is the hidden state :math:`h^{(l-1)}_t` of the previous
+    layer, multiplied by dropout :math:`\delta^{(l-1)}_t` (a Bernoulli variable that is 0 with
+    probability :attr:`dropout`) in training mode.
+
+    Args:
+        input_size: The number of expected features in the input `x`.
+        hidden_size: The number of features in the hidden state `h` (and cell state `c`).
+        num_layers: Number of recurrent layers stacked. Default: 1
+        bias: If ``False``, the layers have no ``bias_ih``. Default: ``True``
+        recurrent_bias: If ``False``, no ``bias_hh``. Default: ``True``
+        multiplicative_bias: If ``False``, no ``bias_mh``. Default: ``True``
+        independent_recurrence: If ``True``, ``weight_hh`` is a vector applied element-wise.
+            Default: ``False``
+        integration_mode: ``"addition"`` or ``"multiplicative_integration"``. Default: ``"addition"``
+        batch_first: If ``True``, input and output are `(batch, seq, feature)` instead of
+            `(seq, batch, feature)`; the states are not affected. Default: ``False``
+        dropout: If non-zero, a `Dropout` layer on the outputs of each layer except the last, with
+            this probability, in training mode only. Default: 0
+        device, dtype: of the parameters.
+        fused: If ``True`` (default), run the recurrence as one fused operator per layer with an
+            analytic backward (see :mod:`backends.torch`); ``False`` uses ordinary differentiable
+            operations, which allow second derivatives. Under ``torch.func`` transforms the plain
+            path is used either way.
+        cpu_loops: ``"compiled"`` (default): on CPU the fused operator runs its time loops in C++
+            where they could be built (:func:`~backends.torch.compiled_cpu_loops`); ``"python"``:
+            in Python, as on GPUs (same results, slower).
+
+    Inputs: input, (h_0, c_0)
+        * **input**: tensor of shape :math:`(L, H_{in})` for unbatched input,
+          :math:`(L, N, H_{in})` when ``batch_first=False`` or :math:`(N, L, H_{in})` when
+          ``batch_first=True``.
+        * **h_0**: tensor of shape :math:`(D, H_{out})` for unbatched input or
+          :math:`(D, N, H_{out})`: the initial hidden state of each layer. Defaults to zeros.
+        * **c_0**: tensor of shape :math:`(D, H_{out})` for unbatched input or
+          :math:`(D, N, H_{out})`: the initial cell state of each layer. Defaults to zeros.
+
+        where:
+
+        .. math::
+            \begin{aligned}
+                N ={} & \text{batch size} \\
+                L ={} & \text{sequence length} \\
+                D ={} & \text{num\_layers} \\
+                H_{in} ={} & \text{input\_size} \\
+                H_{out} ={} & \text{hidden\_size}
+            \end{aligned}
+
+        All must have the parameters' dtype and device: nothing is cast silently. Under
+        ``torch.autocast`` (and a float16/bfloat16/float32 layer), input, states and weights are
+        rounded to the autocast dtype and the outputs have that dtype. float16 and bfloat16 layers
+        compute the recurrence in float32 and round the outputs (and gradients) once, as
+        :mod:`mlstm_spec` computes float16: rounding every intermediate would compound over the
+        steps. Non-finite values are not checked (a check would force a device synchronisation):
+        they propagate, and only to the outputs of their own batch row.
+
+    Outputs: output, (h_n, c_n)
+        * **output**: tensor of shape :math:`(L, H_{out})` for unbatched input,
+          :math:`(L, N, H_{out})` when ``batch_first=False`` or :math:`(N, L, H_{out})` when
+          ``batch_first=True``: :math:`h_t` of the last layer for each `t`.
+        * **h_n**: tensor of shape :math:`(D, H_{out})` or :math:`(D, N, H_{out})`: the final hidden
+          state of each layer.
+        * **c_n**: tensor of shape :math:`(D, H_{out})` or :math:`(D, N, H_{out})`: the final cell
+          state of each layer.
+
+    Attributes:
+        weight_ih_l[k]: the input-hidden weights of layer `k`, ``(5*hidden_size, input_size)`` for
+            `k = 0`, otherwise ``(5*hidden_size, hidden_size)``; row blocks ``m, i, o, f, z``.
+        weight_hh_l[k]: the hidden-hidden weights of layer `k`, ``(hidden_size, hidden_size)``, or
+            ``(hidden_size,)`` with ``independent_recurrence=True``.
+        weight_mh_l[k]: the multiplicative-hidden weights of layer `k`, ``(4*hidden_size,
+            hidden_size)``; row blocks ``i, o, f, z``.
+        bias_ih_l[k]: ``(5*hidden_size)``, blocks ``m, i, o, f, z``; only when ``bias=True``.
+        bias_hh_l[k]: ``(hidden_size)``; only when ``recurrent_bias=True``.
+        bias_mh_l[k]: ``(4*hidden_size)``, blocks ``i, o, f, z``; only when
+            ``multiplicative_bias=True``.
+
+    Without the ``_l[k]`` suffix these are the canonical names, shapes and block orders
+    (RecurrentLayers.jl's; note that torchrecurrent uses the same names with the blocks in another
+    order), so :meth:`to_canonical` is a plain copy and ``state_dict`` keys say which canonical matrix
+    each is. A switched-off bias is absent, not zero. Weights start Glorot-uniform over each whole
+    stacked matrix and biases at zero (:meth:`reset_parameters`).
+
+    Examples::
+
+        >>> rnn = MLSTM(10, 20, num_layers=2)
+        >>> input = torch.randn(5, 3, 10)
+        >>> h0, c0 = torch.randn(2, 3, 20), torch.randn(2, 3, 20)
+        >>> output, (hn, cn) = rnn(input, (h0, c0))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 recurrent_bias: bool = True, multiplicative_bias: bool = True,
+                 independent_recurrence: bool = False, integration_mode: str = "addition",
+                 batch_first: bool = False, dropout: float = 0.0, device=None, dtype=None, *,
+                 fused: bool = True, cpu_loops: str = "compiled"):
+        super().__init__()
+        self._init_options(input_size, hidden_size, num_layers, bias, recurrent_bias, multiplicative_bias,
+                           independent_recurrence, integration_mode, dropout)
+        if not isinstance(batch_first, (bool, np.bool_)):
+            raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__} {batch_first!r}")
+        if cpu_loops not in CPU_LOOPS:
+            raise ValueError(f"cpu_loops must be one of {CPU_LOOPS}, got {cpu_loops!r}")
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)
+        self.fused = bool(fused)
+        self.cpu_loops = cpu_loops
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"dropout={dropout} has no effect with num_layers=1: dropout is applied between layers",
+                stacklevel=2,
+            )
+        for layer in range(self.num_layers):
+            self._register_layer(layer, self._suffix(layer), dict(device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def _suffix(self, layer: int) -> str:
+        return f"_l{layer}"
+
+    def extra_repr(self) -> str:
+        s = _extra_repr(self)
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if not self.fused:
+            s += ", fused=False"
+        if self.cpu_loops != "compiled":
+            s += f", cpu_loops={self.cpu_loops!r}"
+        return s
+
+    def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        CHECKS.array(input, "input")
+        layout = "(N, L, H_in)" if self.batch_first else "(L, N, H_in)"
+        if input.dim() not in (2, 3):
+            raise ValueError(f"input must have shape {layout} or (L, H_in) (unbatched), got "
+                             f"{input.dim()} dimensions {tuple(input.shape)}")
+        batched = input.dim() == 3
+        cast, dtype, info = self._checked_dtypes(input)
+        self._check_input(input, tuple(input.shape), info, cast)
+        if batched and self.batch_first:
+            input = input.transpose(0, 1)
+        if not batched:
+            input = input.unsqueeze(1)
+        batch = input.shape[1]
+        state_batch = (self.num_layers, batch) if batched else (self.num_layers,)
+        if hx is None:
+            h0 = c0 = input.new_zeros(self.num_layers, batch, self.hidden_size, dtype=dtype)
+        else:
+            self._check_hx(hx, state_batch, info, cast)
+            h0, c0 = (s if batched else s.unsqueeze(1) for s in hx)
+        work = getattr(torch, work_dtype(dtype_name(dtype)))
+        input, h0, c0 = _to_work(input, cast, work), _to_work(h0, cast, work), _to_work(c0, cast, work)
+
+        use_fused = self.fused and not functorch_active()
+        python_loops = self.cpu_loops == "python"
+        layer_input = input.contiguous() if use_fused else input
+        h_n, c_n = [], []
+        with _no_autocast(cast, self._param_device().type):
+            for layer in range(self.num_layers):
+                params = {k: _to_work(v, cast, work) for k, v in self.layer_parameters(layer).items()}
+                if use_fused:
+                    hs, h_T, c_T = fused_layer(layer_input, h0[layer], c0[layer], params, self.multiplicative,
+                                               python_loops)
+                else:
+                    hs, h_T, c_T = plain_layer(layer_input, h0[layer], c0[layer], params, self.multiplicative)
+                h_n.append(h_T)
+                c_n.append(c_T)
+                layer_input = hs
+                if layer < self.num_layers - 1 and self.dropout > 0 and self.training:
+                    layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output = layer_input.to(dtype)
+        h_n, c_n = torch.stack(h_n).to(dtype), torch.stack(c_n).to(dtype)
+        if not batched:
+            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+
+def _extra_repr(module) -> str:
+    s = f"{module.input_size}, {module.hidden_size}"
+    for flag in ("bias", "recurrent_bias", "multiplicative_bias"):
+        if not getattr(module, flag):
+            s += f", {flag}=False"
+    if module.independent_recurrence:
+        s += ", independent_recurrence=True"
+    if module.integration_mode != "addition":
+        s += f", integration_mode={module.integration_mode!r}"
+    return s
+
+
+def _to_work(value: Tensor, cast: Optional[torch.dtype], work: torch.dtype) -> Tensor:
+    """Under autocast, round to the autocast dtype first (as autocast rounds a matmul's inputs);
+    then move to the compute dtype. A no-op for float32/float64 outside autocast."""
+    if cast is not None:
+        value = value.to(cast)
+    return value.to(work)
+
+
+class _no_autocast:
+    """Disable autocast inside the recurrence after the inputs were cast to its dtype."""
+
+    def __init__(self, cast, device_type):
+        self.context = torch.autocast(device_type, enabled=False) if cast is not None else None
+
+    def __enter__(self):
+        if self.context is not None:
+            self.context.__enter__()
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            self.context.__exit__(*exc)
+
+
+def _check_device(value: Tensor, device: torch.device, argument: str):
+    if value.device != device:
+        raise ValueError(
+            f"{argument} is on device {value.device}, but the parameters are on {device}; "
+            f"move it with .to({str(device)!r})"
+        )
+
+
+def _autocast_dtype(device_type: str, param_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype torch.autocast asks for on this device type, or None when autocast is off (or the
+    layer is float64, which autocast leaves alone as it does for every op)."""
+    if param_dtype == torch.float64:
+        return None
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return None
+    return None

@@ -1,0 +1,50 @@
+"""The plain path: the same equations as ordinary differentiable torch operations, one step at a time.
+
+It runs under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...), in layers built with
+``fused=False`` (second derivatives) and in :class:`~backends.torch.MLSTMCell`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def plain_step(p: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, w_mh: Tensor, b_hh: Optional[Tensor],
+               b_mh: Optional[Tensor], multiplicative: bool) -> tuple[Tensor, Tensor]:
+    """One step from the input projection ``p`` (..., 5H); any leading batch shape."""
+    H = h.shape[-1]
+    p_m, p_g = p[..., :H], p[..., H:]
+    r = h * w_hh if w_hh.dim() == 1 else torch.matmul(h, w_hh.t())
+    if b_hh is not None:
+        r = r + b_hh
+    q = F.linear(p_m * r, w_mh, b_mh)
+    a = p_g * q if multiplicative else p_g + q
+    i, o, f = torch.sigmoid(a[..., : 3 * H]).split(H, dim=-1)
+    z = torch.tanh(a[..., 3 * H:])
+    c = f * c + i * z
+    return o * torch.tanh(c), c
+
+
+def plain_layer(x: Tensor, h0: Tensor, c0: Tensor, params: dict, multiplicative: bool
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """x (T, B, I) -> hs (T, B, H), h_T, c_T; autograd does the backward.
+
+    The steps' projections come from ``unbind``, whose backward stacks the T gradients once; indexing
+    ``p[t]`` instead makes every step's backward materialise a zero-filled gradient of the whole
+    projection (measured 3.4x slower forward+backward at B=32, T=128, I=64, H=256)."""
+    p = F.linear(x, params["weight_ih"], params.get("bias_ih"))
+    h, c, outputs = h0, c0, []
+    for p_t in p.unbind(0):
+        h, c = plain_step(p_t, h, c, params["weight_hh"], params["weight_mh"], params.get("bias_hh"),
+                          params.get("bias_mh"), multiplicative)
+        outputs.append(h)
+    return torch.stack(outputs), h, c
+
+
+def functorch_active() -> bool:
+    """True inside torch.func.grad / vmap / jacrev ..., where custom operators need extra rules."""
+    return bool(torch._C._are_functorch_transforms_active())
