@@ -352,6 +352,7 @@ class MLSTM(keras.layers.RNN):
         )
         self.use_fused = use_fused
         self.jit_compile = bool(jit_compile)
+        self.input_spec = keras.InputSpec(ndim=3)  # (B, T, I); build adds I
 
     # ---- options and weights, read from the cell ----
 
@@ -366,39 +367,23 @@ class MLSTM(keras.layers.RNN):
     # The weights (weight_ih, ..., bias_mh) and the option flags live on the cell; they are exposed
     # here as read-only properties, defined below the class.
 
-    # ---- input checks, before Keras converts anything ----
+    # ---- input checks: rank and feature size by the InputSpec, the rest once Keras has converted ----
 
-    def __call__(self, *args, **kwargs):
-        sequences = args[0] if args else kwargs.get("sequences")
-        initial_state = args[1] if len(args) > 1 else kwargs.get("initial_state")
-        self._check_call(sequences, initial_state, kwargs.get("mask"))
-        return super().__call__(*args, **kwargs)
+    def build(self, sequences_shape, initial_state_shape=None):
+        super().build(sequences_shape, initial_state_shape)
+        self.input_spec = keras.InputSpec(ndim=3, axes={-1: self.cell.input_size})
 
-    def _accepted_dtype(self, value) -> str:
-        """The dtype name of ``value``; under a mixed policy the variable dtype counts as the compute
-        dtype, because Keras casts it (that is the framework's mixed-precision mechanism)."""
-        name = dtype_name(value.dtype)
-        policy = self.dtype_policy
-        if policy.compute_dtype != policy.variable_dtype and name == policy.variable_dtype:
-            return policy.compute_dtype
-        return name
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        self._check_call(sequences, initial_state, mask)
+        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
 
     def _check_call(self, sequences, initial_state, mask):
-        if not hasattr(sequences, "shape") or not hasattr(sequences, "dtype"):
-            raise TypeError(
-                f"sequences must be an array or tensor of shape (B, T, I), got {type(sequences).__name__}"
-            )
+        """What the InputSpec (rank, feature size) does not check: dtypes after Keras's conversion,
+        empty sequences, the state's and the mask's shapes."""
         shape = tuple(sequences.shape)
-        if len(shape) != 3:
-            raise ValueError(
-                "sequences must have shape (B, T, I) (Keras layers take batched input only; add a batch "
-                f"axis of one with x[None] for a single sequence), got {len(shape)} dimensions {shape}"
-            )
-        input_size = self.cell.input_size if self.cell.built else shape[-1]
-        if input_size is None:
-            raise ValueError(f"sequences must have a known feature size I, got shape {shape}")
+        input_size = self.cell.input_size
         info = _options_info(self.cell, input_size, self.compute_dtype)
-        check_sequence(shape, self._accepted_dtype(sequences), info, "sequences", DTYPES)
+        check_sequence(shape, dtype_name(sequences.dtype), info, "sequences", DTYPES)
         if initial_state is not None:
             batch = shape[0]
 
@@ -409,7 +394,7 @@ class MLSTM(keras.layers.RNN):
                 return got
 
             check_state(initial_state, (batch,), info, "initial_state", DTYPES,
-                        shape_of=shape_of, dtype_of=self._accepted_dtype)
+                        shape_of=shape_of, dtype_of=lambda v: dtype_name(v.dtype))
         if mask is not None and not isinstance(mask, (list, tuple)) and hasattr(mask, "shape"):
             want = shape[:2]
             got = tuple(mask.shape)
@@ -509,6 +494,7 @@ class MLSTM(keras.layers.RNN):
         layer_params, info, options = _canonical_options(cls, params, options)
         layer = cls(info.hidden_size, **options)
         layer.cell.build((None, info.input_size))
+        layer.input_spec = keras.InputSpec(ndim=3, axes={-1: info.input_size})
         _assign(layer.cell, layer_params)
         return layer
 

@@ -74,21 +74,8 @@ def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_m
         biases = list(biases)
         b_hh = biases.pop(0) if has_b_hh else None
         b_mh = biases.pop(0) if has_b_mh else None
-        steps = tf.shape(p_m)[0]
-        m_steps, g_steps = _reader(p_m), _reader(p_g)
-        w_hh_t, w_mh_t = transposed(w_hh), tf.transpose(w_mh)
-
-        def body(t, h, c, hs, cs, qs):
-            h, c, q = step(m_steps.read(t), g_steps.read(t), h, c, w_hh_t, w_mh_t, b_hh, b_mh,
-                            multiplicative)
-            return t + 1, h, c, hs.write(t, h), cs.write(t, c), qs.write(t, q)
-
-        _, _, c_last, hs, cs, qs = tf.while_loop(
-            lambda t, *_: t < steps, body,
-            (0, h0, c0, _writer(h0, steps), _writer(c0, steps), _writer(p_g[0], steps)),
-            maximum_iterations=steps,
-        )
-        hs, cs, q = hs.stack(), cs.stack(), qs.stack()
+        hs, _, c_last, cs, q = forward_loop(p_m, p_g, h0, c0, w_hh, w_mh, b_hh, b_mh, multiplicative,
+                                            keep_for_backward=True)
 
         def grad(d_hs, d_c_last):
             d_hs = tf.zeros_like(hs) if d_hs is None else d_hs
@@ -152,28 +139,42 @@ def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_m
     return recurrence
 
 
-def _masked_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh, multiplicative, zero_output_for_mask):
-    """The recurrence with a (T, B) boolean mask, differentiated by TensorFlow's autodiff.
+def forward_loop(p_m, p_g, h0, c0, w_hh, w_mh, b_hh, b_mh, multiplicative, mask=None,
+                 zero_output_for_mask=False, keep_for_backward=False):
+    """The time loop: ``(outputs, h_T, c_T, cs, qs)``, ``outputs`` (T, B, H).
 
-    A masked step keeps the state; its output is the previous output (zeros before the first valid
-    step), or zeros with ``zero_output_for_mask`` -- the semantics of ``keras.layers.RNN``.
+    With a (T, B) boolean ``mask``, a masked step keeps the state and outputs the previous output (zeros
+    before the first valid step), or zeros with ``zero_output_for_mask``: the semantics of
+    ``keras.layers.RNN``. With ``keep_for_backward`` it also stores every ``c_t`` and
+    ``q_t = W_mh m_t + b_mh`` (``cs``, ``qs``; None otherwise) for the hand-written backward.
     """
     steps = tf.shape(p_m)[0]
     w_hh_t, w_mh_t = transposed(w_hh), tf.transpose(w_mh)
-    m_steps, g_steps, keep_steps = _reader(p_m), _reader(p_g), _reader(mask)
+    m_steps, g_steps = _reader(p_m), _reader(p_g)
+    keep_steps = None if mask is None else _reader(mask)
     zeros = tf.zeros_like(h0)
 
-    def body(t, h, c, out, outs):
-        h_new, c_new, _ = step(m_steps.read(t), g_steps.read(t), h, c, w_hh_t, w_mh_t, b_hh, b_mh,
-                                multiplicative)
-        keep = keep_steps.read(t)[:, None]
-        out = tf.where(keep, h_new, zeros if zero_output_for_mask else out)
-        return t + 1, tf.where(keep, h_new, h), tf.where(keep, c_new, c), out, outs.write(t, out)
+    def body(t, h, c, out, outs, cs, qs):
+        h_new, c_new, q = step(m_steps.read(t), g_steps.read(t), h, c, w_hh_t, w_mh_t, b_hh, b_mh,
+                               multiplicative)
+        if keep_steps is None:
+            h, c, out = h_new, c_new, h_new
+        else:
+            keep = keep_steps.read(t)[:, None]
+            out = tf.where(keep, h_new, zeros if zero_output_for_mask else out)
+            h, c = tf.where(keep, h_new, h), tf.where(keep, c_new, c)
+        if keep_for_backward:
+            cs, qs = cs.write(t, c), qs.write(t, q)
+        return t + 1, h, c, out, outs.write(t, out), cs, qs
 
-    _, h, c, _, outs = tf.while_loop(
-        lambda t, *_: t < steps, body, (0, h0, c0, zeros, _writer(h0, steps)), maximum_iterations=steps
+    stored = (_writer(c0, steps), _writer(p_g[0], steps)) if keep_for_backward else (0, 0)
+    _, h, c, _, outs, cs, qs = tf.while_loop(
+        lambda t, *_: t < steps, body, (0, h0, c0, zeros, _writer(h0, steps), *stored),
+        maximum_iterations=steps,
     )
-    return outs.stack(), h, c
+    if not keep_for_backward:
+        return outs.stack(), h, c, None, None
+    return outs.stack(), h, c, cs.stack(), qs.stack()
 
 
 class FusedConfig(NamedTuple):
@@ -243,8 +244,8 @@ class FusedBody:
         p_g = tf.reshape(p_g, [steps, batch, -1])
         b_mh_inside = None if fold_b_mh else b_mh
         if config.masked:
-            outs, h, c = _masked_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh_inside,
-                                      config.multiplicative, config.zero_output_for_mask)
+            outs, h, c, _, _ = forward_loop(p_m, p_g, h0, c0, w_hh, w_mh, b_hh, b_mh_inside,
+                                            config.multiplicative, mask, config.zero_output_for_mask)
         else:
             recurrence = _recurrence(config.independent, config.multiplicative,
                                      config.recurrent_bias, b_mh_inside is not None)
