@@ -49,6 +49,23 @@ LAYER_OPTIONS = dict(
 )
 #: The options a canonical mapping implies by the keys it holds and the shape of weight_hh.
 STRUCTURAL_OPTIONS = ("bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence")
+#: The spec's variants (docs/equations.md) that no backend implements yet: structural ones, read from the
+#: parameters, and run-time ones, which a weight file may carry. A backend refuses them (see
+#: refuse_variants) rather than compute without them.
+VARIANT_OPTIONS = ("proj_size", "peepholes", "cell_clip", "proj_clip", "forget_bias")
+
+
+def refuse_variants(infos, options: dict, argument: str, backend: str) -> None:
+    """NotImplementedError when the layers have a projection or peepholes, or ``options`` switch on a
+    run-time variant."""
+    if any(info.proj_size or info.peepholes for info in infos):
+        raise NotImplementedError(
+            f"{argument} has a projection (weight_hr) or peepholes (weight_ci, weight_cf, weight_co), which "
+            f"{backend} does not implement yet; mlstm_spec.forward computes them")
+    given = {name: options[name] for name in VARIANT_OPTIONS if options.get(name)}
+    if given:
+        raise NotImplementedError(f"{given} asks for variants of the spec that {backend} does not implement "
+                                  "yet; mlstm_spec.forward computes them")
 
 
 def work_dtype(dtype: str) -> str:
@@ -109,14 +126,15 @@ class InputChecks:
         array_name: how errors name that kind, e.g. ``"a torch.Tensor"``.
         shape_of, dtype_of: read a value's shape (a tuple) and dtype (anything
             :func:`mlstm_spec.validation.dtype_name` reads).
+        backend: how errors name the backend (when refusing the variants it does not implement).
 
     The messages are :mod:`mlstm_spec.validation`'s: they name the argument, what was expected and what
     was given.
     """
 
     def __init__(self, *, is_array: Callable, array_name: str, shape_of: Callable = lambda v: tuple(v.shape),
-                 dtype_of: Callable = lambda v: v.dtype, allowed: tuple = DTYPES):
-        self.is_array, self.array_name, self.allowed = is_array, array_name, allowed
+                 dtype_of: Callable = lambda v: v.dtype, allowed: tuple = DTYPES, backend: str = "this backend"):
+        self.is_array, self.array_name, self.allowed, self.backend = is_array, array_name, allowed, backend
         self.shape_of = lambda v: tuple(shape_of(v))
         self.dtype_of = lambda v: dtype_name(dtype_of(v))
 
@@ -137,8 +155,10 @@ class InputChecks:
                     where = f"{argument}[{i}]" if len(layers) > 1 else argument
                     for name, value in params.items():
                         self.array(value, f"{where}[{name!r}]")
-        return check_stack(layers, shape_of=self.shape_of, dtype_of=self.dtype_of, argument=argument,
-                           allowed=self.allowed)
+        infos = check_stack(layers, shape_of=self.shape_of, dtype_of=self.dtype_of, argument=argument,
+                            allowed=self.allowed)
+        refuse_variants(infos, {}, argument, self.backend)
+        return infos
 
     def params(self, params, argument: str = "params") -> LayerInfo:
         """One canonical mapping of arrays."""
@@ -182,8 +202,8 @@ def as_numpy(value) -> np.ndarray:
 _NUMPY = InputChecks(is_array=lambda v: isinstance(v, np.ndarray), array_name="an array")
 
 
-def canonical_import(params, options: dict, *, one_layer: bool = False, owner: str = "MLSTM"
-                     ) -> tuple[list[dict], list[LayerInfo], dict]:
+def canonical_import(params, options: dict, *, one_layer: bool = False, owner: str = "MLSTM",
+                     backend: str = "this backend") -> tuple[list[dict], list[LayerInfo], dict]:
     """What every backend's ``from_canonical(params, **options)`` accepts, checked once.
 
     ``params``: one canonical mapping, a list of them (a stack, first layer first), or what
@@ -191,7 +211,8 @@ def canonical_import(params, options: dict, *, one_layer: bool = False, owner: s
     may be any backend's arrays. Returns NumPy copies of the layers, their :class:`LayerInfo`, and
     ``options`` completed with what the parameters imply (the bias flags, ``independent_recurrence``,
     ``num_layers``, and a weight file's ``integration_mode``). A given option that contradicts them
-    raises ValueError, and so does a stack given to ``owner`` where it is ``one_layer``.
+    raises ValueError, and so does a stack given to ``owner`` where it is ``one_layer``; a variant of the
+    spec that ``backend`` does not implement raises NotImplementedError.
     """
     options = dict(options)
     if isinstance(params, WeightFile):
@@ -214,7 +235,8 @@ def canonical_import(params, options: dict, *, one_layer: bool = False, owner: s
         raise ValueError(f"params holds {len(layers)} layers, but {owner} is one layer; build one {owner} "
                          "per mapping and chain them")
     layers = [{name: as_numpy(value) for name, value in layer.items()} for layer in layers]
-    infos = _NUMPY.stack(layers)
+    infos = check_stack(layers, shape_of=_NUMPY.shape_of, dtype_of=_NUMPY.dtype_of, allowed=DTYPES)
+    refuse_variants(infos, {**implied, **options}, "params", backend)
     implied.update(infos[0].options, num_layers=len(layers))
     for name, value in implied.items():
         if name in options and options[name] != value:

@@ -75,6 +75,7 @@ from mlstm_spec.validation import LayerInfo, check_integration_mode, dtype_name
 from ._common import (
     DTYPES,
     LAYER_OPTIONS,
+    VARIANT_OPTIONS,
     AdapterBase,
     InputChecks,
     canonical_import,
@@ -87,7 +88,7 @@ __all__ = ["DTYPES", "MLSTM", "MLSTMCell", "ConformanceAdapter", "cell", "device
            "mlstm_stack"]
 
 CHECKS = InputChecks(is_array=lambda v: hasattr(v, "shape") and hasattr(v, "dtype"),
-                     array_name="a JAX or NumPy array")
+                     array_name="a JAX or NumPy array", backend="backends.jax")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,7 +111,6 @@ def _check_layer(params, argument: str = "params") -> LayerInfo:
     """Validate one canonical mapping of arrays (or tracers) and return what it describes."""
     info = CHECKS.params(params, argument)
     _check_x64(info.dtype, argument)
-    _refuse_variants([info], argument)
     return info
 
 
@@ -118,18 +118,7 @@ def _check_stack(layers, argument: str = "params") -> list[LayerInfo]:
     """Validate a list of canonical mappings of arrays (or tracers): see InputChecks.stack."""
     infos = CHECKS.stack(layers, argument)
     _check_x64(infos[0].dtype, argument)
-    _refuse_variants(infos, argument)
     return infos
-
-
-def _refuse_variants(infos, argument) -> None:
-    """The spec's projection and peepholes (issue 17) are not implemented here yet: refuse them rather
-    than compute without them."""
-    if any(info.proj_size or info.peepholes for info in infos):
-        raise NotImplementedError(
-            f"{argument} has a projection (weight_hr) or peepholes (weight_ci, weight_cf, weight_co), which "
-            "backends.jax does not implement yet; mlstm_spec.forward computes them"
-        )
 
 
 def _check_unroll(unroll) -> int:
@@ -337,8 +326,9 @@ def init(key, input_size, hidden_size, *, dtype=jnp.float32, bias=True, recurren
          multiplicative_bias=True, independent_recurrence=False, weight_init="glorot_uniform",
          forget_bias=0.0) -> dict:
     """Draw one layer's canonical parameters, as :func:`mlstm_spec.init_params` draws them (its
-    ``weight_init`` and ``forget_bias`` included), from a NumPy generator seeded by ``key``: the same key
-    gives the same values. Values are drawn in float64 and rounded to ``dtype``."""
+    ``weight_init``; ``forget_bias`` is its ``forget_bias_init``, the initial forget block of
+    ``bias_ih``), from a NumPy generator seeded by ``key``: the same key gives the same values. Values
+    are drawn in float64 and rounded to ``dtype``."""
     _check_key(key)
     dtype = _check_dtype_option(dtype)
     check_layer_options(input_size, hidden_size, bias=bias, recurrent_bias=recurrent_bias,
@@ -347,7 +337,7 @@ def init(key, input_size, hidden_size, *, dtype=jnp.float32, bias=True, recurren
     (params,) = init_layers(input_size, hidden_size, rng=np.random.default_rng(seed), dtype=dtype, bias=bias,
                             recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
                             independent_recurrence=independent_recurrence, weight_init=weight_init,
-                            forget_bias=forget_bias)
+                            forget_bias_init=forget_bias)
     return {name: jnp.asarray(value) for name, value in params.items()}
 
 
@@ -362,7 +352,8 @@ def _default_key(key):
 def _from_canonical(params, options: dict, one_layer=False, owner="MLSTM"):
     """Canonical parameters (any backend's arrays, or a weight file) -> JAX arrays of the same dtype,
     exactly, and the options (see backends._common.canonical_import)."""
-    layers, infos, options = canonical_import(params, options, one_layer=one_layer, owner=owner)
+    layers, infos, options = canonical_import(params, options, one_layer=one_layer, owner=owner,
+                                              backend="backends.jax")
     _check_x64(infos[0].dtype, "params")
     return [{name: jnp.asarray(value) for name, value in p.items()} for p in layers], options
 
@@ -412,7 +403,7 @@ class MLSTMCell:
     def from_canonical(cls, params, **options):
         """Build from one canonical mapping (any backend's arrays, or what :func:`mlstm_spec.load`
         returns), copying values and dtype exactly. Options as for :meth:`MLSTM.from_canonical`."""
-        _unknown_options(options, LAYER_OPTIONS)
+        _unknown_options(options, [*LAYER_OPTIONS, *VARIANT_OPTIONS])
         (layer,), options = _from_canonical(params, options, one_layer=True, owner="MLSTMCell")
         check_integration_mode(options.get("integration_mode", "addition"))
         return cls._build(layer, options.get("integration_mode", "addition"))
@@ -502,7 +493,7 @@ class MLSTM:
         backend's arrays. The bias options, ``independent_recurrence`` and ``num_layers`` may be given
         but must agree with the parameters."""
         unroll = _check_unroll(unroll)
-        _unknown_options(options, [*LAYER_OPTIONS, "num_layers"])
+        _unknown_options(options, [*LAYER_OPTIONS, "num_layers", *VARIANT_OPTIONS])
         layers, options = _from_canonical(params, options)
         integration_mode = options.get("integration_mode", "addition")
         check_integration_mode(integration_mode)

@@ -169,6 +169,17 @@ def test_bad_parameters_get_the_same_errors_everywhere(name):
         build(name, params, independent_recurrence=True)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_variants_of_the_spec_are_refused_until_implemented(name):
+    """A projection, peepholes, or a run-time variant (as a weight file may carry) is refused rather than
+    computed without."""
+    for variant in (dict(peepholes=True), dict(proj_size=2)):
+        with pytest.raises(NotImplementedError, match="does not implement yet"):
+            build(name, mlstm_spec.init_params(3, 4, rng=0, dtype=np.float64, **variant))
+    with pytest.raises(NotImplementedError, match=re.escape("{'cell_clip': 3.0} asks for variants")):
+        build(name, mlstm_spec.init_params(3, 4, rng=0, dtype=np.float64), cell_clip=3.0)
+
+
 # ---- calling the layers, through the adapters ----
 
 @pytest.mark.parametrize("name", NAMES)

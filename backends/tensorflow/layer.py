@@ -62,9 +62,9 @@ class MLSTMCell(keras.layers.Layer):
             whole stacked matrix, as RecurrentLayers.jl draws them; the vector ``weight_hh`` is drawn as
             an (H, 1) matrix (``U(-a, a)``, ``a = sqrt(6 / (H + 1))``).
         bias_initializer: initializer of every bias. Default ``"zeros"``.
-        kernel_regularizer, recurrent_regularizer, multiplicative_regularizer, bias_regularizer,
-        kernel_constraint, recurrent_constraint, multiplicative_constraint, bias_constraint:
-            as for ``keras.layers.LSTM``, per weight as above.
+        kernel_regularizer, recurrent_regularizer, multiplicative_regularizer, bias_regularizer: as for
+            ``keras.layers.LSTM``, per weight as above.
+        kernel_constraint, recurrent_constraint, multiplicative_constraint, bias_constraint: likewise.
         **kwargs: Keras layer arguments (``name``, ``dtype``, ``trainable``).
 
     Call arguments:
@@ -233,8 +233,9 @@ class MLSTM(keras.layers.RNN):
     docs/equations.md over a sequence.
 
     Args:
-        units, bias, recurrent_bias, multiplicative_bias, independent_recurrence, integration_mode,
-        the initializers, regularizers and constraints: as for :class:`MLSTMCell`.
+        units: hidden size H, and the options ``bias``, ``recurrent_bias``, ``multiplicative_bias``,
+            ``independent_recurrence``, ``integration_mode`` and the initializers, regularizers and
+            constraints: as for :class:`MLSTMCell`.
         return_sequences: return the output of every step (B, T, H) instead of the last (B, H).
         return_state: also return the final state ``h_T, c_T`` (each (B, H)), as ``keras.layers.LSTM``.
         go_backwards: process the sequence in reverse and return the reversed output sequence.
@@ -517,7 +518,8 @@ def _canonical_options(cls, params, options):
     """Check ``params`` for one layer (backends._common.canonical_import) and merge what it implies into
     ``options``; ``units`` is read from the shapes."""
     units = options.pop("units", None)
-    layers, infos, options = canonical_import(params, options, one_layer=True, owner=cls.__name__)
+    layers, infos, options = canonical_import(params, options, one_layer=True, owner=cls.__name__,
+                                                  backend="backends.tensorflow")
     del options["num_layers"]
     info = infos[0]
     if units is not None and units != info.hidden_size:

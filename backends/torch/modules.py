@@ -27,7 +27,8 @@ from mlstm_spec.validation import LayerInfo, dtype_name, expected_shapes
 from .fused import fused_layer
 from .plain import functorch_active, plain_layer, plain_step
 
-CHECKS = InputChecks(is_array=lambda v: isinstance(v, Tensor), array_name="a torch.Tensor")
+CHECKS = InputChecks(is_array=lambda v: isinstance(v, Tensor), array_name="a torch.Tensor",
+                     backend="backends.torch")
 CPU_LOOPS = ("compiled", "python")
 
 
@@ -113,7 +114,8 @@ class _MLSTMBase(nn.Module):
                 ``num_layers`` are read from ``params``; giving them is allowed only when they agree.
         """
         single = cls is MLSTMCell
-        layers, infos, options = canonical_import(params, options, one_layer=single, owner=cls.__name__)
+        layers, infos, options = canonical_import(params, options, one_layer=single, owner=cls.__name__,
+                                                  backend="backends.torch")
         if single:
             del options["num_layers"]
         first = infos[0]
