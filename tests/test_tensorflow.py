@@ -329,6 +329,34 @@ def test_stateful_carries_state_across_calls(use_fused):
     np.testing.assert_array_equal(layer(x[:, :4]).numpy(), first)
 
 
+def test_static_shapes_in_a_graph_like_keras_lstm():
+    """Traced with a known time axis and a dynamic batch, the fused path's outputs keep T and H in their
+    static shapes, as keras.layers.LSTM's do (a lost T broke TimeDistributed after the layer)."""
+    for options in (dict(return_sequences=True, return_state=True), dict(return_state=True)):
+        ours, theirs = (tf.function(layer).get_concrete_function(tf.TensorSpec((None, 7, 6))).outputs
+                        for layer in (btf.MLSTM(5, **options), keras.layers.LSTM(5, **options)))
+        assert [t.shape.as_list() for t in ours] == [t.shape.as_list() for t in theirs], options
+    assert ours[0].shape.as_list() == [None, 5]
+
+
+@pytest.mark.parametrize("batch", [4, 7, 8], ids=["B<T", "B=T", "B>T"])
+def test_time_distributed_after_the_layer_in_fit_and_predict(batch):
+    """TimeDistributed(Dense) after a return_sequences layer, T = 7: predict gives (B, T, 3) equal to
+    applying the layers one after the other, and fit trains (the targets are (B, T, 3)), whether the
+    batch is smaller than, equal to or larger than T."""
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((batch, 7, 6)).astype("float32")
+    keras.utils.set_random_seed(1)
+    recurrent, dense = btf.MLSTM(5, return_sequences=True), keras.layers.Dense(3)
+    model = keras.Sequential([keras.Input((7, 6)), recurrent, keras.layers.TimeDistributed(dense)])
+    model.compile(optimizer="sgd", loss="mse")
+    predicted = model.predict(x, batch_size=batch, verbose=0)
+    assert predicted.shape == (batch, 7, 3)
+    assert_close(predicted, dense(recurrent(x)).numpy(), tol=tolerance("float32"), what="predict")
+    history = model.fit(x, np.zeros((batch, 7, 3), "float32"), batch_size=batch, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
 # ---- saving and loading ----
 
 def small_model(params, mode, **options):

@@ -240,8 +240,15 @@ class FusedBody:
             p_m = tf.nn.bias_add(p_m, b_m)
         if b_g is not None:
             p_g = tf.nn.bias_add(p_g, b_g)
-        p_m = tf.reshape(p_m, [steps, batch, -1])
-        p_g = tf.reshape(p_g, [steps, batch, -1])
+        # tf.shape sizes leave the static shape unknown; restore what is known of it (T, B from xs, H from
+        # the weights), or the outputs lose their time axis in a graph and loop buffers their element
+        # shape (which TFLite needs).
+        time, rows = xs.shape[1], xs.shape[0]
+        hidden = w_mh.shape[1] if w_mh.shape[1] is not None else h0.shape[-1]
+        h0, c0 = _with_shape(h0, [rows, hidden]), _with_shape(c0, [rows, hidden])
+        p_m = _with_shape(tf.reshape(p_m, [steps, batch, -1]), [time, rows, hidden])
+        p_g = _with_shape(tf.reshape(p_g, [steps, batch, -1]),
+                          [time, rows, None if hidden is None else 4 * hidden])
         b_mh_inside = None if fold_b_mh else b_mh
         if config.masked:
             outs, h, c, _, _ = forward_loop(p_m, p_g, h0, c0, w_hh, w_mh, b_hh, b_mh_inside,
@@ -252,9 +259,17 @@ class FusedBody:
             inside = [b for b in (b_hh, b_mh_inside) if b is not None]
             outs, c = recurrence(p_m, p_g, h0, c0, w_hh, w_mh, *inside)
             h = outs[-1]
+        outs = _with_shape(outs, [time, rows, hidden])
+        h, c = _with_shape(h, [rows, hidden]), _with_shape(c, [rows, hidden])
         last = outs[-1]
         outputs = tf.transpose(outs, [1, 0, 2]) if config.return_sequences else last[:, None, :]
         return last, outputs, h, c
+
+
+def _with_shape(tensor, shape):
+    """``tensor`` with what is known of its static shape merged with ``shape`` (None: unknown); no op."""
+    tensor.set_shape(tf.TensorShape(shape).merge_with(tensor.shape))
+    return tensor
 
 
 
