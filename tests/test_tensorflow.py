@@ -5,6 +5,7 @@ saving to .keras and SavedModel, stateful layers, mixed precision, and the error
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,22 @@ def test_eager_tf_function_and_xla_agree(mode, independent):
         assert_close(got[2], want_c, what=f"{name} c_T")
         for k, (a, b) in enumerate(zip(got, results["eager"])):
             assert_close(a, b, what=f"{name} vs eager, result {k}")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_unroll_equals_the_graph_loop(masked):
+    """unroll=True (one step copy per time step, autodiff) gives the outputs, final state and every
+    gradient of the fused loop, with and without a mask and backwards (float64)."""
+    rng = np.random.default_rng(31)
+    params = random_params(rng, 3, 4)
+    x = rng.standard_normal((3, 5, 3))
+    state = (rng.uniform(-1, 1, (3, 4)), rng.standard_normal((3, 4)))
+    mask = tf.constant(rng.random((3, 5)) < 0.7) if masked else None
+    for go_backwards in (False, True):
+        results = [outputs_and_gradients(prefix_layer(params, unroll=unroll, go_backwards=go_backwards),
+                                          x, state, mask=mask) for unroll in (False, True)]
+        for k, (a, b) in enumerate(zip(*results)):
+            assert_close(b, a, what=f"unrolled result {k} (go_backwards={go_backwards})")
 
 
 def test_second_derivatives_of_fused_path_match_generic_loop():
@@ -425,6 +442,66 @@ def test_get_config_round_trip():
     assert btf.MLSTMCell.from_config(cell.get_config()).get_config() == cell.get_config()
 
 
+# Run in a child process: a TFLite interpreter that crashes kills that process, not the test worker.
+TFLITE_SCRIPT = r"""
+import json, sys
+import numpy as np, keras, tensorflow as tf
+from backends.tensorflow import MLSTM
+
+def stacked(batch, **options):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((7, 6), batch_size=batch),
+                             MLSTM(5, return_sequences=True, **options), MLSTM(4, **options)])
+
+x = np.random.default_rng(0).standard_normal((3, 7, 6)).astype("float32")
+for name, batch, options in json.loads(sys.argv[1]):
+    print("BEGIN", name, flush=True)
+    model = stacked(batch, **options)
+    want = model(x[:batch or 3]).numpy()
+    try:
+        flat = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    except Exception as error:  # the converter refusing is allowed where the test says so
+        print("RESULT", json.dumps([name, "refused", type(error).__name__ + ": " + str(error)[:300]]), flush=True)
+        continue
+    interpreter = tf.lite.Interpreter(model_content=flat)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, want.shape[:1] + x.shape[1:])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, x[:len(want)])
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    print("RESULT", json.dumps([name, "ran", got.tolist(), want.tolist()]), flush=True)
+"""
+
+
+@pytest.mark.slow  # about 30 s: three TFLite conversions in a fresh process
+def test_tflite_stacked_model_converts_and_matches_or_is_refused():
+    """A stacked model (return_sequences into a second layer) converted to TFLite: with a fixed batch
+    size and with unroll=True (dynamic batch) the interpreter's outputs equal
+    the model's; with a dynamic batch size and a graph loop the converter may refuse (TFLite needs
+    static loop buffers there) but nothing may crash. Run in a child process so a crash is a failure
+    here, naming the configuration, rather than a dead worker."""
+    configs = [("fused, fixed batch", 2, {}), ("unrolled, dynamic batch", None, dict(unroll=True)),
+               ("fused, dynamic batch", None, {})]
+    must_run = {name for name, batch, options in configs if batch or options.get("unroll")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", TFLITE_SCRIPT, json.dumps(configs)], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    begun = [line.split(" ", 1)[1] for line in result.stdout.splitlines() if line.startswith("BEGIN ")]
+    assert result.returncode == 0, (f"the child process ended with {result.returncode} while converting or "
+                                    f"running {begun[-1] if begun else '(nothing)'}: {result.stderr[-2000:]}")
+    results = {r[0]: r[1:] for r in (json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines()
+                                     if line.startswith("RESULT "))}
+    assert set(results) == {name for name, _, _ in configs}
+    for name, (outcome, *details) in results.items():
+        if outcome == "refused":
+            assert name not in must_run, f"{name}: the converter refused: {details[0]}"
+            continue
+        got, want = (np.asarray(v) for v in details)
+        assert_close(got, want, tol=tolerance("float32"), what=f"TFLite {name}")
+
+
 # ---- canonical parameters ----
 
 def test_from_canonical_into_mixed_precision_holds_float16_exactly():
@@ -608,8 +685,10 @@ def test_bad_parameter_and_option_errors():
         btf.MLSTM(0)
     with pytest.raises(TypeError, match=r"bias must be a bool, got str"):
         btf.MLSTM(4, bias="no")
-    with pytest.raises(ValueError, match=r"unroll=True is not supported"):
-        btf.MLSTM(4, unroll=True)
+    with pytest.raises(TypeError, match=r"unroll must be a bool, got str"):
+        btf.MLSTM(4, unroll="yes")
+    with pytest.raises(ValueError, match=r"Cannot unroll a RNN if the time dimension is undefined"):
+        tf.function(btf.MLSTM(4, unroll=True)).get_concrete_function(tf.TensorSpec((None, None, 3)))
     with pytest.raises(ValueError, match=r"not built yet"):
         btf.MLSTM(4).to_canonical()
 

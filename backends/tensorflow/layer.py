@@ -241,6 +241,9 @@ class MLSTM(keras.layers.RNN):
         go_backwards: process the sequence in reverse and return the reversed output sequence.
         stateful: the final state of batch row k is the initial state of row k in the next call
             (needs a fixed batch size; ``reset_state()`` clears it).
+        unroll: as for ``keras.layers.LSTM``: one copy of the step per time step instead of a graph
+            loop (needs a known T; for short sequences). The unrolled graph has no loop, so a model
+            converts to TFLite with a dynamic batch size (docs/keras.md).
         use_fused: ``"auto"`` (default) runs the fused path -- the input projection of the whole
             sequence as one matrix product, then one graph loop (a cached ``tf.function``) with a
             hand-written backward pass -- whenever it can express the configuration, and Keras's
@@ -308,6 +311,7 @@ class MLSTM(keras.layers.RNN):
         return_state=False,
         go_backwards=False,
         stateful=False,
+        unroll=False,
         use_fused="auto",
         jit_compile=False,
         **kwargs,
@@ -317,8 +321,8 @@ class MLSTM(keras.layers.RNN):
             raise ValueError(f"use_fused must be one of {_FUSED_CHOICES}, got {use_fused!r}")
         if not isinstance(jit_compile, (bool, np.bool_)):
             raise TypeError(f"jit_compile must be a bool, got {type(jit_compile).__name__} {jit_compile!r}")
-        if kwargs.pop("unroll", False):
-            raise ValueError("unroll=True is not supported by MLSTM: the fused graph loop replaces it")
+        if not isinstance(unroll, (bool, np.bool_)):
+            raise TypeError(f"unroll must be a bool, got {type(unroll).__name__} {unroll!r}")
         cell = MLSTMCell(
             units,
             bias=bias,
@@ -348,7 +352,7 @@ class MLSTM(keras.layers.RNN):
             return_state=return_state,
             go_backwards=go_backwards,
             stateful=stateful,
-            unroll=False,
+            unroll=bool(unroll),
             **kwargs,
         )
         self.use_fused = use_fused
@@ -436,6 +440,7 @@ class MLSTM(keras.layers.RNN):
             multiplicative_bias=cell.multiplicative_bias, masked=mask is not None,
             go_backwards=bool(self.go_backwards), zero_output_for_mask=bool(self.zero_output_for_mask),
             return_sequences=bool(self.return_sequences), jit_compile=self.jit_compile,
+            unroll=bool(self.unroll),
         )
         work = work_dtype(self.compute_dtype)
         w = cell.weights_in(work)
@@ -468,7 +473,6 @@ class MLSTM(keras.layers.RNN):
             config.pop(key, None)
         base = super().get_config()
         del base["cell"]
-        base.pop("unroll", None)
         return {**base, **config, "use_fused": self.use_fused, "jit_compile": self.jit_compile}
 
     @classmethod

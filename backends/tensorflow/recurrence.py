@@ -139,6 +139,26 @@ def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_m
     return recurrence
 
 
+def _unrolled_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh, multiplicative, zero_output_for_mask):
+    """The recurrence as one copy of the step per time step (``unroll=True``; T must be static), with
+    or without a (T, B) mask (the semantics of :func:`forward_loop`), differentiated by autodiff. The
+    graph holds no loop and no TensorArray, which is what TFLite converts with a dynamic batch size."""
+    w_hh_t, w_mh_t = transposed(w_hh), tf.transpose(w_mh)
+    h, c = h0, c0
+    out = zeros = tf.zeros_like(h0)
+    outs = []
+    for t, (p_m_t, p_g_t) in enumerate(zip(tf.unstack(p_m), tf.unstack(p_g))):
+        h_new, c_new, _ = step(p_m_t, p_g_t, h, c, w_hh_t, w_mh_t, b_hh, b_mh, multiplicative)
+        if mask is None:
+            h, c, out = h_new, c_new, h_new
+        else:
+            keep = mask[t][:, None]
+            out = tf.where(keep, h_new, zeros if zero_output_for_mask else out)
+            h, c = tf.where(keep, h_new, h), tf.where(keep, c_new, c)
+        outs.append(out)
+    return tf.stack(outs), h, c
+
+
 def forward_loop(p_m, p_g, h0, c0, w_hh, w_mh, b_hh, b_mh, multiplicative, mask=None,
                  zero_output_for_mask=False, keep_for_backward=False):
     """The time loop: ``(outputs, h_T, c_T, cs, qs)``, ``outputs`` (T, B, H).
@@ -190,6 +210,7 @@ class FusedConfig(NamedTuple):
     zero_output_for_mask: bool
     return_sequences: bool
     jit_compile: bool
+    unroll: bool = False
 
 
 class FusedBody:
@@ -250,7 +271,13 @@ class FusedBody:
         p_g = _with_shape(tf.reshape(p_g, [steps, batch, -1]),
                           [time, rows, None if hidden is None else 4 * hidden])
         b_mh_inside = None if fold_b_mh else b_mh
-        if config.masked:
+        if config.unroll:
+            if time is None:
+                raise ValueError("unroll=True needs sequences with a known number of steps T, got shape "
+                                 f"{tuple(xs.shape)}")
+            outs, h, c = _unrolled_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh_inside,
+                                        config.multiplicative, config.zero_output_for_mask)
+        elif config.masked:
             outs, h, c, _, _ = forward_loop(p_m, p_g, h0, c0, w_hh, w_mh, b_hh, b_mh_inside,
                                             config.multiplicative, mask, config.zero_output_for_mask)
         else:
@@ -278,7 +305,7 @@ def fused_function(config: FusedConfig, dtype: str):
     """``(compiled, plain)``: the fused body for ``config`` as a cached ``tf.function`` (XLA-compiled
     with ``config.jit_compile``), and as the plain callable. The compiled function's signature leaves
     every size dynamic, so there is exactly one trace per configuration and dtype, whatever the batch
-    size, sequence length or layer size.
+    size, sequence length or layer size (unrolled: one trace per input shape).
     """
     matrix, vector = tf.TensorSpec([None, None], dtype), tf.TensorSpec([None], dtype)
     signature = [tf.TensorSpec([None, None, None], dtype), matrix, matrix]
@@ -287,4 +314,6 @@ def fused_function(config: FusedConfig, dtype: str):
     signature += [matrix, vector if config.independent else matrix, matrix]
     signature += [vector for flag in (config.bias, config.recurrent_bias, config.multiplicative_bias) if flag]
     plain = FusedBody(config)
+    if config.unroll:  # one trace per sequence shape: the unrolled graph depends on T
+        return tf.function(plain, jit_compile=config.jit_compile), plain
     return tf.function(plain, input_signature=signature, jit_compile=config.jit_compile), plain
