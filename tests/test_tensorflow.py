@@ -588,6 +588,133 @@ def test_model_fit_reduces_the_loss(jit_compile):
     assert history[-1] < 0.5 * history[0], history
 
 
+# ---- keras.layers.LSTM's arguments: dropout, seed, unit_forget_bias, use_bias, the rest ----
+
+def dropout_layer(params, **options):
+    return btf.MLSTM.from_canonical(params, return_sequences=True, return_state=True, dropout=0.3,
+                                    recurrent_dropout=0.4, seed=5, **options)
+
+
+def test_dropout_in_the_step_is_the_spec_on_masked_input_and_masked_h():
+    """One training step of the cell: the input times its dropout mask, and h times the recurrent
+    mask where h enters (only weight_hh), so the step equals mlstm_spec.cell on (x * d_x, (h * d_h, c)).
+    The masks hold zeros and 1 / (1 - rate)."""
+    rng = np.random.default_rng(32)
+    params = random_params(rng, 6, 8)
+    x, h, c = rng.standard_normal((5, 6)), rng.uniform(-1, 1, (5, 8)), rng.standard_normal((5, 8))
+    cell = btf.MLSTMCell.from_canonical(params, dropout=0.3, recurrent_dropout=0.4, seed=5)
+    got_h, (_, got_c) = cell(tf.constant(x), [tf.constant(h), tf.constant(c)], training=True)
+    d_x, d_h = cell.get_dropout_mask(x).numpy(), cell.get_recurrent_dropout_mask(h).numpy()
+    assert set(np.unique(d_x.round(9))) == {0.0, round(1 / 0.7, 9)}
+    assert set(np.unique(d_h.round(9))) == {0.0, round(1 / 0.6, 9)}
+    want_h, (_, want_c) = mlstm_spec.cell(params, x * d_x, (h * d_h, c))
+    assert_close(got_h.numpy(), want_h, what="h")
+    assert_close(got_c.numpy(), want_c, what="c")
+    cell.reset_dropout_mask()
+    cell.reset_recurrent_dropout_mask()
+    untouched, _ = cell(tf.constant(x), [tf.constant(h), tf.constant(c)], training=False)
+    assert_close(untouched.numpy(), mlstm_spec.cell(params, x, (h, c))[0], what="inference h")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_dropout_equals_the_generic_loop(masked):
+    """In training, the fused path (its hand-written backward included) and the generic loop over the
+    cell draw the same masks from the same seed and give the same outputs, states and gradients; at
+    inference neither drops anything."""
+    rng = np.random.default_rng(33)
+    params = random_params(rng, 3, 4)
+    x = rng.standard_normal((3, 6, 3))
+    state = (rng.uniform(-1, 1, (3, 4)), rng.standard_normal((3, 4)))
+    mask = tf.constant(rng.random((3, 6)) < 0.7) if masked else None
+    results = []
+    for use_fused in ("auto", False):
+        layer = dropout_layer(params, use_fused=use_fused)
+        call = lambda x, **kw: layer(x, training=True, **kw)  # noqa: E731
+        results.append(outputs_and_gradients(layer, x, state, mask=mask, call=call))
+    for k, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, what=f"result {k}")
+    inference = dropout_layer(params)(x, initial_state=list(state), mask=mask)[0].numpy()
+    want = prefix_layer(params)(x, initial_state=list(state), mask=mask)[0].numpy()
+    np.testing.assert_array_equal(inference, want)
+    assert relative_error(results[0][0], want)[0] > 1e-2  # training did drop
+
+
+def test_seed_makes_dropout_reproducible():
+    rng = np.random.default_rng(34)
+    params = random_params(rng, 3, 4, dtype="float32")
+    x = rng.standard_normal((2, 5, 3)).astype("float32")
+    first, again = (dropout_layer(params)(x, training=True)[0].numpy() for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    other = btf.MLSTM.from_canonical(params, return_sequences=True, dropout=0.3, recurrent_dropout=0.4,
+                                     seed=6)(x, training=True).numpy()
+    assert not np.array_equal(first, other)
+
+
+def test_fit_with_dropout_reduces_the_loss():
+    rng = np.random.default_rng(35)
+    x = rng.standard_normal((64, 8, 3)).astype("float32")
+    y = np.cumsum(x[..., :1], axis=1)[:, -1] * 0.3
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 3)), btf.MLSTM(16, dropout=0.1, recurrent_dropout=0.1, seed=0),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+    history = model.fit(x, y, epochs=15, batch_size=16, verbose=0).history["loss"]
+    assert history[-1] < 0.5 * history[0], history
+
+
+def test_unit_forget_bias_sets_the_forget_block_of_bias_ih():
+    layer = btf.MLSTM(4, unit_forget_bias=True, bias_initializer=keras.initializers.Constant(0.5))
+    layer(np.zeros((1, 2, 3), "float32"))
+    weights = layer.to_canonical()[0]
+    np.testing.assert_array_equal(block(weights["bias_ih"], "f"), np.ones(4))
+    for gate in ("m", "i", "o", "z"):
+        np.testing.assert_array_equal(block(weights["bias_ih"], gate), np.full(4, 0.5))
+    np.testing.assert_array_equal(weights["bias_mh"], np.full(16, 0.5))  # only bias_ih's forget block
+    with pytest.raises(ValueError, match=r"unit_forget_bias=True sets the forget block of bias_ih"):
+        btf.MLSTM(4, unit_forget_bias=True, bias=False)
+
+
+def test_use_bias_false_means_no_bias():
+    layer = btf.MLSTM(4, use_bias=False)
+    layer(np.zeros((1, 2, 3), "float32"))
+    assert sorted(layer.to_canonical()[0]) == ["weight_hh", "weight_ih", "weight_mh"]
+    assert (layer.bias, layer.recurrent_bias, layer.multiplicative_bias) == (False, False, False)
+    assert btf.MLSTM(4, use_bias=True).cell.param_names == btf.MLSTM(4).cell.param_names
+    with pytest.raises(ValueError, match=r"use_bias=False switches off all three biases.*bias=, recurrent_bias="):
+        btf.MLSTM(4, use_bias=False, recurrent_bias=False)
+    with pytest.raises(TypeError, match=r"use_bias must be a bool"):
+        btf.MLSTM(4, use_bias="no")
+
+
+@pytest.mark.parametrize(("argument", "value", "error", "pattern"), [
+    ("use_cudnn", False, TypeError, r"MLSTM got an unexpected keyword argument 'use_cudnn': .*use_fused="),
+    ("implementation", 2, TypeError, r"'implementation': use use_fused="),
+    ("hidden_size", 4, TypeError, r"'hidden_size': Keras layers take the hidden size as units"),
+    ("num_layers", 2, TypeError, r"'num_layers': an MLSTM is one layer: stack layers"),
+    ("batch_first", True, TypeError, r"'batch_first': Keras layers take batch-major input"),
+    ("bidirectional", True, TypeError, r"'bidirectional': wrap the layer in keras.layers.Bidirectional"),
+    ("activation", "relu", ValueError, r"activation must be 'tanh' \(the mLSTM's equations fix"),
+    ("recurrent_activation", "hard_sigmoid", ValueError, r"recurrent_activation must be 'sigmoid'"),
+    ("dropout", 1.0, ValueError, r"dropout must be a number in \[0, 1\), got 1.0"),
+    ("recurrent_dropout", -0.1, ValueError, r"recurrent_dropout must be a number in \[0, 1\), got -0.1"),
+])
+def test_keras_lstm_arguments_that_differ_say_what_to_use(argument, value, error, pattern):
+    with pytest.raises(error, match=pattern):
+        btf.MLSTM(4, **{argument: value})
+
+
+def test_lstm_defaults_for_activations_are_accepted():
+    layer = btf.MLSTM(4, activation="tanh", recurrent_activation=keras.activations.sigmoid)
+    assert layer(np.zeros((1, 2, 3), "float32")).shape == (1, 4)
+
+
+def test_get_config_keeps_the_keras_lstm_arguments():
+    layer = btf.MLSTM(5, dropout=0.2, recurrent_dropout=0.1, seed=3, unit_forget_bias=True, unroll=True)
+    clone = btf.MLSTM.from_config(layer.get_config())
+    assert (clone.cell.dropout, clone.cell.recurrent_dropout, clone.cell.seed, clone.cell.unit_forget_bias,
+            clone.unroll) == (0.2, 0.1, 3, True, True)
+
+
 # ---- use_fused ----
 
 class DoubledCell(btf.MLSTMCell):

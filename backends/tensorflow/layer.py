@@ -18,10 +18,15 @@ from backends._common import (
     set_layer_options,
     work_dtype,
 )
-from mlstm_spec.equations import BIAS_FLAGS
+from mlstm_spec.equations import BIAS_FLAGS, IH_BLOCKS
 from mlstm_spec.validation import LayerInfo, check_sequence, check_state, dtype_name, expected_shapes
 
 from .recurrence import FusedConfig, fused_function, step, transposed
+
+try:  # the mix-in through which keras.layers.RNN makes, shares and resets a cell's dropout masks
+    from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
+except ImportError:  # pragma: no cover - moved in a later Keras
+    from keras.layers import DropoutRNNCell
 
 _FUSED_CHOICES = ("auto", True, False)
 _WEIGHTS = ("weight_ih", "weight_hh", "weight_mh")
@@ -38,12 +43,73 @@ def _vector_initializer(initializer):
     return draw
 
 
+def _unit_forget_bias(initializer):
+    """``initializer`` for ``bias_ih`` with its forget block set to one (Keras's ``unit_forget_bias``;
+    the spec's ``init_params(unit_forget_bias=True)``)."""
+
+    def draw(shape, dtype=None):
+        values = initializer(shape, dtype=dtype)
+        size, f = shape[0] // len(IH_BLOCKS), IH_BLOCKS.index("f")
+        return tf.concat([values[: f * size], tf.ones((size,), values.dtype), values[(f + 1) * size:]], axis=0)
+
+    return draw
+
+
+# keras.layers.LSTM's (and torch.nn.LSTM's) arguments that mean something else here: the error says what.
+_NOT_HERE = {
+    "use_cudnn": "MLSTM has no cuDNN kernel; use_fused='auto' | True | False chooses its fused path or the "
+                 "generic loop, as use_cudnn does for LSTM",
+    "implementation": "use use_fused='auto' | True | False to choose the fused path or the generic loop",
+    "hidden_size": "Keras layers take the hidden size as units (MLSTM(units))",
+    "input_size": "the input size is inferred from the input when the layer is built",
+    "batch_first": "Keras layers take batch-major input (B, T, I) only",
+    "num_layers": "an MLSTM is one layer: stack layers, all but the last with return_sequences=True",
+    "bidirectional": "wrap the layer in keras.layers.Bidirectional",
+    "time_major": "Keras layers take batch-major input (B, T, I) only",
+}
+_FIXED_ACTIVATIONS = {"activation": "tanh", "recurrent_activation": "sigmoid"}
+
+
+def _keras_arguments(owner, kwargs, flags, use_bias):
+    """Check keras.layers.LSTM's arguments that MLSTM only accepts where they mean the same thing, and
+    return the bias flags with ``use_bias`` applied (False: no bias at all, as for LSTM)."""
+    for name, hint in _NOT_HERE.items():
+        if name in kwargs:
+            raise TypeError(f"{owner} got an unexpected keyword argument {name!r}: {hint}")
+    for name, fixed in _FIXED_ACTIVATIONS.items():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            if keras.activations.get(value) is not keras.activations.get(fixed):
+                raise ValueError(
+                    f"{name} must be {fixed!r} (the mLSTM's equations fix tanh on the candidate and cell, "
+                    f"sigmoid on the gates; see docs/equations.md), got {value!r}"
+                )
+    if use_bias is None:
+        return flags
+    if not isinstance(use_bias, (bool, np.bool_)):
+        raise TypeError(f"use_bias must be a bool, got {type(use_bias).__name__} {use_bias!r}")
+    if use_bias:
+        return flags
+    if any(flags.values()) and not all(flags.values()):
+        raise ValueError(
+            f"use_bias=False switches off all three biases, but {flags} were given; pass either use_bias "
+            "or bias=, recurrent_bias=, multiplicative_bias="
+        )
+    return dict.fromkeys(flags, False)
+
+
+def _check_rate(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _options_info(cell, input_size, dtype) -> LayerInfo:
     return layer_info(input_size, cell.units, dtype, **cell.options)
 
 
 @keras.saving.register_keras_serializable(package="mlstm")
-class MLSTMCell(keras.layers.Layer):
+class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
     """Cell of the Multiplicative LSTM (one step of docs/equations.md), for ``keras.layers.RNN``.
 
     Use it like ``keras.layers.LSTMCell``: ``keras.layers.RNN(MLSTMCell(64))`` gives masking,
@@ -62,6 +128,20 @@ class MLSTMCell(keras.layers.Layer):
             whole stacked matrix, as RecurrentLayers.jl draws them; the vector ``weight_hh`` is drawn as
             an (H, 1) matrix (``U(-a, a)``, ``a = sqrt(6 / (H + 1))``).
         bias_initializer: initializer of every bias. Default ``"zeros"``.
+        unit_forget_bias: start the forget block of ``bias_ih`` at one (after ``bias_initializer``),
+            as ``keras.layers.LSTM`` and ``mlstm_spec.init_params(unit_forget_bias=True)`` do; needs
+            ``bias=True``. Default False (RecurrentLayers.jl's initial values; LSTM's default is True).
+        use_bias: ``False`` is ``bias=recurrent_bias=multiplicative_bias=False`` (no bias at all, as
+            for ``keras.layers.LSTM``); ``True`` or None leaves the three flags as given.
+        dropout: fraction of the input features dropped during training, one mask (B, I) per call
+            shared by every step, as ``keras.layers.LSTM``.
+        recurrent_dropout: fraction of the previous output ``h`` dropped during training, one mask
+            (B, H) per call. ``h`` enters a step only through ``weight_hh`` (``r = W_hh h + b_hh``, the
+            factor that multiplies the input to form ``m``, from which every gate reads the past), so
+            this drops the whole recurrent input of the step.
+        seed: seed of the dropout masks.
+        activation, recurrent_activation: accepted only as ``"tanh"`` and ``"sigmoid"``
+            (``keras.layers.LSTM``'s defaults), which the mLSTM's equations fix.
         kernel_regularizer, recurrent_regularizer, multiplicative_regularizer, bias_regularizer: as for
             ``keras.layers.LSTM``, per weight as above.
         kernel_constraint, recurrent_constraint, multiplicative_constraint, bias_constraint: likewise.
@@ -103,12 +183,32 @@ class MLSTMCell(keras.layers.Layer):
         recurrent_constraint=None,
         multiplicative_constraint=None,
         bias_constraint=None,
+        unit_forget_bias=False,
+        use_bias=None,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        seed=None,
         **kwargs,
     ):
+        flags = _keras_arguments(type(self).__name__, kwargs, dict(
+            bias=bias, recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias), use_bias)
+        bias, recurrent_bias, multiplicative_bias = flags["bias"], flags["recurrent_bias"], flags["multiplicative_bias"]
         check_layer_options(None, units, integration_mode=integration_mode, bias=bias,
                             recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
                             independent_recurrence=independent_recurrence)
+        if not isinstance(unit_forget_bias, (bool, np.bool_)):
+            raise TypeError(f"unit_forget_bias must be a bool, got {type(unit_forget_bias).__name__} "
+                            f"{unit_forget_bias!r}")
+        if unit_forget_bias and not bias:
+            raise ValueError("unit_forget_bias=True sets the forget block of bias_ih, which bias=False "
+                             "(or use_bias=False) removes")
+        self.dropout = _check_rate("dropout", dropout)
+        self.recurrent_dropout = _check_rate("recurrent_dropout", recurrent_dropout)
         super().__init__(**kwargs)
+        self.unit_forget_bias = bool(unit_forget_bias)
+        self.seed = seed
+        if self.dropout or self.recurrent_dropout:
+            self.seed_generator = keras.random.SeedGenerator(seed)
         self.units = int(units)
         set_layer_options(self, bias=bias, recurrent_bias=recurrent_bias,
                           multiplicative_bias=multiplicative_bias,
@@ -164,6 +264,8 @@ class MLSTMCell(keras.layers.Layer):
             initializer = self.initializers[kind]
             if name == "weight_hh" and self.independent_recurrence:
                 initializer = _vector_initializer(initializer)
+            if name == "bias_ih" and self.unit_forget_bias:
+                initializer = _unit_forget_bias(initializer)
             variable = self.add_weight(
                 shape=shapes[name], name=name, initializer=initializer,
                 regularizer=self.regularizers[kind], constraint=self.constraints[kind],
@@ -183,20 +285,25 @@ class MLSTMCell(keras.layers.Layer):
                 else tf.cast(tf.cast(getattr(self, name).value, self.compute_dtype), dtype)
                 for name in _WEIGHTS + _BIASES}
 
-    def call(self, inputs, states):
+    def call(self, inputs, states, training=False):
         if inputs.shape[-1] is not None and inputs.shape[-1] != self.input_size:
             raise ValueError(
                 f"inputs must have I={self.input_size} features in their last dimension (the cell was "
                 f"built for that size), got shape {tuple(inputs.shape)}"
             )
         work = work_dtype(self.compute_dtype)
+        keep = None
+        if training and self.dropout:
+            inputs = inputs * self.get_dropout_mask(inputs)
+        if training and self.recurrent_dropout:
+            keep = tf.cast(self.get_recurrent_dropout_mask(states[0]), work)
         inputs, h, c = (tf.cast(t, work) for t in (inputs, states[0], states[1]))
         w = self.weights_in(work)
         p = tf.matmul(inputs, w["weight_ih"], transpose_b=True)
         if w["bias_ih"] is not None:
             p = p + w["bias_ih"]
         h, c, _ = step(p[:, : self.units], p[:, self.units :], h, c, transposed(w["weight_hh"]),
-                        tf.transpose(w["weight_mh"]), w["bias_hh"], w["bias_mh"], self.multiplicative)
+                        tf.transpose(w["weight_mh"]), w["bias_hh"], w["bias_mh"], self.multiplicative, keep)
         h, c = tf.cast(h, self.compute_dtype), tf.cast(c, self.compute_dtype)
         return h, [h, c]
 
@@ -204,7 +311,8 @@ class MLSTMCell(keras.layers.Layer):
         return [tf.zeros((batch_size, self.units), dtype=self.compute_dtype) for _ in range(2)]
 
     def get_config(self):
-        config = dict(units=self.units, **self.options)
+        config = dict(units=self.units, **self.options, unit_forget_bias=self.unit_forget_bias,
+                      dropout=self.dropout, recurrent_dropout=self.recurrent_dropout, seed=self.seed)
         for kind, arg in (("weight_ih", "kernel"), ("weight_hh", "recurrent"),
                           ("weight_mh", "multiplicative"), ("bias", "bias")):
             config[f"{arg}_initializer"] = keras.initializers.serialize(self.initializers[kind])
@@ -235,7 +343,10 @@ class MLSTM(keras.layers.RNN):
     Args:
         units: hidden size H, and the options ``bias``, ``recurrent_bias``, ``multiplicative_bias``,
             ``independent_recurrence``, ``integration_mode`` and the initializers, regularizers and
-            constraints: as for :class:`MLSTMCell`.
+            constraints: as for :class:`MLSTMCell`, and ``unit_forget_bias``, ``use_bias``, ``dropout``,
+            ``recurrent_dropout``, ``seed``, ``activation``, ``recurrent_activation``: as for
+            :class:`MLSTMCell`. The fused path applies both dropouts as the generic loop does
+            (the same masks, given the seed).
         return_sequences: return the output of every step (B, T, H) instead of the last (B, H).
         return_state: also return the final state ``h_T, c_T`` (each (B, H)), as ``keras.layers.LSTM``.
         go_backwards: process the sequence in reverse and return the reversed output sequence.
@@ -261,14 +372,15 @@ class MLSTM(keras.layers.RNN):
             one (``x[None]``) for a single sequence.
         initial_state: ``[h_0, c_0]``, each (B, H); zeros when omitted.
         mask: (B, T) booleans; a masked step keeps the state and repeats the previous output.
-        training: accepted for Keras; the layer has no training-only behaviour.
+        training: dropout and recurrent_dropout act only when True (``fit`` sets it).
 
     Returns:
         The last output (B, H), or every output (B, T, H) with ``return_sequences``; with
         ``return_state``, ``[output, h_T, c_T]`` like ``keras.layers.LSTM``.
 
-    Dtypes: the input dtype must equal the layer's compute dtype -- a float64 array given to a float32
-    layer raises TypeError instead of being rounded silently. Under a mixed policy
+    Dtypes: as every Keras layer, the layer casts floating inputs and initial states to its compute
+    dtype (a float64 NumPy array given to a float32 layer is rounded to float32); other dtypes raise
+    TypeError. Under a mixed policy
     (``dtype="mixed_float16"``) the variables are float32 and the compute dtype float16: inputs and
     initial states in either dtype are cast to float16 and the weights are rounded to float16 (Keras's
     mixed-precision mechanism); then the recurrence computes in float32 and returns float16 results,
@@ -307,6 +419,11 @@ class MLSTM(keras.layers.RNN):
         recurrent_constraint=None,
         multiplicative_constraint=None,
         bias_constraint=None,
+        unit_forget_bias=False,
+        use_bias=None,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        seed=None,
         return_sequences=False,
         return_state=False,
         go_backwards=False,
@@ -316,6 +433,7 @@ class MLSTM(keras.layers.RNN):
         jit_compile=False,
         **kwargs,
     ):
+        _keras_arguments(type(self).__name__, kwargs, {}, None)
         numeric = isinstance(use_fused, (int, float)) and not isinstance(use_fused, bool)
         if numeric or use_fused not in _FUSED_CHOICES:
             raise ValueError(f"use_fused must be one of {_FUSED_CHOICES}, got {use_fused!r}")
@@ -342,6 +460,11 @@ class MLSTM(keras.layers.RNN):
             recurrent_constraint=recurrent_constraint,
             multiplicative_constraint=multiplicative_constraint,
             bias_constraint=bias_constraint,
+            unit_forget_bias=unit_forget_bias,
+            use_bias=use_bias,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
             dtype=kwargs.get("dtype"),
             trainable=kwargs.get("trainable", True),
             name="mlstm_cell",
@@ -444,9 +567,16 @@ class MLSTM(keras.layers.RNN):
         )
         work = work_dtype(self.compute_dtype)
         w = cell.weights_in(work)
+        if training and cell.dropout:  # the masks keras.layers.RNN.call has drawn for this call
+            sequences = sequences * cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
+        keep = (cell.get_recurrent_dropout_mask(initial_state[0])
+                if training and cell.recurrent_dropout else None)
+        config = config._replace(recurrent_dropout=keep is not None)
         args = [tf.cast(t, work) for t in (sequences, initial_state[0], initial_state[1])]
         if mask is not None:
             args.append(tf.cast(mask, tf.bool))
+        if keep is not None:
+            args.append(tf.cast(keep, work))
         args += [w[name] for name in _WEIGHTS + _BIASES if w[name] is not None]
         compiled, plain = fused_function(config, work)
         # Called eagerly, the compiled function runs the loop as a graph. Inside a graph being built

@@ -18,13 +18,16 @@ import tensorflow as tf
 # and XLA sees only static shapes.
 # ---------------------------------------------------------------------------------------------------
 
-def step(p_m, p_g, h, c, w_hh_t, w_mh_t, b_hh, b_mh, multiplicative):
+def step(p_m, p_g, h, c, w_hh_t, w_mh_t, b_hh, b_mh, multiplicative, keep=None):
     """One step from the input projection and the state ``(h, c)``; returns the new ``h, c`` and
     ``q`` (which the fused backward pass keeps instead of recomputing it).
 
     ``b_mh`` may be None when the caller has already added it to ``p_g`` (additive integration only).
+    ``keep``: the recurrent dropout mask (B, H) (zeros and 1 / (1 - rate)) applied to ``h`` where it
+    enters the step, which is only through ``weight_hh``; None: no dropout.
     """
-    r = h * w_hh_t if w_hh_t.shape.rank == 1 else tf.matmul(h, w_hh_t)
+    h_in = h if keep is None else h * keep
+    r = h_in * w_hh_t if w_hh_t.shape.rank == 1 else tf.matmul(h_in, w_hh_t)
     if b_hh is not None:
         r = r + b_hh
     q = tf.matmul(p_m * r, w_mh_t)
@@ -56,13 +59,13 @@ def _writer(like, steps):
 
 
 @functools.lru_cache(maxsize=None)
-def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_mh: bool):
+def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_mh: bool, has_keep: bool):
     """The unmasked recurrence over a precomputed projection, with a hand-written backward pass.
 
-    ``recurrence(p_m, p_g, h0, c0, w_hh, w_mh, *biases) -> (hs, c_T)`` with ``p_m`` (T, B, H) and
-    ``p_g`` (T, B, 4H) time-major, ``biases`` being ``b_hh`` and/or ``b_mh`` as flagged (``b_mh`` only
-    when it is not folded into ``p_g``). The forward loop stores ``h_t``, ``c_t`` and
-    ``q_t = W_mh m_t + b_mh`` (the largest product). The backward pass recomputes every other
+    ``recurrence(p_m, p_g, h0, c0, w_hh, w_mh, *extras) -> (hs, c_T)`` with ``p_m`` (T, B, H) and
+    ``p_g`` (T, B, 4H) time-major, ``extras`` being ``b_hh``, ``b_mh`` and the recurrent dropout mask
+    ``keep`` (B, H) as flagged (``b_mh`` only when it is not folded into ``p_g``). The forward loop
+    stores ``h_t``, ``c_t`` and ``q_t = W_mh m_t + b_mh`` (the largest product). The backward pass recomputes every other
     intermediate for all steps at once (one large product for ``r``, no sequential dependency), runs
     one reverse loop with two matrix products per step, and forms the weight gradients afterwards as
     one matrix product each -- where autodiff of the loop would store every intermediate and do one
@@ -70,12 +73,13 @@ def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_m
     """
 
     @tf.custom_gradient
-    def recurrence(p_m, p_g, h0, c0, w_hh, w_mh, *biases):
-        biases = list(biases)
-        b_hh = biases.pop(0) if has_b_hh else None
-        b_mh = biases.pop(0) if has_b_mh else None
+    def recurrence(p_m, p_g, h0, c0, w_hh, w_mh, *extras):
+        extras = list(extras)
+        b_hh = extras.pop(0) if has_b_hh else None
+        b_mh = extras.pop(0) if has_b_mh else None
+        keep = extras.pop(0) if has_keep else None
         hs, _, c_last, cs, q = forward_loop(p_m, p_g, h0, c0, w_hh, w_mh, b_hh, b_mh, multiplicative,
-                                            keep_for_backward=True)
+                                            keep_for_backward=True, keep=keep)
 
         def grad(d_hs, d_c_last):
             d_hs = tf.zeros_like(hs) if d_hs is None else d_hs
@@ -86,6 +90,8 @@ def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_m
             steps = tf.shape(p_m)[0]
             # Every other intermediate of every step, recomputed at once from the stored h, c and q.
             h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
+            if keep is not None:  # from here on h_prev is what entered weight_hh
+                h_prev = h_prev * keep
             c_prev = tf.concat([c0[None], cs[:-1]], axis=0)
             r = h_prev * w_hh if independent else tf.einsum("tbk,jk->tbj", h_prev, w_hh)
             if b_hh is not None:
@@ -113,6 +119,8 @@ def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_m
                 d_m = tf.matmul(d_q, w_mh)
                 d_r = d_m * p_m_steps.read(t)
                 d_h = d_r * w_hh if independent else tf.matmul(d_r, w_hh)
+                if keep is not None:
+                    d_h = d_h * keep
                 return k + 1, d_h, d_c * f_steps.read(t), d_as.write(t, d_a), d_ms.write(t, d_m)
 
             _, d_h0, d_c0, d_as, d_ms = tf.while_loop(
@@ -132,14 +140,16 @@ def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_m
                 d_biases.append(tf.reduce_sum(d_r, axis=(0, 1)))
             if has_b_mh:
                 d_biases.append(tf.reduce_sum(d_q, axis=(0, 1)))
-            return (d_m * r, d_p_g, d_h0, d_c0, d_w_hh, d_w_mh, *d_biases)
+            d_keep = (None,) if has_keep else ()  # a dropout mask is not differentiated
+            return (d_m * r, d_p_g, d_h0, d_c0, d_w_hh, d_w_mh, *d_biases, *d_keep)
 
         return (hs, c_last), grad
 
     return recurrence
 
 
-def _unrolled_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh, multiplicative, zero_output_for_mask):
+def _unrolled_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh, multiplicative, zero_output_for_mask,
+                   keep=None):
     """The recurrence as one copy of the step per time step (``unroll=True``; T must be static), with
     or without a (T, B) mask (the semantics of :func:`forward_loop`), differentiated by autodiff. The
     graph holds no loop and no TensorArray, which is what TFLite converts with a dynamic batch size."""
@@ -148,41 +158,42 @@ def _unrolled_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh, multiplicativ
     out = zeros = tf.zeros_like(h0)
     outs = []
     for t, (p_m_t, p_g_t) in enumerate(zip(tf.unstack(p_m), tf.unstack(p_g))):
-        h_new, c_new, _ = step(p_m_t, p_g_t, h, c, w_hh_t, w_mh_t, b_hh, b_mh, multiplicative)
+        h_new, c_new, _ = step(p_m_t, p_g_t, h, c, w_hh_t, w_mh_t, b_hh, b_mh, multiplicative, keep)
         if mask is None:
             h, c, out = h_new, c_new, h_new
         else:
-            keep = mask[t][:, None]
-            out = tf.where(keep, h_new, zeros if zero_output_for_mask else out)
-            h, c = tf.where(keep, h_new, h), tf.where(keep, c_new, c)
+            valid = mask[t][:, None]
+            out = tf.where(valid, h_new, zeros if zero_output_for_mask else out)
+            h, c = tf.where(valid, h_new, h), tf.where(valid, c_new, c)
         outs.append(out)
     return tf.stack(outs), h, c
 
 
 def forward_loop(p_m, p_g, h0, c0, w_hh, w_mh, b_hh, b_mh, multiplicative, mask=None,
-                 zero_output_for_mask=False, keep_for_backward=False):
+                 zero_output_for_mask=False, keep_for_backward=False, keep=None):
     """The time loop: ``(outputs, h_T, c_T, cs, qs)``, ``outputs`` (T, B, H).
 
     With a (T, B) boolean ``mask``, a masked step keeps the state and outputs the previous output (zeros
     before the first valid step), or zeros with ``zero_output_for_mask``: the semantics of
     ``keras.layers.RNN``. With ``keep_for_backward`` it also stores every ``c_t`` and
     ``q_t = W_mh m_t + b_mh`` (``cs``, ``qs``; None otherwise) for the hand-written backward.
+    ``keep``: the recurrent dropout mask of :func:`step`, or None.
     """
     steps = tf.shape(p_m)[0]
     w_hh_t, w_mh_t = transposed(w_hh), tf.transpose(w_mh)
     m_steps, g_steps = _reader(p_m), _reader(p_g)
-    keep_steps = None if mask is None else _reader(mask)
+    valid_steps = None if mask is None else _reader(mask)
     zeros = tf.zeros_like(h0)
 
     def body(t, h, c, out, outs, cs, qs):
         h_new, c_new, q = step(m_steps.read(t), g_steps.read(t), h, c, w_hh_t, w_mh_t, b_hh, b_mh,
-                               multiplicative)
-        if keep_steps is None:
+                               multiplicative, keep)
+        if valid_steps is None:
             h, c, out = h_new, c_new, h_new
         else:
-            keep = keep_steps.read(t)[:, None]
-            out = tf.where(keep, h_new, zeros if zero_output_for_mask else out)
-            h, c = tf.where(keep, h_new, h), tf.where(keep, c_new, c)
+            valid = valid_steps.read(t)[:, None]
+            out = tf.where(valid, h_new, zeros if zero_output_for_mask else out)
+            h, c = tf.where(valid, h_new, h), tf.where(valid, c_new, c)
         if keep_for_backward:
             cs, qs = cs.write(t, c), qs.write(t, q)
         return t + 1, h, c, out, outs.write(t, out), cs, qs
@@ -211,12 +222,13 @@ class FusedConfig(NamedTuple):
     return_sequences: bool
     jit_compile: bool
     unroll: bool = False
+    recurrent_dropout: bool = False
 
 
 class FusedBody:
     """The whole fused layer body for one configuration, as a plain callable.
 
-    Called as ``body(xs, h0, c0, [mask], w_ih, w_hh, w_mh, [b_ih], [b_hh], [b_mh])`` with only the
+    Called as ``body(xs, h0, c0, [mask], [keep], w_ih, w_hh, w_mh, [b_ih], [b_hh], [b_mh])`` with only the
     bracketed arguments that the configuration switches on, it returns
     ``(last_output, outputs, h_T, c_T)``; outputs are (B, T, H) with ``return_sequences``, else
     (B, 1, H). (An object rather than a closure: TensorFlow counts retraces per function code, and
@@ -231,6 +243,7 @@ class FusedBody:
         args = list(args)
         xs, h0, c0 = args[:3]
         mask = args.pop(3) if config.masked else None
+        keep = args.pop(3) if config.recurrent_dropout else None
         w_ih, w_hh, w_mh = args[3:6]
         biases = iter(args[6:])
         b_ih, b_hh, b_mh = (next(biases) if flag else None
@@ -276,14 +289,15 @@ class FusedBody:
                 raise ValueError("unroll=True needs sequences with a known number of steps T, got shape "
                                  f"{tuple(xs.shape)}")
             outs, h, c = _unrolled_loop(p_m, p_g, h0, c0, mask, w_hh, w_mh, b_hh, b_mh_inside,
-                                        config.multiplicative, config.zero_output_for_mask)
+                                        config.multiplicative, config.zero_output_for_mask, keep)
         elif config.masked:
             outs, h, c, _, _ = forward_loop(p_m, p_g, h0, c0, w_hh, w_mh, b_hh, b_mh_inside,
-                                            config.multiplicative, mask, config.zero_output_for_mask)
+                                            config.multiplicative, mask, config.zero_output_for_mask,
+                                            keep=keep)
         else:
             recurrence = _recurrence(config.independent, config.multiplicative,
-                                     config.recurrent_bias, b_mh_inside is not None)
-            inside = [b for b in (b_hh, b_mh_inside) if b is not None]
+                                     config.recurrent_bias, b_mh_inside is not None, keep is not None)
+            inside = [b for b in (b_hh, b_mh_inside, keep) if b is not None]
             outs, c = recurrence(p_m, p_g, h0, c0, w_hh, w_mh, *inside)
             h = outs[-1]
         outs = _with_shape(outs, [time, rows, hidden])
@@ -311,6 +325,8 @@ def fused_function(config: FusedConfig, dtype: str):
     signature = [tf.TensorSpec([None, None, None], dtype), matrix, matrix]
     if config.masked:
         signature.append(tf.TensorSpec([None, None], tf.bool))
+    if config.recurrent_dropout:
+        signature.append(matrix)
     signature += [matrix, vector if config.independent else matrix, matrix]
     signature += [vector for flag in (config.bias, config.recurrent_bias, config.multiplicative_bias) if flag]
     plain = FusedBody(config)
