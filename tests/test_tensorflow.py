@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -504,6 +505,25 @@ def test_tflite_stacked_model_converts_and_matches_or_is_refused():
 
 # ---- canonical parameters ----
 
+def test_from_canonical_takes_what_mlstm_spec_load_returns(tmp_path):
+    """MLSTM.from_canonical(mlstm_spec.load(path)): the weights, their dtype and the file's
+    integration_mode (which the tensors cannot show) are used; to_canonical gives the file back."""
+    pytest.importorskip("safetensors", reason="mlstm_spec.save needs safetensors (the io extra)")
+    rng = np.random.default_rng(37)
+    params = random_params(rng, 3, 4, dtype="float32", independent_recurrence=True)
+    mlstm_spec.save(tmp_path / "w.safetensors", params, integration_mode="multiplicative_integration")
+    layer = btf.MLSTM.from_canonical(mlstm_spec.load(tmp_path / "w.safetensors"), return_sequences=True)
+    assert (layer.integration_mode, layer.independent_recurrence, layer.variable_dtype) == (
+        "multiplicative_integration", True, "float32")
+    for name, value in params.items():
+        np.testing.assert_array_equal(layer.to_canonical()[0][name], value)
+    x = rng.standard_normal((2, 5, 3)).astype("float32")
+    want, _ = mlstm_spec.forward(params, x, integration_mode="multiplicative_integration")
+    assert_close(layer(x).numpy(), want, tol=tolerance("float32"))
+    with pytest.raises(ValueError, match=r"integration_mode='addition' contradicts params"):
+        btf.MLSTM.from_canonical(mlstm_spec.load(tmp_path / "w.safetensors"), integration_mode="addition")
+
+
 def test_from_canonical_into_mixed_precision_holds_float16_exactly():
     rng = np.random.default_rng(18)
     params = random_params(rng, 2, 3, dtype="float16")
@@ -818,6 +838,25 @@ def test_bad_parameter_and_option_errors():
         tf.function(btf.MLSTM(4, unroll=True)).get_concrete_function(tf.TensorSpec((None, None, 3)))
     with pytest.raises(ValueError, match=r"not built yet"):
         btf.MLSTM(4).to_canonical()
+
+
+@pytest.mark.slow  # about 30 s: a small fit, saving, a TFLite conversion, in a fresh process
+def test_keras_page_code_runs(tmp_path):
+    """docs/keras.md: its Python blocks, run in order in one child process (as a user pastes them),
+    print what each ``print(...)  # -> expected`` line says."""
+    pytest.importorskip("safetensors", reason="the page saves a weight file (the io extra)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "keras.md")) as page:
+        blocks = re.findall(r"```python\n(.+?)\n```", page.read(), re.S)
+    code = "\n".join(blocks)
+    expected = re.findall(r"^print\(.*\)\s+# -> (.*)$", code, re.M)
+    assert len(blocks) >= 5 and len(expected) == code.count("print("), "every print needs a # -> comment"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = [line for line in result.stdout.splitlines() if line.strip()][-len(expected):]
+    assert [line.strip() for line in printed] == [e.strip() for e in expected]
 
 
 def test_import_needs_the_tensorflow_keras_backend():
