@@ -65,8 +65,8 @@ def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_m
     ``recurrence(p_m, p_g, h0, c0, w_hh, w_mh, *extras) -> (hs, c_T)`` with ``p_m`` (T, B, H) and
     ``p_g`` (T, B, 4H) time-major, ``extras`` being ``b_hh``, ``b_mh`` and the recurrent dropout mask
     ``keep`` (B, H) as flagged (``b_mh`` only when it is not folded into ``p_g``). The forward loop
-    stores ``h_t``, ``c_t`` and ``q_t = W_mh m_t + b_mh`` (the largest product). The backward pass recomputes every other
-    intermediate for all steps at once (one large product for ``r``, no sequential dependency), runs
+    stores ``h_t``, ``c_t`` and ``q_t = W_mh m_t + b_mh`` (the largest product). The backward pass
+    recomputes every other intermediate for all steps at once (one large product for ``r``, no sequential dependency), runs
     one reverse loop with two matrix products per step, and forms the weight gradients afterwards as
     one matrix product each -- where autodiff of the loop would store every intermediate and do one
     small weight-gradient product per step.
