@@ -1,9 +1,11 @@
 """What the benchmark scripts share: describing the machine, parsing sizes, the table of medians, and
-the charts drawn from the reports they write (``python benchmarks/_common.py charts`` redraws them)."""
+the charts drawn from the reports they write (``python benchmarks/_common.py charts`` redraws them),
+and TF32 off for float32 comparisons (torch and JAX alike)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -191,6 +193,49 @@ def main(argv=None) -> int:
     for page, title in REPORT_PAGES.items():
         print(f"wrote {write_chart(root / page, title).relative_to(root)}")
     return 0
+
+
+# ---- float32 means float32: TF32 off for every float32 comparison on a GPU ----
+
+@contextlib.contextmanager
+def torch_tf32_off():
+    """Within this block torch computes float32 matrix products and cuDNN convolutions and RNNs
+    (nn.LSTM) in full float32, never TF32, and restores the previous settings after. Uses the
+    ``fp32_precision`` settings where torch has them (2.9 and later; mixing them with the older
+    ``allow_tf32`` flags is an error there), else ``allow_tf32``."""
+    import torch
+
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        settings = [torch.backends.cuda.matmul, torch.backends.cudnn, torch.backends.cudnn.conv,
+                    torch.backends.cudnn.rnn]
+        attribute, value = "fp32_precision", "ieee"
+    else:
+        settings = [torch.backends.cuda.matmul, torch.backends.cudnn]
+        attribute, value = "allow_tf32", False
+    previous = [getattr(s, attribute) for s in settings]
+    try:
+        for s in settings:
+            setattr(s, attribute, value)
+        yield
+    finally:
+        for s, old in zip(settings, previous):
+            setattr(s, attribute, old)
+
+
+def torch_tf32_state() -> str:
+    """The TF32 settings in effect, for a report."""
+    import torch
+
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return (f"fp32_precision: matmul {torch.backends.cuda.matmul.fp32_precision}, cudnn.conv "
+                f"{torch.backends.cudnn.conv.fp32_precision}, cudnn.rnn {torch.backends.cudnn.rnn.fp32_precision}")
+    return (f"allow_tf32: matmul {torch.backends.cuda.matmul.allow_tf32}, "
+            f"cudnn {torch.backends.cudnn.allow_tf32}")
+
+
+#: JAX's matmul precision for float32 comparisons: "highest" is full float32 (JAX's default lets a GPU
+#: use TF32 for float32 products). Set it before tracing: jit caches are keyed on it.
+JAX_FLOAT32_PRECISION = "highest"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ Compared, at each size (B, T, I, H), one layer, batch-major input (B, T, I), und
 With ``--dtype bfloat16`` or ``float16`` the MLSTM computes in float32 between two casts (see
 ``backends.jax``), while the LSTM baseline computes in the given dtype.
 
+float32 means float32 on a GPU too: the float32 runs trace under
+``jax.default_matmul_precision("highest")`` (JAX's default lets a GPU use TF32 for float32 matrix
+products), as ``bench_torch.py`` turns TF32 off, so that the two scripts' GPU figures compare.
+
 "forward" computes the outputs; "forward+backward" is ``jax.grad`` of ``sum(hs)`` with respect to the
 parameters and the input. Each repeat runs both implementations in turn, so that a change of machine
 load affects both alike; the table reports medians over the repeats after warm-up runs, and ratios of
@@ -47,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends import jax as mlstm_jax  # noqa: E402
 # benchmarks/ is on sys.path when this runs as a script
-from _common import SIZES, chart_markdown, machine, parse_size, ratio_table, write_chart  # noqa: E402
+from _common import JAX_FLOAT32_PRECISION, SIZES, chart_markdown, machine, parse_size, ratio_table, write_chart  # noqa: E402
 
 DEFAULT_SIZES = SIZES
 COMPILE_STEPS = (128, 1024)
@@ -201,19 +205,22 @@ def main(argv=None):
     parser.add_argument("--output", type=Path, default=None, help="also write the report (Markdown) here")
     args = parser.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
+    precision = JAX_FLOAT32_PRECISION if args.dtype == "float32" else None
     results = {}
-    for size in args.sizes:
-        print(f"timing {size} ...", file=sys.stderr, flush=True)
-        results[tuple(size)] = run_size(tuple(size), args.repeats, args.warmup, dtype, args.unroll)
-    print(f"compiling at T={COMPILE_STEPS} ...", file=sys.stderr, flush=True)
-    compile_size = tuple(args.sizes[0])
-    compiles = compile_seconds(compile_size, dtype, args.unroll, args.compile_trials)
+    with jax.default_matmul_precision(precision):
+        for size in args.sizes:
+            print(f"timing {size} ...", file=sys.stderr, flush=True)
+            results[tuple(size)] = run_size(tuple(size), args.repeats, args.warmup, dtype, args.unroll)
+        print(f"compiling at T={COMPILE_STEPS} ...", file=sys.stderr, flush=True)
+        compile_size = tuple(args.sizes[0])
+        compiles = compile_seconds(compile_size, dtype, args.unroll, args.compile_trials)
     date = datetime.date.today().isoformat()
     device = jax.devices()[0]
     header = (
         f"Measured {date} on {machine()}; JAX device {device.platform} ({device.device_kind}); {versions()}. "
         f"Median of {args.repeats} runs after the compiling call and {args.warmup} warm-up runs, {args.dtype}, "
-        f"one layer, unroll={args.unroll}, under jax.jit; forward = the outputs hs, forward+backward = "
+        f"one layer, unroll={args.unroll}, under jax.jit, matmul precision "
+        f"{precision or 'default'}{' (no TF32)' if precision else ''}; forward = the outputs hs, forward+backward = "
         "jax.grad of sum(hs) with respect to the parameters and the input."
     )
     report = (f"{header}\n\n{ratio_table(results, IMPLEMENTATIONS, 'LSTM', decimals=2)}\n\nFirst-call compile time (lower + compile, median of "

@@ -8,8 +8,13 @@ Compared, at each size (B, T, I, H), one layer, float32, time-major input (T, B,
   without a C++ compiler (``MLSTM(..., cpu_loops="python")``);
 - ``MLSTM (plain)``: the same layer with ``fused=False`` (ordinary autograd, one step at a time);
 - ``nn.LSTM``: ``torch.nn.LSTM`` at the same sizes (it does 4/5 of the mLSTM's multiply-adds);
-- ``torchrecurrent``: ``MultiplicativeLSTM`` of the published torchrecurrent package, the peer to beat;
+- ``torchrecurrent``: ``MultiplicativeLSTM`` of the published torchrecurrent package, the peer to beat
+  (left out, with a line saying so, where it is not installed);
 - ``naive``: a per-step loop with a separate ``nn.Linear`` per gate, as forum code writes it.
+
+On a GPU (``--device cuda``) the Python-loops row is left out (the fused layer's loops are the same
+Python code there), MLSTM's C++ CPU loops are not built, and float32 means float32: TF32 is off for
+every implementation (matrix products and cuDNN), as in ``bench_jax.py``.
 
 "forward" is inference (``torch.no_grad()``); "forward+backward" is a forward with autograd recording
 and ``output.sum().backward()``, the input requiring grad. Each repeat runs every implementation once, in turn, so that a
@@ -43,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.torch import MLSTM, compiled_cpu_loops  # noqa: E402
 # benchmarks/ is on sys.path when this runs as a script
-from _common import SIZES, machine, parse_size, ratio_table, write_chart  # noqa: E402
+from _common import SIZES, machine, parse_size, ratio_table, torch_tf32_off, torch_tf32_state, write_chart  # noqa: E402
 
 DEFAULT_SIZES = SIZES
 PEER = "torchrecurrent"
@@ -97,6 +102,18 @@ def build(name, input_size, hidden_size):
 
 
 IMPLEMENTATIONS = ("MLSTM", "MLSTM (Python loops)", "MLSTM (plain)", "nn.LSTM", PEER, "naive")
+
+
+def unavailable(device: str) -> dict:
+    """Implementations that this run cannot (or need not) time, each with the reason."""
+    import importlib.util
+
+    reasons = {}
+    if importlib.util.find_spec(PEER) is None:
+        reasons[PEER] = f"{PEER} is not installed (pip install {PEER})"
+    if device != "cpu":
+        reasons["MLSTM (Python loops)"] = "on a GPU the fused layer's loops are Python code already"
+    return reasons
 
 
 def forward_only(model, x):
@@ -180,32 +197,50 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's own choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--only", default=",".join(IMPLEMENTATIONS),
-                        help=f"comma-separated subset of {', '.join(IMPLEMENTATIONS)} (MLSTM is always run)")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated subset of {', '.join(IMPLEMENTATIONS)} (MLSTM is always run; "
+                             "default: every one this machine and device can run)")
     parser.add_argument("--output", type=Path, default=None, help="also write the report (Markdown) here")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    names = ["MLSTM"] + [n for n in args.only.split(",") if n and n != "MLSTM"]
-    unknown = sorted(set(names) - set(IMPLEMENTATIONS))
-    if unknown:
-        parser.error(f"unknown implementations {unknown}; choose from {IMPLEMENTATIONS}")
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    left_out = unavailable(torch.device(args.device).type)
+    if args.only is None:
+        names = [n for n in IMPLEMENTATIONS if n not in left_out]
+    else:
+        names = ["MLSTM"] + [n for n in args.only.split(",") if n and n != "MLSTM"]
+        unknown = sorted(set(names) - set(IMPLEMENTATIONS))
+        if unknown:
+            parser.error(f"unknown implementations {unknown}; choose from {IMPLEMENTATIONS}")
+        if PEER in names and PEER in left_out:
+            parser.error(f"--only asks for {left_out[PEER]}")
+        left_out = {n: why for n, why in left_out.items() if n in names and n != PEER}
+        names = [n for n in names if n not in left_out]
+    for name, why in left_out.items():
+        print(f"leaving out {name}: {why}", file=sys.stderr, flush=True)
+    on_gpu = torch.device(args.device).type == "cuda"
     results = {}
-    for size in args.sizes:
-        print(f"timing {size} ...", file=sys.stderr, flush=True)
-        results[tuple(size)] = run_size(tuple(size), names, args.repeats, args.warmup, args.device)
+    with torch_tf32_off() if on_gpu else contextlib.nullcontext():
+        tf32 = torch_tf32_state()
+        for size in args.sizes:
+            print(f"timing {size} ...", file=sys.stderr, flush=True)
+            results[tuple(size)] = run_size(tuple(size), names, args.repeats, args.warmup, args.device)
     date = datetime.date.today().isoformat()
-    device = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    if on_gpu:
+        device = f"{torch.cuda.get_device_name(args.device)} (TF32 off: {tf32})"
+        loops = "MLSTM's loops: Python (GPU)"
+    else:
+        device = args.device
+        loops = f"MLSTM's CPU loops: {compiled_cpu_loops()[1]}"
     header = (
         f"Measured {date} on {machine()}; device {device}; torch threads {torch.get_num_threads()}; "
-        f"{versions()}; MLSTM's CPU loops: {compiled_cpu_loops()[1]}. Median of {args.repeats} runs after "
+        f"{versions()}; {loops}. Median of {args.repeats} runs after "
         f"{args.warmup} warm-up runs, float32, one "
         "layer; forward = inference under torch.no_grad(), forward+backward = output.sum().backward() with the "
         "input requiring grad (so d_input is computed too)."
     )
+    if left_out:
+        header += " Left out: " + "; ".join(f"{n} ({why})" for n, why in left_out.items()) + "."
     report = f"{header}\n\n{ratio_table(results, names, 'MLSTM')}\n\nTargets:\n\n{targets(results)}\n"
     print(report)
     if args.output is not None:

@@ -41,11 +41,11 @@ def device_params(backend_module) -> list:
     params = [pytest.param("cpu", id="cpu")]
     gpus = [d for d in devices if d != "cpu"]
     if gpus:
-        params += [pytest.param(d, id=d.replace(":", "")) for d in gpus]
+        params += [pytest.param(d, id=d.replace(":", ""), marks=pytest.mark.gpu) for d in gpus]
     else:
         name = backend_module.__name__.split(".")[-1]
         reason = f"no GPU visible to {name} on this machine"
-        marks = [] if gpu_required() else [pytest.mark.skip(reason=reason)]
+        marks = [pytest.mark.gpu] + ([] if gpu_required() else [pytest.mark.skip(reason=reason)])
         params.append(pytest.param("gpu-missing", id="gpu", marks=marks))
     return params
 
@@ -59,7 +59,7 @@ def conformance_params(backend_module) -> list:
             out.append(pytest.param(device, "any", id="gpu", marks=p.marks))
             continue
         for dtype in backend_module.ConformanceAdapter(device).dtypes:
-            out.append(pytest.param(device, dtype, id=f"{p.id}-{dtype}"))
+            out.append(pytest.param(device, dtype, id=f"{p.id}-{dtype}", marks=p.marks))
     return out
 
 
