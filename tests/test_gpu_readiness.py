@@ -131,6 +131,24 @@ def test_bench_torch_runs_without_torchrecurrent_and_says_so(monkeypatch, tmp_pa
     assert "--only asks for torchrecurrent is not installed" in capsys.readouterr().err
 
 
+@pytest.mark.gpu
+def test_bench_torch_on_a_gpu_builds_no_cpu_loops_and_keeps_tf32_off(monkeypatch, tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU visible to torch on this machine")
+    bench = load_script("bench_torch")
+
+    def no_build():
+        raise AssertionError("a GPU-only benchmark built the C++ CPU loops")
+
+    monkeypatch.setattr(bench, "compiled_cpu_loops", no_build)
+    report = tmp_path / "report.md"
+    results = bench.main(["--device", "cuda", "--sizes", "2,3,4,5", "--repeats", "1", "--warmup", "0",
+                          "--only", "MLSTM,nn.LSTM,MLSTM (Python loops)", "--output", str(report)])
+    assert {name for name, _ in results[(2, 3, 4, 5)]} == {"MLSTM", "nn.LSTM"}
+    assert "TF32 off: fp32_precision: matmul ieee" in report.read_text() or "allow_tf32: matmul False" in report.read_text()
+
+
 # ---- TF32: off for float32 comparisons in both benchmarks ----
 
 def test_torch_tf32_off_sets_full_float32_and_restores_the_settings():
