@@ -8,17 +8,17 @@ run goes on:
 - ``environment``: ``nvidia-smi``, versions, the devices each framework sees, TF32 defaults;
 - ``tf32``: how far a float32 matrix product lands from float64, with each framework's default
   settings and with TF32 off (as the timings below run), which says whether TF32 was in use;
-- ``conformance``: ``mlstm-conformance --devices gpu`` for torch and JAX in float64, float32 (the
-  adapters turn TF32 off), float16 and bfloat16, as JSON and Markdown;
-- ``tests``: ``pytest -m gpu``, the test cases that need a GPU;
 - ``opcheck``: ``torch.library.opcheck`` of every custom operator the public ``MLSTM`` calls (found by
   watching a forward and backward), on the GPU;
-- ``compile``: ``torch.compile(MLSTM, fullgraph=True)`` on the GPU, forward and backward against eager;
 - ``launches``: kernel launches per time step (torch.profiler) of inference, forward with the tape, and
   forward+backward, and of a CUDA-graph replay;
 - ``timings``: CUDA-event timings at (B, T, I, H) = (64, 100, 512, 512), float32, TF32 off, of MLSTM
   eager, MLSTM captured in a CUDA graph, nn.LSTM (cuDNN) and the jitted JAX MLSTM, as ratios to
-  nn.LSTM measured side by side.
+  nn.LSTM measured side by side;
+- ``compile``: ``torch.compile(MLSTM, fullgraph=True)`` on the GPU, forward and backward against eager;
+- ``conformance``: ``mlstm-conformance --devices gpu`` for torch and JAX in float64, float32 (the
+  adapters turn TF32 off), float16 and bfloat16, as JSON and Markdown;
+- ``tests``: ``pytest -m gpu``, the test cases that need a GPU (with the time that is left).
 
 Where no GPU is visible the GPU steps are recorded as skipped and the summary says "no GPU" (exit 3).
 ``--device cpu`` runs the same steps on the CPU instead: a dry run of this script, whose figures say
@@ -64,7 +64,8 @@ set_framework_environment()
 
 from _common import JAX_FLOAT32_PRECISION, machine, parse_size, torch_tf32_off, torch_tf32_state  # noqa: E402
 
-STEPS = ("environment", "tf32", "conformance", "tests", "opcheck", "compile", "launches", "timings")
+# The measurements first; the two long subprocess steps share the time that is left.
+STEPS = ("environment", "tf32", "opcheck", "launches", "timings", "compile", "conformance", "tests")
 #: Steps that need a GPU (or --device cpu): skipped with the reason where there is none.
 GPU_STEPS = STEPS[1:]
 TIMING_SIZE = (64, 100, 512, 512)
@@ -281,7 +282,7 @@ def step_conformance(ctx: Context) -> str:
     if ctx.quick:  # the tests' dry run: one float32 example per check
         command[command.index("--dtypes") + 1] = "float32"
         command += ["--max-examples", "1"]
-    done = run_logged(ctx, command, "conformance.log", timeout=min(300, ctx.remaining() - 60))
+    done = run_logged(ctx, command, "conformance.log", timeout=min(240, ctx.remaining() - 120))
     left_out = [f"{name}: {ctx.reasons[name]}" for name in ("torch", "jax") if not ctx.frameworks[name]]
     rows = []
     report = ctx.out / "conformance.json"
