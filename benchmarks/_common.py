@@ -183,18 +183,6 @@ def write_chart(page: Path, title: str) -> Path:
     return path
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/_common.py",
-        description="Redraw the performance charts from the reports in the docs pages (no benchmark runs).")
-    parser.add_argument("command", choices=["charts"])
-    parser.parse_args(argv)
-    root = Path(__file__).resolve().parents[1]
-    for page, title in REPORT_PAGES.items():
-        print(f"wrote {write_chart(root / page, title).relative_to(root)}")
-    return 0
-
-
 # ---- float32 means float32: TF32 off for every float32 comparison on a GPU ----
 
 @contextlib.contextmanager
@@ -236,6 +224,18 @@ def torch_tf32_state() -> str:
 #: JAX's matmul precision for float32 comparisons: "highest" is full float32 (JAX's default lets a GPU
 #: use TF32 for float32 products). Set it before tracing: jit caches are keyed on it.
 JAX_FLOAT32_PRECISION = "highest"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/_common.py",
+        description="Redraw the performance charts from the reports in the docs pages (no benchmark runs).")
+    parser.add_argument("command", choices=["charts"])
+    parser.parse_args(argv)
+    root = Path(__file__).resolve().parents[1]
+    for page, title in REPORT_PAGES.items():
+        print(f"wrote {write_chart(root / page, title).relative_to(root)}")
+    return 0
 
 
 if __name__ == "__main__":
