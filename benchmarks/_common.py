@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -224,6 +225,14 @@ def torch_tf32_state() -> str:
 #: JAX's matmul precision for float32 comparisons: "highest" is full float32 (JAX's default lets a GPU
 #: use TF32 for float32 products). Set it before tracing: jit caches are keyed on it.
 JAX_FLOAT32_PRECISION = "highest"
+
+
+def draw_chart(page: Path, title: str) -> str:
+    """:func:`write_chart` where matplotlib is installed; a benchmark run on a machine without it (an
+    offline GPU machine, say) still writes its report. Returns a line saying which happened."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return f"no chart drawn for {page}: matplotlib is not installed (pip install 'mlstm-spec[docs]')"
+    return f"chart drawn to {write_chart(page, title)}"
 
 
 def main(argv=None) -> int:

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends import jax as mlstm_jax  # noqa: E402
 # benchmarks/ is on sys.path when this runs as a script
-from _common import JAX_FLOAT32_PRECISION, SIZES, chart_markdown, machine, parse_size, ratio_table, write_chart  # noqa: E402
+from _common import JAX_FLOAT32_PRECISION, SIZES, chart_markdown, machine, parse_size, ratio_table, draw_chart  # noqa: E402
 
 DEFAULT_SIZES = SIZES
 COMPILE_STEPS = (128, 1024)
@@ -229,7 +229,7 @@ def main(argv=None):
     print(report)
     if args.output is not None:
         args.output.write_text(f"# Performance of the JAX backend\n\n{chart_markdown(args.output)}\n\n{report}")
-        print(f"chart drawn to {write_chart(args.output, 'JAX backend')}", file=sys.stderr)
+        print(draw_chart(args.output, "JAX backend"), file=sys.stderr)
     return results, compiles
 
 

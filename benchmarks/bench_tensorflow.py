@@ -37,7 +37,7 @@ import keras  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from backends.tensorflow import MLSTM  # noqa: E402
-from _common import machine, write_chart  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import draw_chart, machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 #: (B, T, I, H) of the issue.
 SIZES = ((32, 128, 64, 256), (64, 100, 512, 512))
@@ -214,7 +214,7 @@ def main(argv=None):
     else:
         output.write_text(HEADER + section)
     print(f"written to {output}", file=sys.stderr)
-    print(f"chart drawn to {write_chart(output, 'TensorFlow backend')}", file=sys.stderr)
+    print(draw_chart(output, "TensorFlow backend"), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.torch import MLSTM, compiled_cpu_loops  # noqa: E402
 # benchmarks/ is on sys.path when this runs as a script
-from _common import SIZES, machine, parse_size, ratio_table, torch_tf32_off, torch_tf32_state, write_chart  # noqa: E402
+from _common import SIZES, machine, parse_size, ratio_table, torch_tf32_off, torch_tf32_state, draw_chart  # noqa: E402
 
 DEFAULT_SIZES = SIZES
 PEER = "torchrecurrent"
@@ -245,7 +245,7 @@ def main(argv=None):
     print(report)
     if args.output is not None:
         write_report(args.output, report)
-        print(f"chart drawn to {write_chart(args.output, 'PyTorch backend')}", file=sys.stderr)
+        print(draw_chart(args.output, "PyTorch backend"), file=sys.stderr)
     return results
 
 
