@@ -117,15 +117,19 @@ def test_offline_variable_skips_the_wheel_test_without_asking_pip(monkeypatch):
     assert "MLSTM_OFFLINE is set" in test_wheel.index_unreachable_reason()
 
 
-def test_bench_torch_runs_without_torchrecurrent_and_says_so(monkeypatch, tmp_path, capsys):
+def test_bench_torch_runs_without_torchrecurrent_and_matplotlib_and_says_so(monkeypatch, tmp_path, capsys):
+    """As on an offline GPU machine: the peer is left out of the timings and the chart is not drawn,
+    each with a line saying why; the report is still written."""
     pytest.importorskip("torch")
     bench = load_script("bench_torch")
     monkeypatch.setitem(sys.modules, "torchrecurrent", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     report = tmp_path / "report.md"
     results = bench.main(["--sizes", "2,3,4,5", "--repeats", "1", "--warmup", "0", "--output", str(report)])
     timed = {name for name, _mode in results[(2, 3, 4, 5)]}
     assert "torchrecurrent" not in timed and {"MLSTM", "nn.LSTM", "MLSTM (plain)"} <= timed
     assert "Left out: torchrecurrent (torchrecurrent is not installed" in report.read_text()
+    assert "no chart drawn" in capsys.readouterr().err and not (tmp_path / "img").exists()
     with pytest.raises(SystemExit):
         bench.main(["--sizes", "2,3,4,5", "--only", "MLSTM,torchrecurrent"])
     assert "--only asks for torchrecurrent is not installed" in capsys.readouterr().err
