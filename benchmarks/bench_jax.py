@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends import jax as mlstm_jax  # noqa: E402
 # benchmarks/ is on sys.path when this runs as a script
-from _common import JAX_FLOAT32_PRECISION, SIZES, chart_markdown, machine, parse_size, ratio_table, draw_chart  # noqa: E402
+from _common import (JAX_FLOAT32_PRECISION, SIZES, chart_markdown, draw_chart, machine, parse_size,  # noqa: E402
+                     ratio_table)
 
 DEFAULT_SIZES = SIZES
 COMPILE_STEPS = (128, 1024)

@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.torch import MLSTM, compiled_cpu_loops  # noqa: E402
 # benchmarks/ is on sys.path when this runs as a script
-from _common import SIZES, machine, parse_size, ratio_table, torch_tf32_off, torch_tf32_state, draw_chart  # noqa: E402
+from _common import (SIZES, draw_chart, machine, parse_size, ratio_table, torch_tf32_off,  # noqa: E402
+                     torch_tf32_state)
 
 DEFAULT_SIZES = SIZES
 PEER = "torchrecurrent"

@@ -442,6 +442,7 @@ def step_launches(ctx: Context) -> str:
 
     torch.manual_seed(0)
     model = MLSTM(I, H, device=device)
+
     def inference(x):
         with torch.no_grad():
             return model(x)
@@ -735,7 +736,8 @@ def parse_steps(text: str) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="the results folder (default: gpu-check-<date>-<time>)")
-    parser.add_argument("--steps", type=parse_steps, default=list(STEPS), help=f"from {', '.join(STEPS)} (default: all)")
+    parser.add_argument("--steps", type=parse_steps, default=list(STEPS),
+                        help=f"from {', '.join(STEPS)} (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
                         help="auto: the GPU where there is one; cpu: a dry run of every step on the CPU")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one example per check (for tests)")
