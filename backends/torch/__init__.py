@@ -22,7 +22,8 @@ around each of its calls only, and restores it.
 
 Files: ``modules.py`` (the layers), ``fused.py`` (the operators), ``tape.py`` (what the forward keeps for
 the backward), ``loops.py`` (the Python loops), ``cpu_loops.cpp`` + ``build.py`` (the C++ loops),
-``plain.py`` (the plain path), ``adapter.py`` (devices and the conformance adapter).
+``plain.py`` (the plain path), ``cuda_graph.py`` (CUDA-graph replay, ``MLSTM(..., cuda_graph=True)``),
+``adapter.py`` (devices and the conformance adapter).
 """
 
 from .adapter import ConformanceAdapter, describe_device, devices, full_float32, versions

@@ -24,6 +24,7 @@ from backends._common import (
 )
 from mlstm_spec.validation import LayerInfo, dtype_name, expected_shapes
 
+from . import cuda_graph as graphs
 from .fused import fused_layer
 from .plain import functorch_active, plain_layer, plain_step
 
@@ -110,7 +111,7 @@ class _MLSTMBase(nn.Module):
             device: where to put the parameters (default: CPU).
             dtype: convert the values to this dtype (an explicit cast); default: keep theirs.
             **options: the remaining constructor options (``integration_mode``, ``batch_first``,
-                ``dropout``, ``fused``, ``cpu_loops``). The bias flags, ``independent_recurrence`` and
+                ``dropout``, ``fused``, ``cpu_loops``, ``cuda_graph``). The bias flags, ``independent_recurrence`` and
                 ``num_layers`` are read from ``params``; giving them is allowed only when they agree.
         """
         single = cls is MLSTMCell
@@ -285,6 +286,11 @@ class MLSTM(_MLSTMBase):
         cpu_loops: ``"compiled"`` (default): on CPU the fused operator runs its time loops in C++
             where they could be built (:func:`~backends.torch.compiled_cpu_loops`); ``"python"``:
             in Python, as on GPUs (same results, slower).
+        cuda_graph: If ``True``, calls on CUDA that record no gradient (under ``torch.no_grad()`` or
+            ``torch.inference_mode()``) are captured in a CUDA graph once per signature (shapes,
+            dtypes, device, mode, parameter addresses) and replayed after: one launch instead of
+            about ten per step (:mod:`backends.torch.cuda_graph`). Other calls run as usual.
+            Default: ``False`` (not yet measured on a GPU; see docs/performance-torch.md)
 
     Inputs: input, (h_0, c_0)
         * **input**: tensor of shape :math:`(L, H_{in})` for unbatched input,
@@ -353,7 +359,7 @@ class MLSTM(_MLSTMBase):
                  recurrent_bias: bool = True, multiplicative_bias: bool = True,
                  independent_recurrence: bool = False, integration_mode: str = "addition",
                  batch_first: bool = False, dropout: float = 0.0, device=None, dtype=None, *,
-                 fused: bool = True, cpu_loops: str = "compiled"):
+                 fused: bool = True, cpu_loops: str = "compiled", cuda_graph: bool = False):
         super().__init__()
         self._init_options(input_size, hidden_size, num_layers, bias, recurrent_bias, multiplicative_bias,
                            independent_recurrence, integration_mode, dropout)
@@ -361,6 +367,10 @@ class MLSTM(_MLSTMBase):
             raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__} {batch_first!r}")
         if cpu_loops not in CPU_LOOPS:
             raise ValueError(f"cpu_loops must be one of {CPU_LOOPS}, got {cpu_loops!r}")
+        if not isinstance(cuda_graph, (bool, np.bool_)):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__} {cuda_graph!r}")
+        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graphs = graphs.GraphCache()  # this layer's captured calls
         self.batch_first = bool(batch_first)
         self.dropout = float(dropout)
         self.fused = bool(fused)
@@ -389,10 +399,33 @@ class MLSTM(_MLSTMBase):
             s += ", fused=False"
         if self.cpu_loops != "compiled":
             s += f", cpu_loops={self.cpu_loops!r}"
+        if self.cuda_graph:
+            s += ", cuda_graph=True"
         return s
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .cuda(), ...: the parameters move, and the graphs recorded their addresses
+        if hasattr(self, "cuda_graphs"):
+            self.cuda_graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if self.cuda_graph and isinstance(input, Tensor) and (hx is None or _tensor_pair(hx)):
+            tensors = (input, *((None, None) if hx is None else hx))
+            parameters = list(self.parameters())
+            if graphs.graph_eligible(tensors, parameters) and not functorch_active():
+                device_type = input.device.type
+                key = (self.training, torch.is_inference_mode_enabled(), torch.is_autocast_enabled(device_type),
+                       torch.get_autocast_dtype(device_type), graphs.parameter_key(parameters))
+                return self.cuda_graphs.run(self._forward_tensors, tensors, key)
+        return self._forward(input, hx)
+
+    def _forward_tensors(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]):
+        return self._forward(input, None if h0 is None else (h0, c0))
+
+    def _forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
+                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         CHECKS.array(input, "input")
         layout = "(N, L, H_in)" if self.batch_first else "(L, N, H_in)"
         if input.dim() not in (2, 3):
@@ -439,6 +472,10 @@ class MLSTM(_MLSTMBase):
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)
+
+
+def _tensor_pair(hx) -> bool:
+    return isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(s, Tensor) for s in hx)
 
 
 def _extra_repr(module) -> str:
