@@ -5,7 +5,6 @@ and TF32 off for float32 comparisons (torch and JAX alike)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -185,31 +184,7 @@ def write_chart(page: Path, title: str) -> Path:
 
 
 # ---- float32 means float32: TF32 off for every float32 comparison on a GPU ----
-
-@contextlib.contextmanager
-def torch_tf32_off():
-    """Within this block torch computes float32 matrix products and cuDNN convolutions and RNNs
-    (nn.LSTM) in full float32, never TF32, and restores the previous settings after. Uses the
-    ``fp32_precision`` settings where torch has them (2.9 and later; mixing them with the older
-    ``allow_tf32`` flags is an error there), else ``allow_tf32``."""
-    import torch
-
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        settings = [torch.backends.cuda.matmul, torch.backends.cudnn, torch.backends.cudnn.conv,
-                    torch.backends.cudnn.rnn]
-        attribute, value = "fp32_precision", "ieee"
-    else:
-        settings = [torch.backends.cuda.matmul, torch.backends.cudnn]
-        attribute, value = "allow_tf32", False
-    previous = [getattr(s, attribute) for s in settings]
-    try:
-        for s in settings:
-            setattr(s, attribute, value)
-        yield
-    finally:
-        for s, old in zip(settings, previous):
-            setattr(s, attribute, old)
-
+# (torch: backends.torch.full_float32 sets and restores it; JAX: JAX_FLOAT32_PRECISION below)
 
 def torch_tf32_state() -> str:
     """The TF32 settings in effect, for a report."""

@@ -33,6 +33,7 @@ It is not part of the test command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -46,10 +47,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.torch import MLSTM, compiled_cpu_loops  # noqa: E402
+from backends.torch import MLSTM, compiled_cpu_loops, full_float32  # noqa: E402
 # benchmarks/ is on sys.path when this runs as a script
-from _common import (SIZES, draw_chart, machine, parse_size, ratio_table, torch_tf32_off,  # noqa: E402
-                     torch_tf32_state)
+from _common import SIZES, draw_chart, machine, parse_size, ratio_table, torch_tf32_state  # noqa: E402
 
 DEFAULT_SIZES = SIZES
 PEER = "torchrecurrent"
@@ -221,7 +221,7 @@ def main(argv=None):
         print(f"leaving out {name}: {why}", file=sys.stderr, flush=True)
     on_gpu = torch.device(args.device).type == "cuda"
     results = {}
-    with torch_tf32_off() if on_gpu else contextlib.nullcontext():
+    with full_float32() if on_gpu else contextlib.nullcontext():
         tf32 = torch_tf32_state()
         for size in args.sizes:
             print(f"timing {size} ...", file=sys.stderr, flush=True)

@@ -13,7 +13,8 @@ run goes on:
 - ``launches``: kernel launches per time step (torch.profiler) of inference, forward with the tape, and
   forward+backward, and of a CUDA-graph replay;
 - ``timings``: CUDA-event timings at (B, T, I, H) = (64, 100, 512, 512), float32, TF32 off, of MLSTM
-  eager, MLSTM captured in a CUDA graph, nn.LSTM (cuDNN) and the jitted JAX MLSTM, as ratios to
+  eager, MLSTM captured in a CUDA graph (by this script, forward and backward, and by the layer's
+  ``cuda_graph=True``, inference only), nn.LSTM (cuDNN) and the jitted JAX MLSTM, as ratios to
   nn.LSTM measured side by side;
 - ``compile``: ``torch.compile(MLSTM, fullgraph=True)`` on the GPU, forward and backward against eager;
 - ``conformance``: ``mlstm-conformance --devices gpu`` for torch and JAX in float64, float32 (the
@@ -62,7 +63,7 @@ from mlstm_spec._env import FRAMEWORK_ENVIRONMENT, set_framework_environment  # 
 # Before torch, JAX or TensorFlow is imported: the steps share one GPU among frameworks.
 set_framework_environment()
 
-from _common import JAX_FLOAT32_PRECISION, machine, parse_size, torch_tf32_off, torch_tf32_state  # noqa: E402
+from _common import JAX_FLOAT32_PRECISION, machine, parse_size, torch_tf32_state  # noqa: E402
 
 # The measurements first; the two long subprocess steps share the time that is left.
 STEPS = ("environment", "tf32", "opcheck", "launches", "timings", "compile", "conformance", "tests")
@@ -164,6 +165,13 @@ def make_context(args) -> Context:
     return Context(args.out, args.quick, device, time.monotonic() + args.budget, size, frameworks, reasons)
 
 
+def full_float32():
+    """:func:`backends.torch.full_float32` (TF32 off, restored after), imported when first used."""
+    from backends.torch import full_float32 as torch_full_float32
+
+    return torch_full_float32()
+
+
 def need_torch(ctx: Context):
     if ctx.frameworks["torch"] is None:
         raise Skipped(ctx.reasons["torch"])
@@ -243,7 +251,7 @@ def step_tf32(ctx: Context) -> str:
             return float((got - want).abs().max() / want.abs().max())
 
         rows["torch, default settings"] = torch_error()
-        with torch_tf32_off():
+        with full_float32():
             rows["torch, TF32 off (as timed)"] = torch_error()
     if ctx.frameworks["jax"]:
         import jax
@@ -389,7 +397,7 @@ def step_compile(ctx: Context) -> str:
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     results, seconds = [], {}
-    with torch_tf32_off():
+    with full_float32():
         for label, layer in (("eager", model), ("compiled", compiled)):
             start = time.perf_counter()
             x_ = x.clone().requires_grad_(True)
@@ -453,7 +461,7 @@ def step_launches(ctx: Context) -> str:
         "forward+backward": lambda x: model(x.requires_grad_(True))[0].sum().backward(),
     }
     counts = {}
-    with torch_tf32_off():
+    with full_float32():
         for mode, function in modes.items():
             per_length = {}
             for T in steps:
@@ -467,12 +475,17 @@ def step_launches(ctx: Context) -> str:
             x = torch.randn(steps[1], B, I, device=device)
             replay = capture_forward(torch, model, x)
             counts["inference, CUDA graph replay"] = count_launches(torch, lambda: replay(x), cuda)
+            option = MLSTM(I, H, device=device, cuda_graph=True)
+            inference_with_option = torch.no_grad()(lambda: option(x))
+            inference_with_option()  # captures
+            counts["inference, MLSTM(cuda_graph=True)"] = count_launches(torch, inference_with_option, cuda)
     ctx.write("launches.json", counts)
     kind = "launch calls" if cuda else "aten operators"
     summary = "; ".join(f"{mode}: {c[kind]:.1f} {kind} per step" for mode, c in counts.items() if "at T" in c)
     if cuda:
-        summary += (f"; a CUDA-graph replay of inference at T={steps[1]}: "
-                    f"{counts['inference, CUDA graph replay']['launch calls']} launch call(s)")
+        summary += (f"; inference at T={steps[1]} replayed from a CUDA graph: "
+                    f"{counts['inference, CUDA graph replay']['launch calls']} launch call(s), through "
+                    f"MLSTM(cuda_graph=True): {counts['inference, MLSTM(cuda_graph=True)']['launch calls']}")
     return summary
 
 
@@ -565,6 +578,9 @@ def torch_candidates(torch, device, size) -> dict:
             graphed(x_grad)[0].sum().backward()
 
         candidates["MLSTM graph-captured"] = {"forward": lambda: replay(x), "forward+backward": graphed_training}
+        option = MLSTM(I, H, device=device, cuda_graph=True)  # the layer's own capture (inference only)
+        option.load_state_dict(mlstm.state_dict())
+        candidates["MLSTM cuda_graph=True"] = {"forward": inference(option), "forward+backward": training(option)}
     candidates["nn.LSTM (cuDNN)" if device.type == "cuda" else "nn.LSTM"] = {
         "forward": inference(lstm), "forward+backward": training(lstm)}
     return candidates
@@ -591,7 +607,7 @@ def step_timings(ctx: Context) -> str:
     torch, device = need_torch(ctx)
     repeats, warmup = (2, 1) if ctx.quick else (15, 3)
     notes = []
-    with torch_tf32_off(), contextlib.ExitStack() as stack:
+    with full_float32(), contextlib.ExitStack() as stack:
         tf32 = torch_tf32_state()
         candidates = torch_candidates(torch, device, ctx.size)
         if ctx.frameworks["jax"]:

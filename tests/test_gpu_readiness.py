@@ -150,28 +150,32 @@ def test_bench_torch_on_a_gpu_builds_no_cpu_loops_and_keeps_tf32_off(monkeypatch
     results = bench.main(["--device", "cuda", "--sizes", "2,3,4,5", "--repeats", "1", "--warmup", "0",
                           "--only", "MLSTM,nn.LSTM,MLSTM (Python loops)", "--output", str(report)])
     assert {name for name, _ in results[(2, 3, 4, 5)]} == {"MLSTM", "nn.LSTM"}
-    assert "TF32 off: fp32_precision: matmul ieee" in report.read_text() or "allow_tf32: matmul False" in report.read_text()
+    text = report.read_text()
+    assert "TF32 off: fp32_precision: matmul ieee" in text or "TF32 off: allow_tf32: matmul False" in text
 
 
 # ---- TF32: off for float32 comparisons in both benchmarks ----
 
-def test_torch_tf32_off_sets_full_float32_and_restores_the_settings():
+def test_the_benchmarks_float32_context_covers_cudnn_rnns_too():
+    """bench_torch.py and gpu_check.py time nn.LSTM, a cuDNN RNN on a GPU, inside
+    backends.torch.full_float32: it must turn TF32 off for cuDNN's RNNs as well as for matrix products,
+    or nn.LSTM would be timed in TF32 against an MLSTM in float32."""
     torch = pytest.importorskip("torch")
-    common = load_script("_common")
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: never the legacy flags
-        settings = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn]
+    from backends.torch import full_float32
+
+    if hasattr(torch.backends.cudnn, "rnn") and hasattr(torch.backends.cudnn.rnn, "fp32_precision"):
+        settings = [torch.backends.cudnn.rnn, torch.backends.cuda.matmul]
         attribute, tf32, full = "fp32_precision", "tf32", "ieee"
     else:
-        settings = [torch.backends.cuda.matmul, torch.backends.cudnn]
+        settings = [torch.backends.cudnn, torch.backends.cuda.matmul]
         attribute, tf32, full = "allow_tf32", True, False
     original = [getattr(s, attribute) for s in settings]
     try:
         for s in settings:
             setattr(s, attribute, tf32)
-        with pytest.raises(KeyError), common.torch_tf32_off():
-            assert [getattr(s, attribute) for s in settings] == [full] * len(settings)
-            raise KeyError("restored after an error too")
-        assert [getattr(s, attribute) for s in settings] == [tf32] * len(settings)
+        with full_float32():
+            assert [getattr(s, attribute) for s in settings] == [full, full]
+        assert [getattr(s, attribute) for s in settings] == [tf32, tf32]
     finally:
         for s, value in zip(settings, original):
             setattr(s, attribute, value)
