@@ -203,7 +203,7 @@ _NUMPY = InputChecks(is_array=lambda v: isinstance(v, np.ndarray), array_name="a
 
 
 def canonical_import(params, options: dict, *, one_layer: bool = False, owner: str = "MLSTM",
-                     backend: str = "this backend") -> tuple[list[dict], list[LayerInfo], dict]:
+                     backend: str = "this backend", directions: int = 1) -> tuple[list[dict], list[LayerInfo], dict]:
     """What every backend's ``from_canonical(params, **options)`` accepts, checked once.
 
     ``params``: one canonical mapping, a list of them (a stack, first layer first), or what
@@ -213,6 +213,11 @@ def canonical_import(params, options: dict, *, one_layer: bool = False, owner: s
     ``num_layers``, and a weight file's ``integration_mode``). A given option that contradicts them
     raises ValueError, and so does a stack given to ``owner`` where it is ``one_layer``; a variant of the
     spec that ``backend`` does not implement raises NotImplementedError.
+
+    ``directions=2`` reads a bidirectional stack: ``directions`` mappings per layer in ``torch.nn.LSTM``'s
+    order (layer 0 forward, layer 0 reverse, layer 1 forward, ...), where every layer after the first
+    takes the concatenated outputs of both directions (``I = 2H``); ``num_layers`` counts layers, not
+    mappings.
     """
     options = dict(options)
     if isinstance(params, WeightFile):
@@ -235,15 +240,37 @@ def canonical_import(params, options: dict, *, one_layer: bool = False, owner: s
         raise ValueError(f"params holds {len(layers)} layers, but {owner} is one layer; build one {owner} "
                          "per mapping and chain them")
     layers = [{name: as_numpy(value) for name, value in layer.items()} for layer in layers]
-    infos = check_stack(layers, shape_of=_NUMPY.shape_of, dtype_of=_NUMPY.dtype_of, allowed=DTYPES)
+    if directions == 1:
+        infos = check_stack(layers, shape_of=_NUMPY.shape_of, dtype_of=_NUMPY.dtype_of, allowed=DTYPES)
+    else:
+        infos = _check_directional_stack(layers, directions)
     refuse_variants(infos, {**implied, **options}, "params", backend)
-    implied.update(infos[0].options, num_layers=len(layers))
+    implied.update(infos[0].options, num_layers=len(layers) // directions)
     for name, value in implied.items():
         if name in options and options[name] != value:
             raise ValueError(f"{name}={options[name]!r} contradicts params, which imply {name}={value!r} "
                              "(read from the keys present, the shape of weight_hh and the number of layers)")
         options[name] = value
     return layers, infos, options
+
+
+def _check_directional_stack(layers: list[dict], directions: int) -> list[LayerInfo]:
+    """The checks of :func:`check_stack` for a stack of ``directions`` mappings per layer."""
+    if len(layers) % directions:
+        raise ValueError(f"params holds {len(layers)} mappings; a stack with {directions} directions needs "
+                         f"a multiple of {directions} (layer 0 forward, layer 0 reverse, layer 1 forward, ...)")
+    infos = [_NUMPY.stack([layer], argument=f"params[{k}]")[0] for k, layer in enumerate(layers)]
+    first = infos[0]
+    for k, info in enumerate(infos):
+        want_input = first.input_size if k < directions else directions * first.hidden_size
+        if info.options != first.options or info.dtype != first.dtype:
+            raise ValueError(f"params[{k}] has options {info.options} and dtype {info.dtype}, but params[0] "
+                             f"has {first.options} and {first.dtype}; a stack shares one set")
+        if info.input_size != want_input or info.hidden_size != first.hidden_size:
+            raise ValueError(f"params[{k}] (layer {k // directions}, direction {k % directions}) must have "
+                             f"I={want_input} and H={first.hidden_size}, got I={info.input_size}, "
+                             f"H={info.hidden_size}")
+    return infos
 
 
 # ---- initial parameters ----

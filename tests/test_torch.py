@@ -258,18 +258,36 @@ def test_fused_gradcheck_against_finite_differences():
         assert torch.autograd.gradcheck(run, (x, h0, c0, *weights))
 
 
-def test_second_derivatives_need_the_plain_path():
-    """The fused backward is not differentiable: asking for a second derivative raises a clear error,
-    and fused=False gives correct second derivatives (gradgradcheck)."""
+def test_second_derivatives_through_the_default_layer():
+    """Double backward works on the default (fused) layer: gradgradcheck against finite differences of
+    the first derivative, for the input, both states and every parameter; the fused layer's gradient
+    penalty (a second derivative) equals the plain path's. A first derivative without create_graph
+    still runs the analytic backward operator."""
     rng = np.random.default_rng(1)
-    params = random_params(rng, 2, 2)
-    x = torch.tensor(rng.standard_normal((3, 1, 2)), requires_grad=True)
-    fused = bt.MLSTM.from_canonical(params)
-    (g,) = torch.autograd.grad(fused(x)[0].pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="autograd"):
-        g.sum().backward()
-    plain = bt.MLSTM.from_canonical(params, fused=False)
-    assert torch.autograd.gradgradcheck(lambda x: plain(x)[0], (x,))
+    params = random_params(rng, 2, 2, independent_recurrence=True)
+    model = bt.MLSTM.from_canonical(params, integration_mode="multiplicative_integration")
+    names = list(model.layer_parameters(0))
+    x = torch.tensor(rng.standard_normal((3, 2, 2)), requires_grad=True)
+    h0, c0 = (torch.tensor(rng.uniform(-1, 1, (1, 2, 2)), requires_grad=True) for _ in range(2))
+    weights = [p.detach().clone().requires_grad_(True) for p in model.layer_parameters(0).values()]
+
+    def run(x, h0, c0, *weights):
+        out, (h_n, c_n) = torch.func.functional_call(
+            model, {f"{n}_l0": w for n, w in zip(names, weights)}, (x, (h0, c0)))
+        return out, c_n
+
+    assert torch.autograd.gradgradcheck(run, (x, h0, c0, *weights))
+    penalties = []
+    for use_fused in (True, False):
+        layer = bt.MLSTM.from_canonical(params, integration_mode="multiplicative_integration", fused=use_fused)
+        (g,) = torch.autograd.grad(layer(x)[0].pow(2).sum(), x, create_graph=True)
+        penalties.append(torch.autograd.grad(g.pow(2).sum(), [x, *layer.parameters()]))
+    for got, want in zip(*penalties):
+        assert_float64_close(got, want)
+    calls = []
+    with mock.patch.object(fused, "_differentiable_backward", side_effect=lambda *a: calls.append(a)):
+        model(x)[0].sum().backward()
+    assert not calls
 
 
 # ---- nn.LSTM's conventions ----
@@ -356,7 +374,8 @@ def test_dropout_only_between_layers_and_only_in_training():
 
 
 def test_state_dict_keys_name_the_canonical_matrices():
-    model = bt.MLSTM(3, 4, num_layers=2, bias=False, independent_recurrence=True)
+    model = bt.MLSTM(3, 4, num_layers=2, bias=False, recurrent_bias=True, multiplicative_bias=True,
+                     independent_recurrence=True)
     assert set(model.state_dict()) == {
         f"{name}_l{k}" for k in range(2) for name in ("weight_ih", "weight_hh", "weight_mh", "bias_hh", "bias_mh")
     }
@@ -366,7 +385,8 @@ def test_state_dict_keys_name_the_canonical_matrices():
     cell = bt.MLSTMCell(3, 4, recurrent_bias=False)
     assert set(cell.state_dict()) == {"weight_ih", "weight_hh", "weight_mh", "bias_ih", "bias_mh"}
     # a state_dict moves weights between layers built with the same options
-    other = bt.MLSTM(3, 4, num_layers=2, bias=False, independent_recurrence=True)
+    other = bt.MLSTM(3, 4, num_layers=2, bias=False, recurrent_bias=True, multiplicative_bias=True,
+                     independent_recurrence=True)
     other.load_state_dict(model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import build, loops
+from .plain import plain_layer
 from .tape import Tape
 
 NAMESPACE = "mlstm"
@@ -116,20 +117,41 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*tape)
     ctx.flags = (b_ih is not None, b_hh is not None, b_mh is not None, multiplicative, python_loops)
-    ctx.save_for_backward(x, h0, w_ih, w_hh, w_mh, hs, *tape)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, hs, *tape)
 
 
 def _backward(ctx, d_hs, d_hT, d_cT, *unused_tape_grads):
-    x, h0, w_ih, w_hh, w_mh, hs, *tape = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, hs, *tape = ctx.saved_tensors
     has_b_ih, has_b_hh, has_b_mh, multiplicative, python_loops = ctx.flags
     if d_hs is None and d_hT is None and d_cT is None:
         return (None,) * 12
+    if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
+        return _differentiable_backward(ctx, (d_hs, d_hT, d_cT), (x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh),
+                                        multiplicative)
     need_dx = ctx.needs_input_grad[0]
     grads = dict(zip(_GRADIENTS, layer_backward(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, has_b_ih, has_b_hh,
                                                 has_b_mh, multiplicative, need_dx, python_loops, hs, *tape)))
     return (grads["x"] if need_dx else None, grads["h0"], grads["c0"], grads["w_ih"], grads["w_hh"],
             grads["w_mh"], grads["b_ih"] if has_b_ih else None, grads["b_hh"] if has_b_hh else None,
             grads["b_mh"] if has_b_mh else None, None, None, None)
+
+
+def _differentiable_backward(ctx, output_grads, inputs, multiplicative):
+    """The backward as ordinary differentiable operations: the plain path recomputes the forward from
+    the saved inputs and autograd differentiates it with ``create_graph=True``. This runs only when a
+    graph of the gradient is asked for (gradient penalties, meta-learning); otherwise the analytic
+    backward runs."""
+    wanted = [k for k, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[k]]
+    names = ("weight_ih", "weight_hh", "weight_mh", "bias_ih", "bias_hh", "bias_mh")
+    params = {name: t for name, t in zip(names, inputs[3:]) if t is not None}
+    outputs = plain_layer(inputs[0], inputs[1], inputs[2], params, multiplicative)
+    pairs = [(out, grad) for out, grad in zip(outputs, output_grads) if grad is not None]
+    grads = torch.autograd.grad([out for out, _ in pairs], [inputs[k] for k in wanted],
+                                [grad for _, grad in pairs], create_graph=True, allow_unused=True)
+    result = [None] * 12
+    for k, grad in zip(wanted, grads):
+        result[k] = grad
+    return tuple(result)
 
 
 layer_forward.register_autograd(_backward, setup_context=_setup_context)

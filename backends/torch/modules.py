@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from backends._common import (
     InputChecks,
@@ -26,7 +27,7 @@ from mlstm_spec.validation import LayerInfo, dtype_name, expected_shapes
 
 from . import cuda_graph as graphs
 from .fused import fused_layer
-from .plain import functorch_active, plain_layer, plain_step
+from .plain import functorch_active, plain_layer, plain_step, scan_layer
 
 CHECKS = InputChecks(is_array=lambda v: isinstance(v, Tensor), array_name="a torch.Tensor",
                      backend="backends.torch")
@@ -40,8 +41,13 @@ class _MLSTMBase(nn.Module):
     hidden_size: int
     num_layers: int
 
+    _directions = 1
+
     def _init_options(self, input_size, hidden_size, num_layers, bias, recurrent_bias,
                       multiplicative_bias, independent_recurrence, integration_mode, dropout):
+        # torch's `bias` is nn.LSTM's master switch: the two other biases follow it unless given
+        recurrent_bias = bias if recurrent_bias is None else recurrent_bias
+        multiplicative_bias = bias if multiplicative_bias is None else multiplicative_bias
         check_layer_options(input_size, hidden_size, num_layers=num_layers, dropout=dropout,
                             integration_mode=integration_mode, bias=bias, recurrent_bias=recurrent_bias,
                             multiplicative_bias=multiplicative_bias,
@@ -61,18 +67,26 @@ class _MLSTMBase(nn.Module):
             self.register_parameter(name + suffix, nn.Parameter(torch.empty(shapes[name], **factory_kwargs)))
 
     def _info(self, layer: int, dtype: str = "float32") -> LayerInfo:
-        return layer_info(self.input_size if layer == 0 else self.hidden_size, self.hidden_size, dtype,
+        """The options of canonical layer ``layer`` (counted in nn.LSTM's order over the directions)."""
+        input_size = self.input_size if layer < self._directions else self._directions * self.hidden_size
+        return layer_info(input_size, self.hidden_size, dtype,
                           bias=self.bias, recurrent_bias=self.recurrent_bias,
                           multiplicative_bias=self.multiplicative_bias,
                           independent_recurrence=self.independent_recurrence)
+
+    @property
+    def _canonical_count(self) -> int:
+        return self.num_layers * self._directions
 
     def _suffix(self, layer: int) -> str:
         raise NotImplementedError
 
     def layer_parameters(self, layer: int = 0) -> dict:
-        """The parameters of layer ``layer`` under their canonical names (``weight_ih``, ...)."""
-        if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        """The parameters of layer ``layer`` under their canonical names (``weight_ih``, ...). In a
+        bidirectional layer, ``layer`` counts in nn.LSTM's order: ``2k`` is layer ``k`` forward, ``2k + 1``
+        its reverse direction."""
+        if not 0 <= layer < self._canonical_count:
+            raise IndexError(f"layer must be in [0, {self._canonical_count}), got {layer}")
         suffix = self._suffix(layer)
         return {name: getattr(self, name + suffix) for name in present_params(self._info(layer))}
 
@@ -81,12 +95,12 @@ class _MLSTMBase(nn.Module):
         """Draw the weights as :func:`mlstm_spec.init_params` does (RecurrentLayers.jl's rule: Glorot
         uniform over each whole stacked matrix; biases zero), from a seed drawn from torch's global
         random generator (seed it with ``torch.manual_seed``)."""
-        seed = int(torch.randint(0, 2**62, ()).item())
-        drawn = init_layers(self.input_size, self.hidden_size, num_layers=self.num_layers, rng=seed,
-                            dtype="float64", bias=self.bias, recurrent_bias=self.recurrent_bias,
-                            multiplicative_bias=self.multiplicative_bias,
-                            independent_recurrence=self.independent_recurrence)
-        for layer, values in enumerate(drawn):
+        generator = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        for layer in range(self._canonical_count):
+            (values,) = init_layers(self._info(layer).input_size, self.hidden_size, rng=generator,
+                                    dtype="float64", bias=self.bias, recurrent_bias=self.recurrent_bias,
+                                    multiplicative_bias=self.multiplicative_bias,
+                                    independent_recurrence=self.independent_recurrence)
             for name, param in self.layer_parameters(layer).items():
                 param.copy_(torch.from_numpy(values[name]))
 
@@ -107,16 +121,20 @@ class _MLSTMBase(nn.Module):
                 switched on; see :mod:`mlstm_spec`), a list of them, first layer first (a stack;
                 :class:`MLSTMCell` takes exactly one), or what :func:`mlstm_spec.load` returns (whose
                 options are used). Values may be any backend's arrays (float16, float32, float64 or
-                bfloat16).
+                bfloat16). With ``bidirectional=True``: two mappings per layer, in nn.LSTM's order
+                (layer 0 forward, layer 0 reverse, layer 1 forward, ...), as :meth:`to_canonical`
+                returns them.
             device: where to put the parameters (default: CPU).
             dtype: convert the values to this dtype (an explicit cast); default: keep theirs.
             **options: the remaining constructor options (``integration_mode``, ``batch_first``,
-                ``dropout``, ``fused``, ``cpu_loops``, ``cuda_graph``). The bias flags, ``independent_recurrence`` and
-                ``num_layers`` are read from ``params``; giving them is allowed only when they agree.
+                ``dropout``, ``bidirectional``, ``fused``, ``cpu_loops``, ``cuda_graph``). The bias flags,
+                ``independent_recurrence`` and ``num_layers`` are read from ``params``; giving them is
+                allowed only when they agree.
         """
         single = cls is MLSTMCell
+        directions = 2 if options.get("bidirectional") else 1
         layers, infos, options = canonical_import(params, options, one_layer=single, owner=cls.__name__,
-                                                  backend="backends.torch")
+                                                  backend="backends.torch", directions=directions)
         if single:
             del options["num_layers"]
         first = infos[0]
@@ -131,9 +149,11 @@ class _MLSTMBase(nn.Module):
 
     def to_canonical(self) -> list[dict]:
         """The parameters as canonical mappings of NumPy arrays, one per layer (bfloat16 as
-        ``ml_dtypes.bfloat16``), that :meth:`from_canonical` and :mod:`mlstm_spec` accept."""
+        ``ml_dtypes.bfloat16``), that :meth:`from_canonical` and :mod:`mlstm_spec` accept. A
+        bidirectional layer gives two mappings per layer in nn.LSTM's order (forward, reverse); each is a
+        canonical layer (the reverse one runs over the reversed sequence)."""
         return [{name: as_numpy(param) for name, param in self.layer_parameters(layer).items()}
-                for layer in range(self.num_layers)]
+                for layer in range(self._canonical_count)]
 
     # ---- input checks ----
 
@@ -175,13 +195,15 @@ class MLSTMCell(_MLSTMBase):
     Args:
         input_size: The number of expected features in the input ``x``.
         hidden_size: The number of features in the hidden state ``h`` (and cell state ``c``).
-        bias: If ``False``, there is no ``bias_ih``. Default: ``True``
-        recurrent_bias: If ``False``, there is no ``bias_hh``. Default: ``True``
-        multiplicative_bias: If ``False``, there is no ``bias_mh``. Default: ``True``
-        independent_recurrence: If ``True``, ``weight_hh`` is a vector of ``hidden_size`` applied
-            element-wise. Default: ``False``
-        integration_mode: ``"addition"`` or ``"multiplicative_integration"``. Default: ``"addition"``
+        bias: If ``False``, the cell has no biases at all (as in :class:`torch.nn.LSTMCell`); the two
+            flags below follow it unless given. ``bias`` itself switches ``bias_ih``. Default: ``True``
         device, dtype: of the parameters.
+        recurrent_bias: (keyword-only) ``bias_hh`` on or off. Default: the value of ``bias``
+        multiplicative_bias: (keyword-only) ``bias_mh`` on or off. Default: the value of ``bias``
+        independent_recurrence: (keyword-only) If ``True``, ``weight_hh`` is a vector of
+            ``hidden_size`` applied element-wise. Default: ``False``
+        integration_mode: (keyword-only) ``"addition"`` or ``"multiplicative_integration"``.
+            Default: ``"addition"``
 
     Inputs: input, (h_0, c_0)
         - **input** of shape ``(batch, input_size)`` or ``(input_size,)``.
@@ -214,9 +236,9 @@ class MLSTMCell(_MLSTMBase):
         ...     h, c = cell(x[t], (h, c))
     """
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, recurrent_bias: bool = True,
-                 multiplicative_bias: bool = True, independent_recurrence: bool = False,
-                 integration_mode: str = "addition", device=None, dtype=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 recurrent_bias: Optional[bool] = None, multiplicative_bias: Optional[bool] = None,
+                 independent_recurrence: bool = False, integration_mode: str = "addition"):
         super().__init__()
         self._init_options(input_size, hidden_size, 1, bias, recurrent_bias, multiplicative_bias,
                            independent_recurrence, integration_mode, 0.0)
@@ -268,21 +290,29 @@ class MLSTM(_MLSTMBase):
         input_size: The number of expected features in the input `x`.
         hidden_size: The number of features in the hidden state `h` (and cell state `c`).
         num_layers: Number of recurrent layers stacked. Default: 1
-        bias: If ``False``, the layers have no ``bias_ih``. Default: ``True``
-        recurrent_bias: If ``False``, no ``bias_hh``. Default: ``True``
-        multiplicative_bias: If ``False``, no ``bias_mh``. Default: ``True``
-        independent_recurrence: If ``True``, ``weight_hh`` is a vector applied element-wise.
-            Default: ``False``
-        integration_mode: ``"addition"`` or ``"multiplicative_integration"``. Default: ``"addition"``
+        bias: If ``False``, the layers have no biases at all (as in :class:`torch.nn.LSTM`); the two
+            bias flags below follow it unless given. ``bias`` itself switches ``bias_ih``.
+            Default: ``True``
         batch_first: If ``True``, input and output are `(batch, seq, feature)` instead of
             `(seq, batch, feature)`; the states are not affected. Default: ``False``
         dropout: If non-zero, a `Dropout` layer on the outputs of each layer except the last, with
             this probability, in training mode only. Default: 0
+        bidirectional: If ``True``, each layer also runs over the reversed sequence (parameters
+            ``..._reverse``) and its output is the two directions' concatenated. Default: ``False``
+        proj_size: Must be 0: :mod:`mlstm_spec` defines no output projection yet. Default: 0
         device, dtype: of the parameters.
+
+    Keyword-only (mLSTM options):
+        recurrent_bias: ``bias_hh`` on or off. Default: the value of ``bias``
+        multiplicative_bias: ``bias_mh`` on or off. Default: the value of ``bias``
+        independent_recurrence: If ``True``, ``weight_hh`` is a vector applied element-wise.
+            Default: ``False``
+        integration_mode: ``"addition"`` or ``"multiplicative_integration"``. Default: ``"addition"``
         fused: If ``True`` (default), run the recurrence as one fused operator per layer with an
-            analytic backward (see :mod:`backends.torch`); ``False`` uses ordinary differentiable
-            operations, which allow second derivatives. Under ``torch.func`` transforms the plain
-            path is used either way.
+            analytic backward (see :mod:`backends.torch`) where that is the faster path; ``False``
+            always uses ordinary differentiable operations. Under ``torch.func`` transforms,
+            ``torch.jit.trace`` and ONNX export the plain path is used either way, and a second
+            derivative through the fused operator is computed through the plain path.
         cpu_loops: ``"compiled"`` (default): on CPU the fused operator runs its time loops in C++
             where they could be built (:func:`~backends.torch.compiled_cpu_loops`); ``"python"``:
             in Python, as on GPUs (same results, slower).
@@ -295,11 +325,13 @@ class MLSTM(_MLSTMBase):
     Inputs: input, (h_0, c_0)
         * **input**: tensor of shape :math:`(L, H_{in})` for unbatched input,
           :math:`(L, N, H_{in})` when ``batch_first=False`` or :math:`(N, L, H_{in})` when
-          ``batch_first=True``.
-        * **h_0**: tensor of shape :math:`(D, H_{out})` for unbatched input or
-          :math:`(D, N, H_{out})`: the initial hidden state of each layer. Defaults to zeros.
-        * **c_0**: tensor of shape :math:`(D, H_{out})` for unbatched input or
-          :math:`(D, N, H_{out})`: the initial cell state of each layer. Defaults to zeros.
+          ``batch_first=True``, or a :class:`torch.nn.utils.rnn.PackedSequence` (then the output is
+          one too, and each sequence's final state is taken at its own length). A batch of 0 is
+          accepted.
+        * **h_0**: tensor of shape :math:`(D * \text{num\_layers}, H_{out})` for unbatched input or
+          :math:`(D * \text{num\_layers}, N, H_{out})`: the initial hidden state of each layer (and
+          direction). Defaults to zeros.
+        * **c_0**: the same shape: the initial cell state of each layer. Defaults to zeros.
 
         where:
 
@@ -307,7 +339,7 @@ class MLSTM(_MLSTMBase):
             \begin{aligned}
                 N ={} & \text{batch size} \\
                 L ={} & \text{sequence length} \\
-                D ={} & \text{num\_layers} \\
+                D ={} & 2 \text{ if bidirectional else } 1 \\
                 H_{in} ={} & \text{input\_size} \\
                 H_{out} ={} & \text{hidden\_size}
             \end{aligned}
@@ -321,17 +353,18 @@ class MLSTM(_MLSTMBase):
         they propagate, and only to the outputs of their own batch row.
 
     Outputs: output, (h_n, c_n)
-        * **output**: tensor of shape :math:`(L, H_{out})` for unbatched input,
-          :math:`(L, N, H_{out})` when ``batch_first=False`` or :math:`(N, L, H_{out})` when
-          ``batch_first=True``: :math:`h_t` of the last layer for each `t`.
-        * **h_n**: tensor of shape :math:`(D, H_{out})` or :math:`(D, N, H_{out})`: the final hidden
-          state of each layer.
-        * **c_n**: tensor of shape :math:`(D, H_{out})` or :math:`(D, N, H_{out})`: the final cell
-          state of each layer.
+        * **output**: tensor of shape :math:`(L, D * H_{out})` for unbatched input,
+          :math:`(L, N, D * H_{out})` when ``batch_first=False`` or :math:`(N, L, D * H_{out})` when
+          ``batch_first=True``: :math:`h_t` of the last layer for each `t` (both directions
+          concatenated); a PackedSequence for packed input.
+        * **h_n**: tensor of shape :math:`(D * \text{num\_layers}, H_{out})` or
+          :math:`(D * \text{num\_layers}, N, H_{out})`: the final hidden state of each layer and
+          direction (the reverse direction's final state is the one after its step over `t = 0`).
+        * **c_n**: the same shape: the final cell state of each layer and direction.
 
     Attributes:
         weight_ih_l[k]: the input-hidden weights of layer `k`, ``(5*hidden_size, input_size)`` for
-            `k = 0`, otherwise ``(5*hidden_size, hidden_size)``; row blocks ``m, i, o, f, z``.
+            `k = 0`, otherwise ``(5*hidden_size, D*hidden_size)``; row blocks ``m, i, o, f, z``.
         weight_hh_l[k]: the hidden-hidden weights of layer `k`, ``(hidden_size, hidden_size)``, or
             ``(hidden_size,)`` with ``independent_recurrence=True``.
         weight_mh_l[k]: the multiplicative-hidden weights of layer `k`, ``(4*hidden_size,
@@ -341,6 +374,7 @@ class MLSTM(_MLSTMBase):
         bias_mh_l[k]: ``(4*hidden_size)``, blocks ``i, o, f, z``; only when
             ``multiplicative_bias=True``.
 
+    The reverse direction's parameters carry the suffix ``_l[k]_reverse``, as in nn.LSTM.
     Without the ``_l[k]`` suffix these are the canonical names, shapes and block orders
     (RecurrentLayers.jl's; note that torchrecurrent uses the same names with the blocks in another
     order), so :meth:`to_canonical` is a plain copy and ``state_dict`` keys say which canonical matrix
@@ -356,15 +390,23 @@ class MLSTM(_MLSTMBase):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 recurrent_bias: bool = True, multiplicative_bias: bool = True,
-                 independent_recurrence: bool = False, integration_mode: str = "addition",
-                 batch_first: bool = False, dropout: float = 0.0, device=None, dtype=None, *,
-                 fused: bool = True, cpu_loops: str = "compiled", cuda_graph: bool = False):
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, recurrent_bias: Optional[bool] = None,
+                 multiplicative_bias: Optional[bool] = None, independent_recurrence: bool = False,
+                 integration_mode: str = "addition", fused: bool = True, cpu_loops: str = "compiled",
+                 cuda_graph: bool = False):
         super().__init__()
+        for name, value in (("batch_first", batch_first), ("bidirectional", bidirectional)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        if isinstance(proj_size, bool) or not isinstance(proj_size, (int, np.integer)) or proj_size < 0:
+            raise ValueError(f"proj_size must be an int >= 0, got {proj_size!r}")
+        if proj_size != 0:
+            raise ValueError(f"proj_size={proj_size} is not supported: mlstm_spec defines no output projection "
+                             "for the mLSTM yet, so there is no reference to be equal to; use proj_size=0")
+        self._directions = 2 if bidirectional else 1
         self._init_options(input_size, hidden_size, num_layers, bias, recurrent_bias, multiplicative_bias,
                            independent_recurrence, integration_mode, dropout)
-        if not isinstance(batch_first, (bool, np.bool_)):
-            raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__} {batch_first!r}")
         if cpu_loops not in CPU_LOOPS:
             raise ValueError(f"cpu_loops must be one of {CPU_LOOPS}, got {cpu_loops!r}")
         if not isinstance(cuda_graph, (bool, np.bool_)):
@@ -372,6 +414,8 @@ class MLSTM(_MLSTMBase):
         self.cuda_graph = bool(cuda_graph)
         self.cuda_graphs = graphs.GraphCache()  # this layer's captured calls
         self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.proj_size = 0
         self.dropout = float(dropout)
         self.fused = bool(fused)
         self.cpu_loops = cpu_loops
@@ -380,12 +424,22 @@ class MLSTM(_MLSTMBase):
                 f"dropout={dropout} has no effect with num_layers=1: dropout is applied between layers",
                 stacklevel=2,
             )
-        for layer in range(self.num_layers):
+        for layer in range(self._canonical_count):
             self._register_layer(layer, self._suffix(layer), dict(device=device, dtype=dtype))
         self.reset_parameters()
 
     def _suffix(self, layer: int) -> str:
-        return f"_l{layer}"
+        return f"_l{layer // self._directions}" + ("_reverse" if layer % self._directions else "")
+
+    def flatten_parameters(self) -> None:
+        """Does nothing; exists because code written for nn.LSTM calls it (e.g. after ``.cuda()``).
+        nn.LSTM packs its weights into one cuDNN buffer there; this layer uses no cuDNN RNN kernel, so
+        there is nothing to pack."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """The parameters of each layer and direction, in nn.LSTM's order."""
+        return [list(self.layer_parameters(layer).values()) for layer in range(self._canonical_count)]
 
     def extra_repr(self) -> str:
         s = _extra_repr(self)
@@ -395,6 +449,8 @@ class MLSTM(_MLSTMBase):
             s += ", batch_first=True"
         if self.dropout:
             s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
         if not self.fused:
             s += ", fused=False"
         if self.cpu_loops != "compiled":
@@ -424,54 +480,129 @@ class MLSTM(_MLSTMBase):
     def _forward_tensors(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]):
         return self._forward(input, None if h0 is None else (h0, c0))
 
-    def _forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None
-                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        CHECKS.array(input, "input")
-        layout = "(N, L, H_in)" if self.batch_first else "(L, N, H_in)"
-        if input.dim() not in (2, 3):
-            raise ValueError(f"input must have shape {layout} or (L, H_in) (unbatched), got "
-                             f"{input.dim()} dimensions {tuple(input.shape)}")
-        batched = input.dim() == 3
-        cast, dtype, info = self._checked_dtypes(input)
-        self._check_input(input, tuple(input.shape), info, cast)
-        if batched and self.batch_first:
-            input = input.transpose(0, 1)
-        if not batched:
-            input = input.unsqueeze(1)
-        batch = input.shape[1]
-        state_batch = (self.num_layers, batch) if batched else (self.num_layers,)
-        if hx is None:
-            h0 = c0 = input.new_zeros(self.num_layers, batch, self.hidden_size, dtype=dtype)
+    def _forward(self, input, hx: Optional[tuple[Tensor, Tensor]] = None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            CHECKS.array(input.data, "input.data")
+            if input.data.dim() != 2:
+                raise ValueError(f"a PackedSequence input must hold data of shape (sum of lengths, H_in), got "
+                                 f"{tuple(input.data.shape)}")
+            # the packed order: sequences sorted by decreasing length
+            input_tm, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes))
+            batch_sizes = [int(b) for b in input.batch_sizes]
+            batched = True
         else:
-            self._check_hx(hx, state_batch, info, cast)
+            CHECKS.array(input, "input")
+            layout = "(N, L, H_in)" if self.batch_first else "(L, N, H_in)"
+            if input.dim() not in (2, 3):
+                raise ValueError(f"input must have shape {layout} or (L, H_in) (unbatched), got "
+                                 f"{input.dim()} dimensions {tuple(input.shape)}")
+            batched = input.dim() == 3
+            input_tm = input.transpose(0, 1) if batched and self.batch_first else input
+            lengths = batch_sizes = None
+        cast, dtype, info = self._checked_dtypes(input_tm)
+        shape = tuple(input_tm.shape)
+        if batched and shape[1] == 0 and shape[0] > 0:  # batch 0 is accepted, as by nn.LSTM
+            shape = (shape[0], 1, shape[2])
+        self._check_input(input_tm, shape, info, cast)
+        if not batched:
+            input_tm = input_tm.unsqueeze(1)
+        batch = input_tm.shape[1]
+        count = self._canonical_count
+        if hx is None:
+            h0 = c0 = input_tm.new_zeros(count, batch, self.hidden_size, dtype=dtype)
+        else:
+            self._check_hx(hx, (count, batch) if batched else (count,), info, cast)
             h0, c0 = (s if batched else s.unsqueeze(1) for s in hx)
+            if packed and input.sorted_indices is not None:
+                h0, c0 = (s.index_select(1, input.sorted_indices) for s in (h0, c0))
         work = getattr(torch, work_dtype(dtype_name(dtype)))
-        input, h0, c0 = _to_work(input, cast, work), _to_work(h0, cast, work), _to_work(c0, cast, work)
+        x, h0, c0 = _to_work(input_tm, cast, work), _to_work(h0, cast, work), _to_work(c0, cast, work)
 
-        use_fused = self.fused and not functorch_active()
-        python_loops = self.cpu_loops == "python"
-        layer_input = input.contiguous() if use_fused else input
-        h_n, c_n = [], []
+        path = self._path(x)
+        reverse_index = _reverse_index(lengths, x) if self.bidirectional and packed else None
+        layer_input, h_n, c_n = x, [], []
         with _no_autocast(cast, self._param_device().type):
             for layer in range(self.num_layers):
-                params = {k: _to_work(v, cast, work) for k, v in self.layer_parameters(layer).items()}
-                if use_fused:
-                    hs, h_T, c_T = fused_layer(layer_input, h0[layer], c0[layer], params, self.multiplicative,
-                                               python_loops)
-                else:
-                    hs, h_T, c_T = plain_layer(layer_input, h0[layer], c0[layer], params, self.multiplicative)
-                h_n.append(h_T)
-                c_n.append(c_T)
-                layer_input = hs
+                outputs = []
+                for direction in range(self._directions):
+                    k = layer * self._directions + direction
+                    params = {n: _to_work(v, cast, work) for n, v in self.layer_parameters(k).items()}
+                    xs = layer_input if direction == 0 else _reverse(layer_input, reverse_index)
+                    hs, h_T, c_T = self._run(path, xs, h0[k], c0[k], params, batch_sizes)
+                    outputs.append(hs if direction == 0 else _reverse(hs, reverse_index))
+                    h_n.append(h_T)
+                    c_n.append(c_T)
+                layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -1)
                 if layer < self.num_layers - 1 and self.dropout > 0 and self.training:
                     layer_input = F.dropout(layer_input, self.dropout, training=True)
         output = layer_input.to(dtype)
         h_n, c_n = torch.stack(h_n).to(dtype), torch.stack(c_n).to(dtype)
+        if packed:
+            data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+            if input.unsorted_indices is not None:
+                h_n, c_n = (s.index_select(1, input.unsorted_indices) for s in (h_n, c_n))
+            return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), (h_n, c_n)
         if not batched:
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)
+
+    def _path(self, x: Tensor) -> str:
+        """Which implementation runs this call: "fused", "plain" or "scan" (plain steps in one
+        ``scan``, whose length stays symbolic in an exported graph)."""
+        if torch.onnx.is_in_onnx_export():
+            return "scan"
+        if (not self.fused or functorch_active() or torch.jit.is_tracing() or x.shape[1] == 0
+                or plain_is_cheaper(x.shape[0], x.shape[1], self.hidden_size, x.device.type)):
+            return "plain"
+        return "fused"
+
+    def _run(self, path: str, x: Tensor, h0: Tensor, c0: Tensor, params: dict, batch_sizes):
+        """One direction of one layer over x (T, B, I); with ``batch_sizes`` (packed input, sorted by
+        decreasing length) each sequence stops at its own length: the steps run in segments over the
+        sequences still going, and a finished sequence keeps its final state."""
+        if batch_sizes is None or batch_sizes[0] == batch_sizes[-1]:
+            return self._run_segment(path, x, h0, c0, params)
+        batch = x.shape[1]
+        h, c, outputs, start = h0, c0, [], 0
+        for stop in range(1, len(batch_sizes) + 1):
+            if stop < len(batch_sizes) and batch_sizes[stop] == batch_sizes[start]:
+                continue
+            active = batch_sizes[start]
+            hs, h_T, c_T = self._run_segment(path, x[start:stop, :active], h[:active], c[:active], params)
+            outputs.append(F.pad(hs, (0, 0, 0, batch - active)))
+            h, c = torch.cat([h_T, h[active:]]), torch.cat([c_T, c[active:]])
+            start = stop
+        return torch.cat(outputs), h, c
+
+    def _run_segment(self, path, x, h0, c0, params):
+        if path == "fused":
+            return fused_layer(x.contiguous(), h0, c0, params, self.multiplicative, self.cpu_loops == "python")
+        if path == "scan":
+            return scan_layer(x, h0, c0, params, self.multiplicative)
+        return plain_layer(x, h0, c0, params, self.multiplicative)
+
+
+def plain_is_cheaper(steps: int, batch: int, hidden: int, device_type: str) -> bool:
+    """Whether the plain path beats the fused operator on a call of this size (the fused operator's
+    fixed cost of a custom-operator call and its buffers is not repaid on one short step)."""
+    return False
+
+
+def _reverse_index(lengths: Tensor, x: Tensor) -> Tensor:
+    """(T, B) time indices that reverse each sequence within its own length (padding stays in place)."""
+    steps = torch.arange(x.shape[0]).unsqueeze(1)
+    lengths = lengths.unsqueeze(0)
+    return torch.where(steps < lengths, lengths - 1 - steps, steps).to(x.device)
+
+
+def _reverse(x: Tensor, index: Optional[Tensor]) -> Tensor:
+    """x (T, B, F) reversed in time: all of it, or each sequence within its length (``index``)."""
+    if index is None:
+        return x.flip(0)
+    return x.gather(0, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def _tensor_pair(hx) -> bool:

@@ -48,3 +48,21 @@ def plain_layer(x: Tensor, h0: Tensor, c0: Tensor, params: dict, multiplicative:
 def functorch_active() -> bool:
     """True inside torch.func.grad / vmap / jacrev ..., where custom operators need extra rules."""
     return bool(torch._C._are_functorch_transforms_active())
+
+
+def scan_layer(x: Tensor, h0: Tensor, c0: Tensor, params: dict, multiplicative: bool
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`plain_layer` with its time loop as one ``scan`` (a higher-order operator that
+    ``torch.export`` keeps and the ONNX exporter writes as an ONNX ``Scan``), so that an exported graph
+    takes any sequence length instead of the length it was traced with."""
+    from torch._higher_order_ops.scan import scan
+
+    p = F.linear(x, params["weight_ih"], params.get("bias_ih"))
+    w_hh, w_mh, b_hh, b_mh = params["weight_hh"], params["weight_mh"], params.get("bias_hh"), params.get("bias_mh")
+
+    def step(carry, p_t):
+        h, c = plain_step(p_t, carry[0], carry[1], w_hh, w_mh, b_hh, b_mh, multiplicative)
+        return (h, c), h.clone()
+
+    (h, c), hs = scan(step, (h0, c0), p)
+    return hs, h, c
