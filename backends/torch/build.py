@@ -5,6 +5,13 @@ this process's) gets the ``ninja`` of the ``ninja`` pip package on its ``PATH``.
 named after a hash of the source, the compiler flags and the torch and Python versions, under
 ``TORCH_EXTENSIONS_DIR`` (torch's default build root otherwise): a later process finds it there and only
 imports it, and a changed source is never served from a stale build.
+
+First use says on stderr that it is compiling (and, after, how long it took). Builds are serialised by a
+lock file in the build directory holding the builder's process id, host and start time: a lock whose
+process is gone (a build killed half-way) or that is older than a build may take is stale, reported once
+and replaced (torch's own lock file, left by the killed build, is cleared with it); a live builder is
+waited for at most :data:`LOCK_WAIT_S`, after which this process runs the Python loops. To build ahead
+of time (e.g. in a Docker image): ``python -m backends.torch``.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +42,10 @@ CAPABILITY_FLAGS = {
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
 }
 BUILD_TIMEOUT_S = 600
+#: The lock file (in the build directory) that serialises builds of one extension.
+LOCK_NAME = "mlstm_build.lock"
+#: How long to wait for another live process's build before running the Python loops instead.
+LOCK_WAIT_S = 300.0
 
 _state: dict = {}  # filled once: "module" (or None) and "reason" (what was built, or why not)
 _lock = threading.Lock()
@@ -74,9 +87,8 @@ def build() -> dict:
     if choice == "python":
         return {"module": None, "warn": False, "reason": f"{CPU_LOOPS_VARIABLE}=python"}
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", *CAPABILITY_FLAGS.get(capability, CAPABILITY_FLAGS["DEFAULT"])]
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((flags, torch.__version__, sys.version)).encode())
-    name = f"mlstm_cpu_loops_{capability.lower()}_{key.hexdigest()[:12]}"
+    flags = _flags(capability)
+    name = build_name()
     from torch.utils import cpp_extension
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
@@ -84,15 +96,110 @@ def build() -> dict:
     library = directory / f"{name}.so"
     try:
         if not library.exists():
-            _compile(name, flags, directory)
+            _build_locked(name, flags, directory, library)
         spec = importlib.util.spec_from_file_location(name, library)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+    except BuildBusy as busy:
+        return {"module": None, "warn": True, "reason": str(busy)}
     except Exception as error:  # noqa: BLE001 - any build failure means: use the Python loops
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return {"module": None, "warn": True,
                 "reason": f"could not compile {SOURCE.name} ({type(error).__name__}: {first_line[:300]})"}
     return {"module": module, "warn": False, "reason": f"compiled {SOURCE.name} for {capability}"}
+
+
+def _flags(capability: str) -> list:
+    return ["-O3", *CAPABILITY_FLAGS.get(capability, CAPABILITY_FLAGS["DEFAULT"])]
+
+
+def build_name() -> str:
+    """The extension's name (and build directory): a hash of the source, flags and versions."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((_flags(capability), torch.__version__, sys.version)).encode())
+    return f"mlstm_cpu_loops_{capability.lower()}_{key.hexdigest()[:12]}"
+
+
+class BuildBusy(RuntimeError):
+    """Another live process holds the build lock for longer than this process waits."""
+
+
+def _say(message: str) -> None:
+    print(f"backends.torch: {message}", file=sys.stderr, flush=True)
+
+
+def _lock_holder(lock: Path) -> tuple[int, str, float] | None:
+    """(pid, host, start time) written in a lock file, or None if it cannot be read (being written)."""
+    try:
+        pid, host, started = lock.read_text().split()
+        return int(pid), host, float(started)
+    except (OSError, ValueError):
+        return None
+
+
+def _stale_reason(lock: Path) -> str | None:
+    """Why the lock is stale (its builder is gone or overdue), or None while it may be working."""
+    holder = _lock_holder(lock)
+    if holder is None:
+        try:  # a lock file never completed: stale once it is older than writing three numbers takes
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return f"unreadable lock {age:.0f} s old" if age > 10 else None
+    pid, host, started = holder
+    age = time.time() - started
+    if age > BUILD_TIMEOUT_S + 60:
+        return f"pid {pid} on {host} started {age:.0f} s ago, longer than a build may take"
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"pid {pid} is dead (a build killed half-way)"
+        except PermissionError:
+            pass
+    return None
+
+
+def _build_locked(name: str, flags: list, directory: Path, library: Path) -> None:
+    """Compile under the build lock, unless another process's build finishes first."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / LOCK_NAME
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            stale = _stale_reason(lock)
+            if stale is not None:
+                _say(f"found a stale build lock in {directory} ({stale}); removing it and building again")
+                lock.unlink(missing_ok=True)
+                continue
+            if library.exists():
+                return
+            if time.monotonic() > deadline:
+                holder = _lock_holder(lock)
+                who = f"pid {holder[0]}" if holder else "unknown pid"
+                raise BuildBusy(f"another process ({who}) has been building {name} in {directory} for more "
+                                f"than {LOCK_WAIT_S:.0f} s; gave up waiting (delete {lock} if no build runs)")
+            time.sleep(0.2)
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(f"{os.getpid()} {socket.gethostname()} {time.time():.3f}\n")
+        break
+    try:
+        if library.exists():  # built by the lock's previous holder
+            return
+        # torch's own lock (a FileBaton) left by a killed build would make its build wait forever; we
+        # hold the build lock, so no other build is using it
+        (directory / "lock").unlink(missing_ok=True)
+        _say(f"compiling the C++ CPU loops ({SOURCE.name}) once for this machine and torch version; this "
+             f"takes about 20-60 s (set {CPU_LOOPS_VARIABLE}=python to skip, or build ahead of time with "
+             "`python -m backends.torch`)")
+        started = time.monotonic()
+        _compile(name, flags, directory)
+        _say(f"compiled the C++ CPU loops in {time.monotonic() - started:.0f} s into {directory}")
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def _compile(name: str, flags: list, directory: Path) -> None:

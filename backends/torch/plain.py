@@ -64,5 +64,5 @@ def scan_layer(x: Tensor, h0: Tensor, c0: Tensor, params: dict, multiplicative: 
         h, c = plain_step(p_t, carry[0], carry[1], w_hh, w_mh, b_hh, b_mh, multiplicative)
         return (h, c), h.clone()
 
-    (h, c), hs = scan(step, (h0, c0), p)
+    (h, c), hs = scan(step, (h0.clone(), c0.clone()), p)
     return hs, h, c
