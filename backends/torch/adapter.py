@@ -125,19 +125,21 @@ class ConformanceAdapter(AdapterBase):
         if not self.packed:
             return self._plain_call(model, x, state)
         B, T = x.shape[0], x.shape[1]
-        decoy_lengths = [1 + (b * 7 + 3) % T if T > 1 else 1 for b in range(B)]
-        decoys = torch.randn(B, T, x.shape[2], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        decoys = decoys.to(x.dtype).to(x.device)
+        # decoys both shorter and longer (the first) than the suite's sequences, which are padded with
+        # random values: a layer that ran the suite's rows past their length would change their states
+        decoy_lengths = [T + 2] + [1 + (b * 7 + 3) % (T + 2) for b in range(1, B)]
+        random = torch.randn(2 * B, T + 2, x.shape[2], generator=torch.Generator().manual_seed(0),
+                             dtype=torch.float64).to(x.dtype).to(x.device)
+        rows = torch.cat([torch.cat([x, random[:B, T:]], 1), random[B:]])
         order = torch.randperm(2 * B, generator=torch.Generator().manual_seed(T))  # row j of the batch
-        rows = torch.cat([x, decoys])[order]
         lengths = torch.tensor([T] * B + decoy_lengths)[order]
         if state is not None:
             state = tuple(torch.cat([s, torch.zeros_like(s)], 1)[:, order] for s in state)
-        packed = nn_rnn.pack_padded_sequence(rows, lengths, batch_first=True, enforce_sorted=False)
+        packed = nn_rnn.pack_padded_sequence(rows[order], lengths, batch_first=True, enforce_sorted=False)
         out, (h_n, c_n) = model(packed, state)
-        out = nn_rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0]
+        out = nn_rnn.pad_packed_sequence(out, batch_first=True, total_length=T + 2)[0]
         where = torch.argsort(order)[:B]  # the suite's rows
-        return out[where], h_n[:, where], c_n[:, where]
+        return out[where, :T], h_n[:, where], c_n[:, where]
 
     @staticmethod
     def _plain_call(model, x, state):
