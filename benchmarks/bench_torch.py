@@ -26,6 +26,11 @@ Usage::
     python benchmarks/bench_torch.py                      # defaults: both sizes, 5 repeats
     python benchmarks/bench_torch.py --repeats 11 --threads 2 --output docs/performance-torch.md
     python benchmarks/bench_torch.py --sizes 32,128,64,256 --only MLSTM,nn.LSTM
+    python benchmarks/bench_torch.py --generation --threads 1   # one step at batch 1 (text generation)
+
+``--generation`` times one step at batch 1 (per call, no autograd, median over many calls):
+``MLSTMCell`` against ``nn.LSTMCell`` at H = 4 (the per-call overhead) and H = 512, and ``MLSTM`` on a
+length-1 sequence against the same layer with ``fused=False`` (the layer picks its path per call).
 
 It is not part of the test command.
 """
@@ -189,6 +194,47 @@ def versions() -> str:
 
 
 
+GENERATION_HIDDEN = (4, 512)
+
+
+def time_calls(function, calls: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean time of ``calls`` calls, in microseconds."""
+    for _ in range(calls // 10 + 1):
+        function()
+    means = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            function()
+        means.append((time.perf_counter() - start) / calls)
+    return statistics.median(means) * 1e6
+
+
+def generation(repeats: int) -> str:
+    """One step at batch 1: MLSTMCell vs nn.LSTMCell, MLSTM (default) vs MLSTM(fused=False)."""
+    from backends.torch import MLSTMCell
+
+    lines = ["| H | MLSTMCell (us) | nn.LSTMCell (us) | ratio | MLSTM, 1 step (us) | MLSTM fused=False (us) | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for H in GENERATION_HIDDEN:
+        torch.manual_seed(0)
+        cell, lstm_cell = MLSTMCell(H, H), nn.LSTMCell(H, H)
+        layer, plain = MLSTM(H, H), MLSTM(H, H, fused=False)
+        x, state = torch.randn(1, H), (torch.zeros(1, H), torch.zeros(1, H))
+        xs, states = torch.randn(1, 1, H), (torch.zeros(1, 1, H), torch.zeros(1, 1, H))
+        calls = 2000 if H < 64 else 300
+        with torch.no_grad():
+            t = {}
+            for _ in range(repeats):  # interleaved, so that load changes affect all alike
+                for name, f in (("cell", lambda: cell(x, state)), ("lstm", lambda: lstm_cell(x, state)),
+                                ("layer", lambda: layer(xs, states)), ("plain", lambda: plain(xs, states))):
+                    t.setdefault(name, []).append(time_calls(f, calls, 1))
+            m = {k: statistics.median(v) for k, v in t.items()}
+        lines.append(f"| {H} | {m['cell']:.1f} | {m['lstm']:.1f} | {m['cell'] / m['lstm']:.2f} | "
+                     f"{m['layer']:.1f} | {m['plain']:.1f} | {m['layer'] / m['plain']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median)")
@@ -202,9 +248,17 @@ def main(argv=None):
                         help=f"comma-separated subset of {', '.join(IMPLEMENTATIONS)} (MLSTM is always run; "
                              "default: every one this machine and device can run)")
     parser.add_argument("--output", type=Path, default=None, help="also write the report (Markdown) here")
+    parser.add_argument("--generation", action="store_true",
+                        help="time one step at batch 1 (MLSTMCell vs nn.LSTMCell, MLSTM's path choice) instead")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.generation:
+        report = (f"Generation, one step at batch 1, float32, no autograd; {machine()}; torch threads "
+                  f"{torch.get_num_threads()}; {versions()}; median of {args.repeats} interleaved rounds.\n\n"
+                  f"{generation(args.repeats)}\n")
+        print(report)
+        return report
     left_out = unavailable(torch.device(args.device).type)
     if args.only is None:
         names = [n for n in IMPLEMENTATIONS if n not in left_out]

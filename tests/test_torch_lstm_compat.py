@@ -356,3 +356,42 @@ def test_build_ahead_of_time_command(empty_build_root, monkeypatch):
     done = subprocess.run([sys.executable, "-m", "backends.torch"], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=120)
     assert done.returncode == 1 and "MLSTM_TORCH_CPU_LOOPS=python" in done.stdout + done.stderr
+
+
+# ---- generation: the path chosen per call ----
+
+def test_path_chosen_per_call(monkeypatch):
+    """One step (generation) runs the plain path, a long sequence the fused operator; both equal the
+    spec (float64)."""
+    from backends.torch import modules
+
+    calls = []
+    original = modules.fused_layer
+    monkeypatch.setattr(modules, "fused_layer", lambda *a: calls.append(a[0].shape) or original(*a))
+    rng = np.random.default_rng(5)
+    params = random_params(rng, 3, 4)
+    model = bt.MLSTM.from_canonical(params, batch_first=True)
+    for steps, fused_calls in ((1, 0), (40, 1)):
+        xs = rng.standard_normal((2, steps, 3))
+        out, _ = model(torch.tensor(xs))
+        assert len(calls) == fused_calls, (steps, calls)
+        assert_close(out, mlstm_spec.forward(params, xs)[0])
+
+
+def test_cell_quick_path_equals_the_spec_and_the_checked_path():
+    """MLSTMCell's per-call quick path (a (batch, input_size) tensor of the parameters' dtype) gives
+    the spec's step, and the same as the fully checked path (unbatched input, one row at a time)."""
+    rng = np.random.default_rng(6)
+    for mode in ("addition", "multiplicative_integration"):
+        for options in ({}, dict(bias=False, independent_recurrence=True)):
+            params = random_params(rng, 3, 4, **options)
+            cell = bt.MLSTMCell.from_canonical(params, integration_mode=mode)
+            x, h, c = rng.standard_normal((2, 3)), rng.uniform(-1, 1, (2, 4)), rng.standard_normal((2, 4))
+            got_h, got_c = cell(torch.tensor(x), (torch.tensor(h), torch.tensor(c)))
+            _, (want_h, want_c) = mlstm_spec.cell(params, x, (h, c), integration_mode=mode)
+            assert_close(got_h, want_h)
+            assert_close(got_c, want_c)
+            row_h, _ = cell(torch.tensor(x[1]), (torch.tensor(h[1]), torch.tensor(c[1])))
+            assert_close(row_h, got_h[1])
+            zeros_h, _ = cell(torch.tensor(x))
+            assert_close(zeros_h, mlstm_spec.cell(params, x, integration_mode=mode)[1][0])

@@ -248,10 +248,35 @@ class MLSTMCell(_MLSTMBase):
     def _suffix(self, layer: int) -> str:
         return ""
 
+    def _plain_call(self, input, hx) -> bool:
+        """Whether this call needs none of the general path's work: a (batch, input_size) tensor and
+        states of the parameters' float32/float64 dtype and device, outside autocast. Anything else
+        goes through the full checks (and their error messages). One step at batch 1 is what text
+        generation runs, where nn.LSTMCell's per-call cost is the yardstick."""
+        weight = self._parameters["weight_ih"]
+        if not (type(input) is Tensor and input.dim() == 2 and input.shape[1] == self.input_size
+                and input.shape[0] > 0 and input.dtype == weight.dtype and input.device == weight.device
+                and input.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(input.device.type)):
+            return False
+        if hx is None:
+            return True
+        if type(hx) not in (tuple, list) or len(hx) != 2:
+            return False
+        shape = (input.shape[0], self.hidden_size)
+        return all(type(s) is Tensor and s.shape == shape and s.dtype == input.dtype and s.device == input.device
+                   for s in hx)
+
     def extra_repr(self) -> str:
         return _extra_repr(self)
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        if self._plain_call(input, hx):  # the common case, checked in a few attribute reads
+            params = self._parameters
+            h, c = (input.new_zeros(input.shape[0], self.hidden_size),) * 2 if hx is None else hx
+            p = F.linear(input, params["weight_ih"], params.get("bias_ih"))
+            return plain_step(p, h, c, params["weight_hh"], params["weight_mh"], params.get("bias_hh"),
+                              params.get("bias_mh"), self.multiplicative)
         CHECKS.array(input, "input")
         if input.dim() not in (1, 2):
             raise ValueError(f"input must have shape (batch, input_size) or (input_size,), got "
@@ -586,9 +611,13 @@ class MLSTM(_MLSTMBase):
 
 
 def plain_is_cheaper(steps: int, batch: int, hidden: int, device_type: str) -> bool:
-    """Whether the plain path beats the fused operator on a call of this size (the fused operator's
-    fixed cost of a custom-operator call and its buffers is not repaid on one short step)."""
-    return False
+    """Whether the plain path beats the fused operator on a call of this size. The fused operator pays
+    a fixed cost per call that grows with H^2 (transposed copies of weight_hh and weight_mh, packed for
+    the per-step products) and saves a fixed cost per step (Python's per-operation overhead): a single
+    step, or a few steps of a small batch at a large H (generation), are cheaper without it. Measured on
+    CPU (benchmarks/bench_torch.py --generation): at B=1, H=512 the fused layer is slower up to ~16
+    steps; at B=32, H=64 from 2 steps on it is faster."""
+    return steps == 1 or steps * batch <= hidden // 32
 
 
 def _reverse_index(lengths: Tensor, x: Tensor) -> Tensor:
