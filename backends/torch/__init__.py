@@ -12,9 +12,12 @@ The recurrence has two implementations that compute the same function:
   (``cpu_loops.cpp``, compiled on first use, see :func:`compiled_cpu_loops`); elsewhere, and where no
   compiler is found, the same loops run in Python (``loops.py``).
 - the **plain** path (``plain.py``): the same equations as ordinary differentiable torch operations, one
-  step at a time. It is used under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...), when
-  the layer is built with ``fused=False`` (needed for second derivatives: the fused backward is not
-  itself differentiable and says so if asked), and by :class:`MLSTMCell`.
+  step at a time. It is used under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) and
+  ``torch.jit.trace``, when the layer is built with ``fused=False``, where it is cheaper (one step, as
+  in generation), by :class:`MLSTMCell`, and inside the fused operator's backward when a graph of the
+  gradient is asked for (second derivatives); during ONNX export its steps run as one ``scan``.
+
+docs/torch.md is the nn.LSTM compatibility table (bidirectional, PackedSequence, export, first use).
 
 float16 and bfloat16 layers compute in float32 and round their results once. Importing this package
 changes no global torch setting (threads, TF32, default dtype); the conformance adapter turns TF32 off
