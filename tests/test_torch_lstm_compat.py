@@ -117,9 +117,9 @@ def test_bias_false_removes_every_bias_like_nn_lstm():
     assert all(np.array_equal(model.to_canonical()[0][k], v) for k, v in params.items())
 
 
-def test_proj_size_refused_until_the_spec_has_a_projection_and_flatten_parameters_exists():
-    with pytest.raises(ValueError, match=r"proj_size=2 is not supported: mlstm_spec defines no output "
-                                         r"projection"):
+def test_proj_size_refused_until_the_layer_has_a_projection_and_flatten_parameters_exists():
+    with pytest.raises(ValueError, match=r"proj_size=2 is not supported yet: the torch layer does not "
+                                         r"compute mlstm_spec's output projection \(weight_hr\)"):
         bt.MLSTM(3, 4, proj_size=2)
     with pytest.raises(ValueError, match=r"proj_size must be an int >= 0, got -1"):
         bt.MLSTM(3, 4, proj_size=-1)

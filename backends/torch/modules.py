@@ -324,7 +324,8 @@ class MLSTM(_MLSTMBase):
             this probability, in training mode only. Default: 0
         bidirectional: If ``True``, each layer also runs over the reversed sequence (parameters
             ``..._reverse``) and its output is the two directions' concatenated. Default: ``False``
-        proj_size: Must be 0: :mod:`mlstm_spec` defines no output projection yet. Default: 0
+        proj_size: Must be 0: this layer does not compute :mod:`mlstm_spec`'s output projection
+            (``weight_hr``) yet. Default: 0
         device, dtype: of the parameters.
 
     Keyword-only (mLSTM options):
@@ -427,8 +428,8 @@ class MLSTM(_MLSTMBase):
         if isinstance(proj_size, bool) or not isinstance(proj_size, (int, np.integer)) or proj_size < 0:
             raise ValueError(f"proj_size must be an int >= 0, got {proj_size!r}")
         if proj_size != 0:
-            raise ValueError(f"proj_size={proj_size} is not supported: mlstm_spec defines no output projection "
-                             "for the mLSTM yet, so there is no reference to be equal to; use proj_size=0")
+            raise ValueError(f"proj_size={proj_size} is not supported yet: the torch layer does not compute "
+                             "mlstm_spec's output projection (weight_hr) yet; use proj_size=0")
         self._directions = 2 if bidirectional else 1
         self._init_options(input_size, hidden_size, num_layers, bias, recurrent_bias, multiplicative_bias,
                            independent_recurrence, integration_mode, dropout)
