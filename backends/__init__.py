@@ -1,4 +1,5 @@
-"""Framework backends of the mLSTM: ``backends.torch``, ``backends.jax``, ``backends.tensorflow``.
+"""Framework backends of the mLSTM: ``backends.torch``, ``backends.jax`` (with Flax's linen and nnx layers in
+``backends.flax`` and ``backends.flax_nnx``), ``backends.tensorflow``.
 
 Importing this package imports no framework. :data:`BACKENDS` is the one list of backends: the
 conformance runner, its report's install hint and the tests read it, so adding a backend is one entry
@@ -59,6 +60,8 @@ class Backend:
 BACKENDS = {backend.name: backend for backend in (
     Backend("torch", framework="torch", extra="torch"),
     Backend("jax", framework="jax", extra="jax"),
+    Backend("flax", framework="flax", extra="flax"),  # linen
+    Backend("flax_nnx", framework="flax", extra="flax"),
     Backend("tensorflow", framework="tensorflow", extra="tensorflow"),
 )}
 

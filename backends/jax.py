@@ -327,18 +327,41 @@ def init(key, input_size, hidden_size, *, dtype=jnp.float32, bias=True, recurren
          forget_bias=0.0) -> dict:
     """Draw one layer's canonical parameters, as :func:`mlstm_spec.init_params` draws them (its
     ``weight_init``; ``forget_bias`` is its ``forget_bias_init``, the initial forget block of
-    ``bias_ih``), from a NumPy generator seeded by ``key``: the same key gives the same values. Values
-    are drawn in float64 and rounded to ``dtype``."""
+    ``bias_ih``), from a NumPy generator seeded by ``key``: the same key gives the same values. Values are drawn in float64 and rounded to
+    ``dtype``. ``key`` may be traced (``jax.jit(init)``, Flax's ``model.init`` under ``jit``): the draw
+    then runs on the host through ``jax.pure_callback``, with the same values."""
     _check_key(key)
     dtype = _check_dtype_option(dtype)
-    check_layer_options(input_size, hidden_size, bias=bias, recurrent_bias=recurrent_bias,
-                        multiplicative_bias=multiplicative_bias, independent_recurrence=independent_recurrence)
-    seed = np.asarray(jax.random.key_data(key)).ravel()
-    (params,) = init_layers(input_size, hidden_size, rng=np.random.default_rng(seed), dtype=dtype, bias=bias,
-                            recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
-                            independent_recurrence=independent_recurrence, weight_init=weight_init,
-                            forget_bias_init=forget_bias)
-    return {name: jnp.asarray(value) for name, value in params.items()}
+    flags = dict(bias=bias, recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
+                 independent_recurrence=independent_recurrence)
+    check_layer_options(input_size, hidden_size, **flags)
+
+    def draw(bits):
+        (params,) = init_layers(input_size, hidden_size, rng=np.random.default_rng(np.asarray(bits).ravel()),
+                                dtype=dtype, weight_init=weight_init, forget_bias_init=forget_bias,
+                                **flags)
+        return params
+
+    bits = jax.random.key_data(key)
+    if isinstance(bits, jax.core.Tracer):
+        shapes = _layer_shapes(input_size, hidden_size, **flags)
+        return jax.pure_callback(draw, {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+                                        for name, shape in shapes.items()}, bits)
+    return {name: jnp.asarray(value) for name, value in draw(bits).items()}
+
+
+def _layer_shapes(input_size, hidden_size, *, bias, recurrent_bias, multiplicative_bias,
+                  independent_recurrence) -> dict:
+    """The canonical parameters' shapes of one layer with these options."""
+    hidden = hidden_size
+    shapes = {"weight_ih": (5 * hidden, input_size),
+              "weight_hh": (hidden,) if independent_recurrence else (hidden, hidden),
+              "weight_mh": (4 * hidden, hidden)}
+    for name, shape, present in (("bias_ih", (5 * hidden,), bias), ("bias_hh", (hidden,), recurrent_bias),
+                                 ("bias_mh", (4 * hidden,), multiplicative_bias)):
+        if present:
+            shapes[name] = shape
+    return shapes
 
 
 def _default_key(key):
@@ -605,7 +628,11 @@ class ConformanceAdapter(AdapterBase):
         jax.config.update("jax_enable_x64", True)
         super().__init__(device)
         self._device = _jax_device(self.device)
-        self._programs, self._signatures = _adapter_programs(), set()
+        self._programs, self._signatures = self._new_programs(), set()
+
+    def _new_programs(self) -> dict:
+        """Fresh jitted ``forward`` and ``pullback`` (a subclass for another model kind overrides it)."""
+        return _adapter_programs()
 
     def _run(self, program: str, *args):
         """Call a jitted program; JAX reuses its compilation for a signature seen before. After
@@ -614,7 +641,7 @@ class ConformanceAdapter(AdapterBase):
         signature = (program, structure, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
         if signature not in self._signatures:
             if len(self._signatures) >= _MAX_PROGRAMS:
-                self._programs, self._signatures = _adapter_programs(), set()
+                self._programs, self._signatures = self._new_programs(), set()
             self._signatures.add(signature)
         return self._programs[program](*args)
 

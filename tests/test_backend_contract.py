@@ -42,7 +42,7 @@ def layers_for(name, rng, dtype="float64", **options):
 
 def build(name, params, **options):
     module = backend(name)
-    if name == "jax":
+    if name in ("jax", "flax", "flax_nnx"):
         import jax
 
         with jax.enable_x64(True):
@@ -76,7 +76,7 @@ def test_registry_entries_name_real_extras_and_modules():
 
 def test_importing_the_registry_and_runner_imports_no_framework():
     code = ("import sys, backends, mlstm_spec.conformance.runner; "
-            "print(sorted(m for m in ('torch', 'jax', 'tensorflow') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'jax', 'flax', 'tensorflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
