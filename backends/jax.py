@@ -187,21 +187,28 @@ def _input_projection(params, xs):
     return p
 
 
-def _run_layer(params, xs, h0, c0, multiplicative, unroll):
-    """One layer over a batched sequence xs (B, T, I) from (h0, c0) (B, H): hs (B, T, H), (h, c)."""
+def _run_layer(params, xs, h0, c0, multiplicative, unroll, mask=None, reverse=False):
+    """One layer over a batched sequence xs (B, T, I) from (h0, c0) (B, H): hs (B, T, H), (h, c).
+    ``mask`` (B, T) bool: steps where it is False keep the state and output zeros. ``reverse``: the
+    steps run from T - 1 down to 0; ``hs`` stays in input order."""
 
-    def body(carry, p_t):
+    def body(carry, inputs):
+        p_t, valid = inputs
         h, c = _step(params, p_t, *carry, multiplicative=multiplicative)
-        return (h, c), h
+        if valid is None:
+            return (h, c), h
+        valid = valid[:, None]
+        return (jnp.where(valid, h, carry[0]), jnp.where(valid, c, carry[1])), jnp.where(valid, h, 0)
 
-    (h, c), hs = lax.scan(body, (h0, c0), _input_projection(params, xs), unroll=unroll)
+    steps = (_input_projection(params, xs), None if mask is None else jnp.swapaxes(mask, 0, 1))
+    (h, c), hs = lax.scan(body, (h0, c0), steps, unroll=unroll, reverse=reverse)
     return jnp.swapaxes(hs, 0, 1), (h, c)
 
 
-@partial(jax.jit, static_argnames=("multiplicative", "unroll", "layer_axis"))
-def _forward_jit(layers, xs, state, multiplicative, unroll, layer_axis):
+@partial(jax.jit, static_argnames=("multiplicative", "unroll", "layer_axis", "reverse"))
+def _forward_jit(layers, xs, state, multiplicative, unroll, layer_axis, mask=None, reverse=False):
     """A stack over xs (B, T, I) or (T, I); state None or (h0, c0) each (L, [B,] H), or ([B,] H)
-    for one layer without ``layer_axis`` (and the final state alike)."""
+    for one layer without ``layer_axis`` (and the final state alike); mask None or ([B,] T) bool."""
     dtype = xs.dtype
     work = _compute_dtype(dtype)
     layers, xs, state = _cast((layers, xs, state), work)
@@ -210,6 +217,7 @@ def _forward_jit(layers, xs, state, multiplicative, unroll, layer_axis):
     batched = xs.ndim == 3
     if not batched:
         xs = xs[None]
+        mask = None if mask is None else mask[None]
         if state is not None:
             state = (state[0][:, None], state[1][:, None])
     batch, hidden = xs.shape[0], layers[0]["weight_hh"].shape[0]
@@ -217,10 +225,12 @@ def _forward_jit(layers, xs, state, multiplicative, unroll, layer_axis):
     out = xs
     for layer, params in enumerate(layers):
         if state is None:
-            h0 = c0 = jnp.zeros((batch, hidden), work)
+            # Built from xs so that it carries xs's sharding type: under jax.shard_map a constant zero
+            # carry is "invariant" while the scan's output carry is "varying", and lax.scan refuses that.
+            h0 = c0 = lax.full_like(xs, 0, work, (batch, hidden))
         else:
             h0, c0 = state[0][layer], state[1][layer]
-        out, (h, c) = _run_layer(params, out, h0, c0, multiplicative, unroll)
+        out, (h, c) = _run_layer(params, out, h0, c0, multiplicative, unroll, mask, reverse)
         finals_h.append(h)
         finals_c.append(c)
     h_n, c_n = jnp.stack(finals_h), jnp.stack(finals_c)
@@ -231,19 +241,51 @@ def _forward_jit(layers, xs, state, multiplicative, unroll, layer_axis):
     return _cast((out, (h_n, c_n)), dtype)
 
 
+def _padding_mask(xs, mask, seq_lengths):
+    """The (B, T) or (T,) bool mask from ``mask`` or ``seq_lengths`` (checked; at most one given)."""
+    if mask is not None and seq_lengths is not None:
+        raise ValueError("give mask or seq_lengths, not both (seq_lengths=n means mask[b, t] = t < n[b])")
+    shape = CHECKS.shape_of(xs)
+    if mask is not None:
+        CHECKS.array(mask, "mask")
+        if CHECKS.shape_of(mask) != shape[:-1]:
+            raise ValueError(f"mask must have the shape of xs without its feature axis, {shape[:-1]}, got "
+                             f"{CHECKS.shape_of(mask)}")
+        if jnp.dtype(mask.dtype) != jnp.bool_:
+            raise TypeError(f"mask must be a bool array (True: a real step), got dtype {mask.dtype}")
+        return mask
+    if seq_lengths is not None:
+        CHECKS.array(seq_lengths, "seq_lengths")
+        if CHECKS.shape_of(seq_lengths) != shape[:-2]:
+            raise ValueError(f"seq_lengths must have shape {shape[:-2]} (one length per sequence), got "
+                             f"{CHECKS.shape_of(seq_lengths)}")
+        if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+            raise TypeError(f"seq_lengths must be an integer array, got dtype {seq_lengths.dtype}")
+        return jnp.arange(shape[-2]) < jnp.asarray(seq_lengths)[..., None]
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------
 # the functional API
 # ---------------------------------------------------------------------------------------------------
 
-def mlstm(params, xs, state=None, *, integration_mode="addition", unroll=1):
+def mlstm(params, xs, state=None, *, integration_mode="addition", unroll=1, mask=None, seq_lengths=None,
+          reverse=False):
     """Run one mLSTM layer over a sequence; the signature and results of :func:`mlstm_spec.forward`.
 
     Args:
         params: canonical mapping of JAX (or NumPy) arrays, see the module docstring.
         xs: inputs, ``(B, T, I)`` batch-major or ``(T, I)`` unbatched, in the parameters' dtype.
-        state: ``(h0, c0)``, each ``(B, H)`` or ``(H,)``; ``None`` means zeros.
+        state: ``(h0, c0)``, each ``(B, H)`` or ``(H,)``; ``None`` means zeros (also under
+            ``jax.shard_map``).
         integration_mode: ``"addition"`` or ``"multiplicative_integration"``.
         unroll: steps per ``lax.scan`` iteration (trades compile time for speed).
+        mask: ``(B, T)`` (or ``(T,)``) bool, True at real steps. A masked step keeps the state as it is
+            and outputs zeros, so a padded sequence gives the final state of its real steps.
+        seq_lengths: ``(B,)`` (or ``()``) integers, instead of ``mask``: steps ``t < seq_lengths[b]`` are
+            real (right padding). Lengths above T count as T, below 0 as 0.
+        reverse: run the steps from last to first (the backward half of a bidirectional layer);
+            ``hs`` stays in input order, and with padding each sequence starts at its last real step.
 
     Returns:
         ``hs, (h_T, c_T)``: ``hs`` is ``(B, T, H)`` or ``(T, H)``; the final state like ``state``.
@@ -258,14 +300,18 @@ def mlstm(params, xs, state=None, *, integration_mode="addition", unroll=1):
     if state is not None:
         CHECKS.state(state, CHECKS.shape_of(xs)[:1] if batched else (), info)
         state = tuple(state)
-    return _forward_jit([dict(params)], xs, state, multiplicative, unroll, layer_axis=False)
+    mask = _padding_mask(xs, mask, seq_lengths)
+    return _forward_jit([dict(params)], xs, state, multiplicative, unroll, layer_axis=False, mask=mask,
+                        reverse=bool(reverse))
 
 
-def mlstm_stack(layers, xs, state=None, *, integration_mode="addition", unroll=1):
+def mlstm_stack(layers, xs, state=None, *, integration_mode="addition", unroll=1, mask=None, seq_lengths=None,
+                reverse=False):
     """Run a stack of layers (a list of canonical mappings, first layer first) over a sequence.
 
     ``state`` is ``(h_0, c_0)``, each ``(L, B, H)`` (or ``(L, H)`` unbatched), or ``None`` for zeros;
-    returns ``hs, (h_n, c_n)`` with the final state of every layer in the same layout.
+    returns ``hs, (h_n, c_n)`` with the final state of every layer in the same layout. ``mask``,
+    ``seq_lengths`` and ``reverse`` as for :func:`mlstm`, applied to every layer.
     """
     multiplicative = check_integration_mode(integration_mode)
     unroll = _check_unroll(unroll)
@@ -275,7 +321,9 @@ def mlstm_stack(layers, xs, state=None, *, integration_mode="addition", unroll=1
         batch_shape = (len(infos),) + (CHECKS.shape_of(xs)[:1] if batched else ())
         CHECKS.state(state, batch_shape, infos[0])
         state = tuple(state)
-    return _forward_jit([dict(p) for p in layers], xs, state, multiplicative, unroll, layer_axis=True)
+    mask = _padding_mask(xs, mask, seq_lengths)
+    return _forward_jit([dict(p) for p in layers], xs, state, multiplicative, unroll, layer_axis=True, mask=mask,
+                        reverse=bool(reverse))
 
 
 def cell(params, x, state=None, *, integration_mode="addition"):
@@ -300,7 +348,7 @@ def _cell_jit(params, x, state, multiplicative):
     work = _compute_dtype(dtype)
     params, x, state = _cast((params, x, state), work)
     if state is None:
-        state = (jnp.zeros(x.shape[:-1] + params["weight_hh"].shape[:1], work),) * 2
+        state = (lax.full_like(x, 0, work, x.shape[:-1] + params["weight_hh"].shape[:1]),) * 2  # see _forward_jit
     p = _matmul_t(x, params["weight_ih"])
     if "bias_ih" in params:
         p = p + params["bias_ih"]

@@ -496,3 +496,113 @@ def test_x64_mode_is_read_through_the_public_flag(monkeypatch):
             bj.mlstm(params, np.zeros((1, 2, 3)))
     with jax.enable_x64(True):
         assert bj.mlstm(params, np.zeros((1, 2, 3)))[0].dtype == jnp.float64
+
+
+# ---- padding, reverse and shard_map (issue 13) ----
+
+def _padded_case(seed=0, batch=3, steps=6):
+    rng = np.random.default_rng(seed)
+    layers = [mlstm_spec.init_params(3, 4, rng=rng, dtype=np.float64),
+              mlstm_spec.init_params(4, 4, rng=rng, dtype=np.float64)]
+    for params in layers:
+        params["bias_ih"] = rng.standard_normal(params["bias_ih"].shape)
+    return layers, rng.standard_normal((batch, steps, 3)), np.array([steps, 2, 0][:batch])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_seq_lengths_mask_and_reverse_equal_the_spec_on_the_real_steps(x64, reverse):
+    """Each row: the spec on its real steps (reversed for ``reverse``) from the given state; padded steps
+    output zeros and keep the state, so a row of length 0 ends where it started."""
+    layers, xs, lengths = _padded_case()
+    h0, c0 = np.random.default_rng(9).standard_normal((2, 2, 3, 4))
+    hs, (h_n, c_n) = bj.mlstm_stack(layers, jnp.asarray(xs), (jnp.asarray(h0), jnp.asarray(c0)),
+                                    seq_lengths=jnp.asarray(lengths), reverse=reverse)
+    mask = np.arange(xs.shape[1]) < lengths[:, None]
+    masked = bj.mlstm_stack(layers, jnp.asarray(xs), (jnp.asarray(h0), jnp.asarray(c0)), mask=jnp.asarray(mask),
+                            reverse=reverse)
+    for got, want in zip(jax.tree.leaves(masked), jax.tree.leaves((hs, (h_n, c_n)))):
+        np.testing.assert_array_equal(got, want)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            np.testing.assert_array_equal(h_n[:, b], h0[:, b])
+            np.testing.assert_array_equal(c_n[:, b], c0[:, b])
+            assert not np.any(np.asarray(hs[b]))
+            continue
+        out = xs[b, :n][::-1] if reverse else xs[b, :n]
+        for k, params in enumerate(layers):
+            out, (h, c) = mlstm_spec.forward(params, out, (h0[k, b], c0[k, b]))
+            np.testing.assert_allclose(h_n[k, b], h, rtol=1e-12, atol=1e-13)
+            np.testing.assert_allclose(c_n[k, b], c, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(hs[b, :n], out[::-1] if reverse else out, rtol=1e-12, atol=1e-13)
+        assert not np.any(np.asarray(hs[b, n:]))
+    one, _ = bj.mlstm(layers[0], jnp.asarray(xs[0]), seq_lengths=jnp.asarray(4), reverse=reverse)
+    want, _ = mlstm_spec.forward(layers[0], xs[0, :4][::-1] if reverse else xs[0, :4])
+    np.testing.assert_allclose(one[:4], want[::-1] if reverse else want, rtol=1e-12, atol=1e-13)
+
+
+def test_padding_gradients_do_not_reach_padded_steps(x64):
+    layers, xs, lengths = _padded_case()
+    grad = jax.grad(lambda x: jnp.sum(bj.mlstm(layers[0], x, seq_lengths=jnp.asarray(lengths))[0] ** 2))(
+        jnp.asarray(xs))
+    mask = np.arange(xs.shape[1]) < lengths[:, None]
+    assert not np.any(np.asarray(grad)[~mask]) and np.all(np.any(np.asarray(grad)[mask] != 0, axis=-1))
+
+
+def test_padding_arguments_are_checked(layer):
+    xs = jnp.ones((2, 5, 3), jnp.float32)
+    with raises(ValueError, "give mask or seq_lengths, not both"):
+        bj.mlstm(layer, xs, mask=jnp.ones((2, 5), bool), seq_lengths=jnp.array([5, 3]))
+    with raises(ValueError, "mask must have the shape of xs without its feature axis, (2, 5), got (5, 2)"):
+        bj.mlstm(layer, xs, mask=jnp.ones((5, 2), bool))
+    with raises(TypeError, "mask must be a bool array (True: a real step), got dtype float32"):
+        bj.mlstm(layer, xs, mask=jnp.ones((2, 5), jnp.float32))
+    with raises(ValueError, "seq_lengths must have shape (2,) (one length per sequence), got (2, 1)"):
+        bj.mlstm(layer, xs, seq_lengths=jnp.ones((2, 1), int))
+    with raises(TypeError, "seq_lengths must be an integer array, got dtype float32"):
+        bj.mlstm(layer, xs, seq_lengths=jnp.ones((2,), jnp.float32))
+
+
+SHARD_MAP_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import backends.jax as bj
+import mlstm_spec
+jax.config.update("jax_enable_x64", True)
+assert len(jax.devices()) == 2
+mesh = jax.make_mesh((2,), ("batch",))
+params = mlstm_spec.init_params(3, 4, rng=0, dtype=np.float64)
+xs = np.random.default_rng(1).standard_normal((4, 5, 3))
+lengths = np.array([5, 2, 4, 1])
+def run(params, xs, lengths):
+    hs, (h, c) = bj.mlstm(params, xs, seq_lengths=lengths)
+    return hs, h
+sharded = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                                out_specs=(P("batch"), P("batch"))))
+batch = NamedSharding(mesh, P("batch"))
+hs, h = sharded(params, jax.device_put(xs, batch), jax.device_put(lengths, batch))
+assert len(hs.sharding.device_set) == 2
+hs, h = np.asarray(hs), np.asarray(h)
+for b, n in enumerate(lengths):
+    want, (h_want, _) = mlstm_spec.forward(params, xs[b, :n])
+    np.testing.assert_allclose(hs[b, :n], want, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(h[b], h_want, rtol=1e-12, atol=1e-13)
+print("ok")
+"""
+
+
+def test_state_none_under_shard_map_on_two_cpu_devices():
+    """The default zero state under jax.shard_map (issue 13: the scan refused a constant carry), on two
+    fake CPU devices in a fresh process (the device count is fixed when JAX starts)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
