@@ -84,7 +84,7 @@ from ._common import (
     work_dtype,
 )
 
-__all__ = ["DTYPES", "MLSTM", "MLSTMCell", "ConformanceAdapter", "cell", "devices", "init", "mlstm",
+__all__ = ["DTYPES", "MLSTM", "MLSTMCell", "EqxMLSTMCell", "ConformanceAdapter", "cell", "devices", "init", "mlstm",
            "mlstm_stack"]
 
 CHECKS = InputChecks(is_array=lambda v: hasattr(v, "shape") and hasattr(v, "dtype"),
@@ -501,6 +501,18 @@ class MLSTMCell:
         return (f"MLSTMCell(input_size={w_ih.shape[1]}, hidden_size={w_ih.shape[0] // 5}, "
                 f"params={sorted(self.params)}, integration_mode={self.integration_mode!r}, "
                 f"dtype={w_ih.dtype})")
+
+
+@jax.tree_util.register_pytree_node_class
+class EqxMLSTMCell(MLSTMCell):
+    """:class:`MLSTMCell` with the calling convention of ``equinox.nn.LSTMCell``:
+    ``(h, c) = cell(x, (h, c), key=None)``, so a scan written for an Equinox LSTM cell takes it
+    unchanged. ``x`` is ``(I,)`` (vmap over a batch, as Equinox does) or ``(B, I)``; ``key`` is unused (no
+    dropout). Same constructor, ``from_canonical`` and pytree leaves as :class:`MLSTMCell`, so it can be a
+    field of an ``equinox.Module``. (:class:`MLSTMCell` keeps its ``h, (h, c)`` result.)"""
+
+    def __call__(self, x, state, *, key=None):
+        return cell(self.params, x, state, integration_mode=self.integration_mode)[1]
 
 
 @jax.tree_util.register_pytree_node_class

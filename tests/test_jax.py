@@ -606,3 +606,44 @@ def test_state_none_under_shard_map_on_two_cpu_devices():
     done = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], capture_output=True, text=True, env=env,
                           cwd=root, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+# ---- the Equinox convention ----
+
+def _scan_like_equinox(cell, xs, hidden):
+    """A scan written for equinox.nn.LSTMCell: ``(h, c) = cell(x, (h, c))``, unbatched steps."""
+
+    def step(state, x):
+        state = cell(x, state)
+        return state, state[0]
+
+    zeros = jnp.zeros((hidden,), xs.dtype)
+    return jax.lax.scan(step, (zeros, zeros), xs)
+
+
+def test_equinox_style_cell_runs_in_a_scan_written_for_eqx_lstm_cell(x64):
+    rng = np.random.default_rng(12)
+    params = mlstm_spec.init_params(3, 4, rng=rng, dtype=np.float64)
+    xs = rng.standard_normal((6, 3))
+    cell = bj.EqxMLSTMCell.from_canonical(params)
+    (h, c), hs = jax.jit(_scan_like_equinox, static_argnums=2)(cell, jnp.asarray(xs), 4)
+    want, (h_want, c_want) = mlstm_spec.forward(params, xs)
+    np.testing.assert_allclose(hs, want, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(h, h_want, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(c, c_want, rtol=1e-12, atol=1e-13)
+    # the compatible MLSTMCell keeps its own result, h, (h, c)
+    h_old, (h_again, c_old) = bj.MLSTMCell.from_canonical(params)(jnp.asarray(xs[0]))
+    np.testing.assert_array_equal(h_old, h_again)
+    eqx = pytest.importorskip("equinox", reason="equinox is not installed (test extra)")
+    (h_eqx, _), _ = _scan_like_equinox(eqx.nn.LSTMCell(3, 4, key=jax.random.key(0)), jnp.asarray(xs), 4)
+    assert h_eqx.shape == h.shape  # the same scan drives Equinox's own cell
+
+    class Model(eqx.Module):
+        cell: bj.EqxMLSTMCell
+
+        def __call__(self, xs):
+            return _scan_like_equinox(self.cell, xs, 4)[1]
+
+    grads = eqx.filter_grad(lambda m: jnp.sum(m(jnp.asarray(xs)) ** 2))(Model(cell))
+    assert sorted(grads.cell.params) == sorted(params)
+    assert all(np.any(np.asarray(g) != 0) for g in grads.cell.params.values())
