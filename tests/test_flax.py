@@ -186,3 +186,26 @@ def test_bad_options_name_the_argument():
         bn.MLSTMCell(3, 4, integration_mode="sum")
     with pytest.raises(ValueError, match="needs a bound module"):
         bf.MLSTM(4).to_canonical()
+
+
+# ---- docs/jax.md ----
+
+def test_the_jax_page_examples_run(tmp_path):
+    """docs/jax.md's code blocks, in order, as one script on two fake CPU devices (for shard_map)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("optax", reason="optax is not installed (test extra)")
+    pytest.importorskip("safetensors", reason="safetensors is not installed (io extra)")
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```python\n(.+?)\n```", (root / "docs" / "jax.md").read_text(), re.S)
+    assert len(blocks) >= 7
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", "\n\n".join(blocks)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "mlstm.safetensors").exists()
