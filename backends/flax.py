@@ -35,7 +35,7 @@ import numpy as np
 from mlstm_spec.validation import check_integration_mode
 
 from . import jax as bj
-from ._common import LAYER_OPTIONS, STRUCTURAL_OPTIONS
+from ._common import LAYER_OPTIONS, STRUCTURAL_OPTIONS, VARIANT_OPTIONS
 from .jax import describe_device, devices
 
 __all__ = ["MLSTM", "MLSTMCell", "ConformanceAdapter", "devices", "describe_device", "versions"]
@@ -78,7 +78,7 @@ def _canonical_from_variables(variables, owner: str) -> list[dict]:
 
 def _import(params, options: dict, one_layer: bool, owner: str, extra=()):
     """canonical_import for a linen module: JAX arrays of the same dtype and the module's options."""
-    bj._unknown_options(options, [*LAYER_OPTIONS, *extra])
+    bj._unknown_options(options, [*LAYER_OPTIONS, *VARIANT_OPTIONS, *extra])
     layers, options = bj._from_canonical(params, options, one_layer=one_layer, owner=owner)
     check_integration_mode(options.get("integration_mode", "addition"))
     return layers, options

@@ -23,7 +23,7 @@ from flax import nnx
 from mlstm_spec.validation import check_integration_mode
 
 from . import jax as bj
-from ._common import LAYER_OPTIONS, check_layer_options
+from ._common import LAYER_OPTIONS, VARIANT_OPTIONS, check_layer_options
 from .jax import describe_device, devices
 
 __all__ = ["MLSTM", "MLSTMCell", "ConformanceAdapter", "devices", "describe_device", "versions"]
@@ -105,7 +105,7 @@ class MLSTMCell(nnx.RNNCellBase):
     def from_canonical(cls, params, **options):
         """A cell holding one canonical mapping (any backend's arrays, or what :func:`mlstm_spec.load`
         returns), values and dtype exactly; the options must agree with it."""
-        bj._unknown_options(options, LAYER_OPTIONS)
+        bj._unknown_options(options, [*LAYER_OPTIONS, *VARIANT_OPTIONS])
         (layer,), options = bj._from_canonical(params, options, one_layer=True, owner="MLSTMCell")
         integration_mode = options.get("integration_mode", "addition")
         return cls(layer["weight_ih"].shape[1], layer["weight_ih"].shape[0] // 5, integration_mode=integration_mode,
@@ -154,7 +154,7 @@ class MLSTM(nnx.Module):
     def from_canonical(cls, params, *, unroll=1, **options):
         """A stack holding canonical parameters (one mapping, a list of them, or what
         :func:`mlstm_spec.load` returns, whose options are used), values and dtype exactly."""
-        bj._unknown_options(options, [*LAYER_OPTIONS, "num_layers"])
+        bj._unknown_options(options, [*LAYER_OPTIONS, "num_layers", *VARIANT_OPTIONS])
         layers, options = bj._from_canonical(params, options)
         integration_mode = options.get("integration_mode", "addition")
         check_integration_mode(integration_mode)
