@@ -149,8 +149,9 @@ def check_frameworks(weights, head, prompt: str, length: int, *, dtype: str = "f
     files. A framework that is not installed is reported as skipped with the reason.
 
     Returns a dict: ``texts`` (framework -> text), ``skipped`` (framework -> reason), ``identical``,
-    ``max_logit_difference`` (largest |difference| from torch's logits over the steps where all chose
-    alike), ``min_top2_margin`` (smallest gap between torch's two best logits), ``summary``."""
+    ``max_logit_difference`` (largest |difference| from the first framework's logits over the steps
+    where all chose alike), ``min_top2_margin`` (smallest gap between its two best logits),
+    ``summary``, and ``logits`` (framework -> one list of logits per decoded character)."""
     layers, options, matrices, vocab = load_char_lm(weights, head, dtype)
     lookup = {ch: i for i, ch in enumerate(vocab)}
     unknown = sorted(set(prompt) - set(lookup))
@@ -189,4 +190,5 @@ def check_frameworks(weights, head, prompt: str, length: int, *, dtype: str = "f
     else:
         summary += "\n" + next(iter(texts.values()))
     return {"texts": texts, "skipped": skipped, "identical": identical, "dtype": dtype,
-            "max_logit_difference": difference, "min_top2_margin": margin, "summary": summary}
+            "max_logit_difference": difference, "min_top2_margin": margin, "summary": summary,
+            "logits": {name: value.tolist() for name, value in logits.items()}}

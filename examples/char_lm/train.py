@@ -232,7 +232,8 @@ def train(config: Config, out: Path, *, plot: Path | None = None, check_framewor
     write_plot(results, plot)
     print(summary(results))
     if check_frameworks:
-        results["frameworks"] = decode.check_frameworks(weights, head, PROMPT, config.greedy_length)
+        agreement = decode.check_frameworks(weights, head, PROMPT, config.greedy_length)
+        results["frameworks"] = {key: value for key, value in agreement.items() if key != "logits"}
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print("\n" + results["frameworks"]["summary"])
     return results
