@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import requested_backends
+from helpers import require_backend, requested_backends
 from mlstm_spec.conformance.tolerances import FLOOR, relative_error, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,8 @@ if str(ROOT) not in sys.path:  # examples/ is not installed with the package; it
 
 from examples.char_lm import data  # noqa: E402
 
-torch = pytest.importorskip("torch", reason="the char_lm example trains with PyTorch")
+require_backend("torch")  # the example trains with PyTorch: a skip with the reason, or a failure in CI
+import torch  # noqa: E402
 
 
 def test_split_takes_the_last_tenth_for_validation_and_the_vocabulary_from_training():

@@ -283,11 +283,16 @@ def write_plot(results: dict, path: Path) -> None:
     counts = results["parameters"]
     figure.suptitle(f"Tiny Shakespeare, {counts['mLSTM']:,} vs {counts['LSTM']:,} parameters, "
                     f"seed {results['config']['seed']}; {results['machine']}, {results['torch_threads']} threads")
-    top = max(h["val_loss"][0] for h in results["histories"].values())
+    # From just above the first validation after step 0 (the start, ~ln V, would squash the tail)
+    # down to the lowest training loss.
+    histories = results["histories"].values()
+    later = [h["val_loss"][1] for h in histories if len(h["val_loss"]) > 1]
+    top = min(max(h["val_loss"][0] for h in histories), max(later, default=np.inf) + 0.3)
+    bottom = min(min(_moving_average(h["train_loss"], 25).min(), min(h["val_loss"])) for h in histories)
     for axis in axes:
         axis.grid(alpha=0.3)
-        axis.set_ylim(min(min(h["val_loss"]) for h in results["histories"].values()) - 0.1, top + 0.05)
-    axes[0].legend(fontsize=8)
+        axis.set_ylim(bottom - 0.05, top + 0.05)
+    axes[0].legend(fontsize=8, loc="upper right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -359,6 +364,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-frameworks", action="store_true",
                         help="skip the JAX and Keras greedy-decoding check")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--replot", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="train nothing: redraw the plot of an earlier run's results.json (to --plot, "
+                             "default: loss.png beside it)")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else Config()
     overrides = {name: getattr(args, name) for name in
@@ -370,5 +378,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args, config = parse_args(argv)
+    if args.replot is not None:
+        results = json.loads(args.replot.read_text())
+        write_plot(results, args.plot or args.replot.with_name("loss.png"))
+        return results
     return train(config, args.out, plot=args.plot, check_frameworks=not args.no_frameworks,
                  progress=not args.no_progress)
