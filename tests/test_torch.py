@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import sys
 import traceback
 from pathlib import Path
 from unittest import mock
@@ -125,6 +126,29 @@ def test_compiled_cpu_loops_in_use(monkeypatch):
     assert counting.calls == {"layer_forward": 1, "layer_backward": 1}
     bt.MLSTM(3, 4, cpu_loops="python")(x)[0].sum().backward()
     assert counting.calls == {"layer_forward": 1, "layer_backward": 1}
+
+
+def test_compiled_loops_after_a_call_under_inference_mode():
+    """The C++ loops keep scratch between calls; a first call under torch.inference_mode() must not
+    turn it into an inference tensor that a later training call cannot write to. A fresh process, so
+    that this call is the one that allocates the scratch."""
+    if not bt.compiled_cpu_loops()[0]:
+        pytest.skip(f"compiled CPU loops not in use: {bt.compiled_cpu_loops()[1]}")
+    script = (
+        "import torch\n"
+        "from backends.torch import MLSTM\n"
+        "torch.manual_seed(0)\n"
+        "layer = MLSTM(6, 16)\n"
+        "x = torch.randn(20, 4, 6)\n"
+        "with torch.inference_mode():\n"
+        "    first = layer(x)[0].clone()\n"
+        "again = layer(x.requires_grad_())[0]\n"
+        "again.sum().backward()\n"
+        "assert torch.equal(first, again.detach()), (first - again).abs().max()\n"
+        "assert x.grad is not None and torch.isfinite(x.grad).all()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_cpu_loops_setting(monkeypatch):

@@ -12,6 +12,7 @@
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -295,7 +296,12 @@ class Scratch {
       Tensor& mine = kept[options_.dtype() == at::kDouble ? 1 : 0];
       const bool keep = total_ * static_cast<int64_t>(options_.dtype().itemsize()) <= kKeptBytes;
       if (!keep) buffer_ = at::empty({total_}, options_);  // too large to hold on to: this call's own
-      else if (!mine.defined() || mine.numel() < total_) mine = at::empty({total_}, options_);
+      else if (!mine.defined() || mine.numel() < total_) {
+        // Kept across calls, so it must not become an inference tensor when the first call runs under
+        // torch.inference_mode(): a later call outside it could then not write to it.
+        c10::InferenceMode normal_tensor(/*enabled=*/false);
+        mine = at::empty({total_}, options_);
+      }
       if (keep) buffer_ = mine;
     }
     Tensor view = buffer_.narrow(0, offset_, c10::multiply_integers(shape)).view(shape);
