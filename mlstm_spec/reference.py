@@ -14,7 +14,8 @@ import numpy as np
 
 from . import equations
 from .validation import (
-    check_integration_mode, check_params, check_runtime_options, check_same_dtype, check_sequence, check_state,
+    check_integration_mode, check_ndarray, check_params, check_runtime_options, check_same_dtype, check_sequence,
+    check_state,
 )
 
 
@@ -25,8 +26,7 @@ def _compute_dtype(dtype: str):
 def _prepare(params, xs, state, xs_argument):
     """Validate, add a batch axis if missing, and cast to the compute dtype."""
     info = check_params(params)
-    if not isinstance(xs, np.ndarray):
-        raise TypeError(f"{xs_argument} must be a numpy.ndarray, got {type(xs).__name__}")
+    check_ndarray(xs, xs_argument)
     batched = check_sequence(xs.shape, xs.dtype, info, xs_argument)
     if not batched:
         xs = xs[None]
@@ -80,8 +80,7 @@ def cell(params, x, state=None, *, integration_mode="addition", cell_clip=None, 
          forget_bias=0.0):
     """One step: ``x`` (B, I) or (I,), ``state`` (h, c) each (B, H) or (H,) (h (B, P) or (P,) with a
     projection). Returns ``h, (h, c)``. The keyword options are those of :func:`forward`."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
+    check_ndarray(x, "x")
     if x.ndim not in (1, 2):
         raise ValueError(f"x must have shape (B, I) or (I,), got {x.ndim} dimensions {x.shape}")
     input_size = check_params(params).input_size
@@ -115,8 +114,7 @@ def backward(params, xs, state, d_hs, d_state=None, *, integration_mode="additio
     B, T = xs_.shape[:2]
     H, out_size = info.hidden_size, info.output_size
     want = (B, T, out_size) if batched else (T, out_size)
-    if not isinstance(d_hs, np.ndarray):
-        raise TypeError(f"d_hs must be a numpy.ndarray, got {type(d_hs).__name__}")
+    check_ndarray(d_hs, "d_hs")
     if d_hs.shape != want:
         raise ValueError(f"d_hs must have the shape of hs {want}, got {d_hs.shape}")
     check_same_dtype(d_hs.dtype, info.dtype, "d_hs")

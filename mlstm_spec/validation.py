@@ -157,10 +157,7 @@ def check_params(params, *, shape_of=None, dtype_of=None, argument="params",
         raise ValueError(f"{argument} is missing {missing}; the three weights are always required")
     if shape_of is None:
         for name, value in params.items():
-            if not isinstance(value, np.ndarray):
-                raise TypeError(
-                    f"{argument}[{name!r}] must be a numpy.ndarray, got {type(value).__name__}"
-                )
+            check_ndarray(value, f"{argument}[{name!r}]")
         shape_of = lambda v: v.shape  # noqa: E731
         dtype_of = lambda v: v.dtype.name  # noqa: E731
     shapes = {name: tuple(shape_of(v)) for name, v in params.items()}
@@ -261,6 +258,16 @@ def check_stack(layers, *, shape_of=None, dtype_of=None, argument="params",
     return infos
 
 
+def check_ndarray(value, argument) -> None:
+    """``value`` must be a NumPy array, and not an ``np.matrix``: that stays 2-D under indexing and
+    reductions, which breaks the equations' shapes far from the argument that caused it."""
+    if isinstance(value, np.matrix):
+        raise TypeError(f"{argument} must be a numpy.ndarray, got numpy.matrix (always 2-D); "
+                        "pass np.asarray(value)")
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{argument} must be a numpy.ndarray, got {type(value).__name__}")
+
+
 def check_dtype(dtype, argument, allowed=SPEC_DTYPES) -> str:
     name = dtype_name(dtype)
     if name not in allowed:
@@ -306,8 +313,8 @@ def check_state(state, batch_shape, info: LayerInfo, argument="state", allowed=S
         )
     for name, value, width in zip(("h", "c"), state, (info.output_size, info.hidden_size)):
         want = tuple(batch_shape) + (width,)
-        if shape_of is np.shape and not isinstance(value, np.ndarray):
-            raise TypeError(f"{argument} {name} must be a numpy.ndarray, got {type(value).__name__}")
+        if shape_of is np.shape:
+            check_ndarray(value, f"{argument} {name}")
         got = tuple(shape_of(value))
         if got != want:
             raise ValueError(

@@ -549,3 +549,29 @@ def test_check_params_reads_shapes_and_dtypes_through_the_callbacks():
         TypeError, ["params['bias_hh']", DTYPES_TEXT, "int64"],
         lambda: mlstm_spec.check_params(params, shape_of=lambda v: v.size, dtype_of=lambda v: v.kind))
     assert not re.search(r"torch\.", message), "the dtype name should be normalised"
+
+
+
+def as_matrix(array):
+    return np.asmatrix(array if array.ndim < 3 else array[0])
+
+
+MATRIX_ARGUMENTS = {  # argument -> (functions taking it, the arguments with one np.matrix, name in the message)
+    "params": (FUNCTIONS, lambda a: dict(a, params=dict(a["params"], weight_ih=as_matrix(a["params"]["weight_ih"]))),
+               "params['weight_ih']"),
+    "input": (FUNCTIONS, lambda a: dict(a, input=as_matrix(a["input"])), None),
+    "state": (FUNCTIONS, lambda a: dict(a, state=(as_matrix(a["state"][0]), a["state"][1])), "state h"),
+    "d_hs": (("backward",), lambda a: dict(a, d_hs=as_matrix(a["d_hs"])), "d_hs"),
+    "d_state": (("backward",), lambda a: dict(a, d_state=(a["d_state"][0], as_matrix(a["d_state"][1]))),
+                "d_state c"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # NumPy's own advice against np.matrix
+@pytest.mark.parametrize("function,argument", [(f, arg) for arg, (fs, _, _) in MATRIX_ARGUMENTS.items() for f in fs])
+def test_a_numpy_matrix_is_refused_naming_the_argument(function, argument):
+    """np.matrix is an ndarray subclass that stays 2-D: taken as an array, it broke the equations' shapes
+    (a broadcasting error, an IndexError, or a silently accepted state)."""
+    _, with_matrix, name = MATRIX_ARGUMENTS[argument]
+    assert_raises_naming(TypeError, [name or INPUT_NAME[function], "numpy.ndarray", "numpy.matrix", "np.asarray"],
+                         lambda: invoke(function, with_matrix(valid_arguments(function))))
