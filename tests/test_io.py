@@ -7,18 +7,23 @@ contradicts itself; the checksum is recomputed where the test targets a later ch
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import os
 import pickle
+import stat
 import subprocess
 import sys
+import threading
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import mlstm_spec
+from helpers import gpu_required, require_backend
 from mlstm_spec import io as weight_io
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -69,6 +74,12 @@ def rewrite(path, *, tensors=None, metadata=None, fix_checksum=True):
              for n, a in arrays.items()}, meta)
     Path(path).write_bytes(safetensors_numpy.save({n: np.ascontiguousarray(a) for n, a in arrays.items()},
                                                   metadata=meta or None))
+
+
+def safetensors_bytes(header, data=b""):
+    """A safetensors file from a header (its JSON text) and the data bytes, unchecked."""
+    raw = header.encode()
+    return len(raw).to_bytes(8, "little") + raw + data
 
 
 @pytest.fixture
@@ -168,24 +179,370 @@ def test_save_rejects_inconsistent_or_foreign_input(tmp_path):
         mlstm_spec.save(path, [a, b])
     with pytest.raises(ValueError, match=r"layers\[1\] must take input_size = hidden_size of layer 0"):
         mlstm_spec.save(path, [a, a])
-    with pytest.raises(TypeError, match=r"layers\['weight_ih'\] must be a numpy.ndarray, got list"):
+    with pytest.raises(TypeError, match=r"layers\['weight_ih'\] must be an array \(a numpy.ndarray, .*got list"):
         mlstm_spec.save(path, dict(a, weight_ih=a["weight_ih"].tolist()))
     with pytest.raises(ValueError, match="integration_mode must be one of"):
         mlstm_spec.save(path, a, integration_mode="mult")
     with pytest.raises(TypeError, match="metadata must be a mapping of str to str"):
         mlstm_spec.save(path, a, metadata={"step": 3})
-    with pytest.raises(TypeError, match=r"dtype in \('float16', 'float32', 'float64'\), got int32"):
+    with pytest.raises(TypeError, match=r"dtype in \('float16', 'float32', 'float64', 'bfloat16'\), got int32"):
         mlstm_spec.save(path, {k: v.astype(np.int32) for k, v in a.items()})
     with pytest.raises(TypeError, match="non-empty list"):
         mlstm_spec.save(path, [])
     assert not path.exists()
 
 
-def test_save_refuses_bfloat16_with_advice(tmp_path):
+def test_bfloat16_values_are_stored_as_float32_exactly(tmp_path):
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    a, = make_stack(num_layers=1)
-    with pytest.raises(TypeError, match="bfloat16.*save float32"):
-        mlstm_spec.save(tmp_path / "w.safetensors", {k: v.astype(ml_dtypes.bfloat16) for k, v in a.items()})
+    layer, = make_stack(num_layers=1, special=False)
+    narrow = {k: v.astype(ml_dtypes.bfloat16) for k, v in layer.items()}
+    mlstm_spec.save(tmp_path / "w.safetensors", narrow)
+    loaded = mlstm_spec.load(tmp_path / "w.safetensors")
+    assert loaded.dtype == "float32"
+    for name, value in narrow.items():
+        assert loaded.layers[0][name].dtype == np.float32
+        # exact: rounding back to bfloat16 changes nothing, and the widened values are the bfloat16 ones
+        assert loaded.layers[0][name].astype(ml_dtypes.bfloat16).tobytes() == value.tobytes(), name
+        assert np.array_equal(loaded.layers[0][name], value.astype(np.float32)), name
+
+
+# ---- how save writes: permissions, durability, links, errors ----
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX permissions, FIFOs and directory fsync")
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (each xdist worker is its own process)."""
+    previous = os.umask(0o022)
+    yield lambda value: os.umask(value)
+    os.umask(previous)
+
+
+def mode_of(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@posix_only
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002, 0o027], ids=oct)
+def test_a_new_file_gets_the_permissions_open_would_give_it(tmp_path, umask, mask):
+    umask(mask)
+    path = mlstm_spec.save(tmp_path / "w.safetensors", make_stack())
+    assert mode_of(path) == 0o666 & ~mask
+
+
+@posix_only
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o666], ids=oct)
+def test_an_existing_file_keeps_its_mode(tmp_path, umask, mode):
+    umask(0o077)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"old")
+    path.chmod(mode)
+    mlstm_spec.save(path, make_stack())
+    assert mode_of(path) == mode
+    assert mlstm_spec.load(path).num_layers == 2
+
+
+@posix_only
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write read-only files")
+def test_a_read_only_file_is_refused_as_open_would_refuse_it(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"old")
+    path.chmod(0o444)
+    with pytest.raises(PermissionError):
+        mlstm_spec.save(path, make_stack())
+    assert path.read_bytes() == b"old"
+
+
+@posix_only
+def test_the_file_is_flushed_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        kind = "directory" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file"
+        events.append(("fsync", kind, os.fstat(descriptor).st_size if kind == "file" else None))
+        real_fsync(descriptor)
+
+    def replace(source, destination):
+        events.append(("replace", Path(destination).name, None))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = mlstm_spec.save(tmp_path / "w.safetensors", make_stack())
+    size = path.stat().st_size
+    assert events == [("fsync", "file", size), ("replace", "w.safetensors", None), ("fsync", "directory", None)]
+
+
+@posix_only
+def test_a_symlink_stays_a_link_and_its_target_is_replaced(tmp_path):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "links").mkdir()
+    target = tmp_path / "store" / "w.safetensors"
+    mlstm_spec.save(target, make_stack(seed=1))
+    link = tmp_path / "links" / "current.safetensors"
+    link.symlink_to(Path("..") / "store" / "w.safetensors")  # relative, to another directory
+    chained = tmp_path / "links" / "latest.safetensors"
+    chained.symlink_to("current.safetensors")  # a link to the link
+    second = make_stack(seed=2)
+    assert mlstm_spec.save(chained, second) == chained
+    assert chained.is_symlink() and os.readlink(chained) == "current.safetensors"
+    assert link.is_symlink() and os.readlink(link) == str(Path("..") / "store" / "w.safetensors")
+    assert_bit_identical(mlstm_spec.load(target).layers, second)
+    assert sorted(os.listdir(tmp_path / "store")) == ["w.safetensors"]  # no temporary left
+    assert sorted(os.listdir(tmp_path / "links")) == ["current.safetensors", "latest.safetensors"]
+
+
+@posix_only
+def test_a_dangling_symlink_creates_its_target_and_a_loop_is_an_error(tmp_path):
+    dangling = tmp_path / "dangling.safetensors"
+    dangling.symlink_to("new.safetensors")
+    mlstm_spec.save(dangling, make_stack())
+    assert dangling.is_symlink() and (tmp_path / "new.safetensors").is_file()
+    assert mlstm_spec.load(dangling).num_layers == 2
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(OSError) as caught:
+        mlstm_spec.save(tmp_path / "a", make_stack())
+    assert caught.value.errno == errno.ELOOP
+    assert (tmp_path / "a").is_symlink() and (tmp_path / "b").is_symlink()
+
+
+def test_a_failing_clean_up_never_masks_the_original_error(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    mlstm_spec.save(path, make_stack(seed=1))
+    before = path.read_bytes()
+
+    def full_disk(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    def unlink(name, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied (simulated)", name)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(OSError) as caught:
+        mlstm_spec.save(path, make_stack(seed=2))
+    monkeypatch.undo()
+    assert caught.value.errno == errno.ENOSPC, caught.value
+    if sys.version_info >= (3, 11):
+        assert any("could not be removed" in note for note in caught.value.__notes__)
+    assert path.read_bytes() == before
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+
+    def failing_fsync(descriptor):
+        raise OSError(errno.EIO, "Input/output error (simulated)")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="simulated"):
+        mlstm_spec.save(path, make_stack())
+    assert os.listdir(tmp_path) == []
+
+
+@posix_only
+def test_a_destination_that_is_not_a_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for destination, kind in ((tmp_path, "a directory"), (fifo, "a FIFO")):
+        with pytest.raises(ValueError, match=rf"path must be a regular file or a new one, got .* which is {kind}"):
+            mlstm_spec.save(destination, make_stack())
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
+# ---- what save accepts: any framework's arrays and layers ----
+
+class ArrayOnly:
+    """An array known only through ``__array__`` (as JAX arrays and TensorFlow tensors are)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array
+
+
+class DLPackOnly:
+    """An array known only through DLPack."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+
+class NeedsForce:
+    """Like a torch tensor that requires grad or lives on a GPU: only ``numpy(force=True)`` copies it out."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def numpy(self, force=False):
+        if not force:
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad (simulated)")
+        return self.array.copy()
+
+    def __array__(self, dtype=None, copy=None):
+        return self.numpy()
+
+
+class ExportsNoBfloat16:
+    """Like a torch bfloat16 tensor: no NumPy export, but ``.float()`` widens it exactly."""
+
+    dtype = "bfloat16"
+
+    def __init__(self, array):
+        self.array = array  # float32 values that are all bfloat16 values
+
+    def numpy(self, force=False):
+        raise TypeError("Got unsupported ScalarType BFloat16 (simulated)")
+
+    def float(self):
+        return ArrayOnly(self.array)
+
+
+class FakeLayer:
+    def __init__(self, layers, integration_mode):
+        self.layers, self.integration_mode = layers, integration_mode
+
+    def to_canonical(self):
+        return [dict(layer) for layer in self.layers]
+
+
+def test_save_takes_arrays_through_their_own_protocols(tmp_path):
+    layer, = make_stack(num_layers=1, special=False)
+    bfloat16_exact = np.round(layer["bias_mh"] * 64) / 64  # a few bits: exact in bfloat16
+    wrapped = {"weight_ih": ArrayOnly(layer["weight_ih"]), "weight_hh": DLPackOnly(layer["weight_hh"]),
+               "weight_mh": NeedsForce(layer["weight_mh"]), "bias_ih": layer["bias_ih"],
+               "bias_hh": NeedsForce(layer["bias_hh"]), "bias_mh": ExportsNoBfloat16(bfloat16_exact)}
+    mlstm_spec.save(tmp_path / "w.safetensors", wrapped)
+    assert_bit_identical(mlstm_spec.load(tmp_path / "w.safetensors").layers, [dict(layer, bias_mh=bfloat16_exact)])
+
+
+def test_save_names_a_value_that_is_no_array(tmp_path):
+    layer, = make_stack(num_layers=1)
+
+    class Broken:
+        def __array__(self, dtype=None, copy=None):
+            raise RuntimeError("device lost (simulated)")
+
+    with pytest.raises(TypeError, match=r"layers\['weight_hh'\] must be an array .* got str"):
+        mlstm_spec.save(tmp_path / "w.safetensors", dict(layer, weight_hh="0.5"))
+    with pytest.raises(TypeError, match=r"layers\['bias_ih'\]: could not copy this Broken .*device lost"):
+        mlstm_spec.save(tmp_path / "w.safetensors", dict(layer, bias_ih=Broken()))
+    with pytest.raises(TypeError, match=r"layers\[1\] must be a canonical mapping or a layer with to_canonical\(\), "
+                                        r"got int"):
+        mlstm_spec.save(tmp_path / "w.safetensors", [layer, 3])
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_save_takes_layers_and_their_integration_mode(tmp_path):
+    first, second = make_stack(num_layers=2)
+    path = tmp_path / "w.safetensors"
+    mlstm_spec.save(path, FakeLayer([first, second], "multiplicative_integration"))
+    loaded = mlstm_spec.load(path)
+    assert loaded.integration_mode == "multiplicative_integration"
+    assert_bit_identical(loaded.layers, [first, second])
+    # a list of one-layer objects is one stack
+    mlstm_spec.save(path, [FakeLayer([first], "addition"), FakeLayer([second], "addition")])
+    assert mlstm_spec.load(path).integration_mode == "addition"
+    assert_bit_identical(mlstm_spec.load(path).layers, [first, second])
+    with pytest.raises(ValueError, match=r"integration_mode='addition' contradicts the layers' own "
+                                         r"integration_mode 'multiplicative_integration'"):
+        mlstm_spec.save(path, FakeLayer([first], "multiplicative_integration"), integration_mode="addition")
+    with pytest.raises(ValueError, match=r"layers mix integration_mode values \[.addition., .multiplicative_integration.\]"):
+        mlstm_spec.save(path, [FakeLayer([first], "addition"), FakeLayer([second], "multiplicative_integration")])
+
+
+@pytest.mark.parametrize("runtime", [{}, {"cell_clip": 3.0, "forget_bias": 1.0}], ids=["version-1", "version-2"])
+def test_a_loaded_file_saves_back_to_the_same_content(tmp_path, runtime):
+    # the same tensors and metadata, checksum included (safetensors orders the metadata at random,
+    # so the bytes of two saves differ), with the options the tensors do not show
+    first = tmp_path / "first.safetensors"
+    mlstm_spec.save(first, make_stack(), integration_mode="multiplicative_integration", **runtime)
+    again = mlstm_spec.save(tmp_path / "again.safetensors", mlstm_spec.load(first))
+    assert weight_io.read_raw(again) == weight_io.read_raw(first)
+    if runtime:
+        with pytest.raises(ValueError, match=r"cell_clip=2.0 contradicts the layers' own cell_clip 3.0"):
+            mlstm_spec.save(again, mlstm_spec.load(first), cell_clip=2.0)
+
+
+def require_gpu(framework_has_gpu: bool, what: str):
+    if not framework_has_gpu:
+        if gpu_required():
+            pytest.fail(f"MLSTM_REQUIRE_GPU is set, but {what} sees no GPU", pytrace=False)
+        pytest.skip(f"no GPU visible to {what} on this machine")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_save_takes_torch_modules_and_tensors(tmp_path, device):
+    bt = require_backend("torch")
+    import torch
+
+    require_gpu(device == "cpu" or torch.cuda.is_available(), "torch")
+    model = bt.MLSTM(3, 4, num_layers=2, integration_mode="multiplicative_integration", device=device)
+    assert all(p.requires_grad for p in model.parameters())
+    path = tmp_path / "w.safetensors"
+    mlstm_spec.save(path, model)
+    loaded = mlstm_spec.load(path)
+    assert loaded.integration_mode == "multiplicative_integration"
+    assert_bit_identical(loaded.layers, model.to_canonical())
+    # a mapping of the module's own parameters (requires_grad, maybe on a GPU)
+    mlstm_spec.save(path, model.layer_parameters(0))
+    assert_bit_identical(mlstm_spec.load(path).layers, model.to_canonical()[:1])
+    # bfloat16 tensors, which export to no NumPy type: stored as float32, exactly
+    narrow = {name: p.detach().to(torch.bfloat16) for name, p in model.layer_parameters(1).items()}
+    mlstm_spec.save(path, narrow)
+    assert_bit_identical(mlstm_spec.load(path).layers,
+                         [{name: t.float().cpu().numpy() for name, t in narrow.items()}])
+
+
+def test_save_takes_jax_modules_and_arrays(tmp_path):
+    bj = require_backend("jax")
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    path = tmp_path / "w.safetensors"
+    layer, = make_stack(num_layers=1, special=False, independent_recurrence=True)
+    params = {k: jnp.asarray(v) for k, v in layer.items()}  # what backends.jax.init returns
+    mlstm_spec.save(path, params)
+    assert_bit_identical(mlstm_spec.load(path).layers, [layer])
+    model = bj.MLSTM.from_canonical(make_stack(special=False), integration_mode="multiplicative_integration")
+    mlstm_spec.save(path, model)
+    assert mlstm_spec.load(path).integration_mode == "multiplicative_integration"
+    assert_bit_identical(mlstm_spec.load(path).layers, model.to_canonical())
+    mlstm_spec.save(path, model.layers, integration_mode="multiplicative_integration")
+    assert_bit_identical(mlstm_spec.load(path).layers, model.to_canonical())
+    narrow = {k: jnp.asarray(v.astype(ml_dtypes.bfloat16)) for k, v in layer.items()}
+    mlstm_spec.save(path, narrow)
+    assert_bit_identical(mlstm_spec.load(path).layers,
+                         [{k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in layer.items()}])
+
+
+def test_save_takes_keras_layers_and_tensorflow_values(tmp_path):
+    btf = require_backend("tensorflow")
+    import tensorflow as tf
+
+    layer, = make_stack(num_layers=1, special=False)
+    path = tmp_path / "w.safetensors"
+    keras_layer = btf.MLSTM.from_canonical(layer, integration_mode="multiplicative_integration")
+    mlstm_spec.save(path, keras_layer)
+    assert mlstm_spec.load(path).integration_mode == "multiplicative_integration"
+    assert_bit_identical(mlstm_spec.load(path).layers, [layer])
+    mlstm_spec.save(path, {k: tf.Variable(v) for k, v in layer.items()})
+    assert_bit_identical(mlstm_spec.load(path).layers, [layer])
+    narrow = {k: tf.cast(tf.constant(v), tf.bfloat16) for k, v in layer.items()}
+    mlstm_spec.save(path, narrow)
+    assert_bit_identical(mlstm_spec.load(path).layers,
+                         [{k: tf.cast(v, tf.float32).numpy() for k, v in narrow.items()}])
 
 
 # ---- truncated and bit-flipped files ----
@@ -392,6 +749,210 @@ def test_checksum_covers_metadata_and_tensors():
     assert base != weight_io.checksum({"b": ("F32", (2,), b"\0" * 8)}, {"k": "v"})
     # fields are length-prefixed, so moving bytes between name and value changes the digest
     assert weight_io.checksum({}, {"ab": "c"}) != weight_io.checksum({}, {"a": "bc"})
+
+
+# ---- hostile files: each a WeightFileError naming the file, in time and memory set by its size ----
+
+def load_measured(path, **kwargs):
+    """``load(path)``'s result or WeightFileError, and the peak traced memory (bytes) it took."""
+    tracemalloc.start()
+    try:
+        try:
+            outcome = mlstm_spec.load(path, **kwargs)
+        except mlstm_spec.WeightFileError as error:
+            outcome = error
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def assert_refused(path, match, max_memory=None, **kwargs):
+    __tracebackhide__ = True
+    outcome, peak = load_measured(path, **kwargs)
+    assert isinstance(outcome, mlstm_spec.WeightFileError), f"loaded {outcome!r}"
+    assert str(outcome).startswith(f"{path}: "), outcome
+    assert re.search(match, str(outcome)), outcome
+    if max_memory is not None:
+        assert peak <= max_memory, f"took {peak} bytes, more than {max_memory}, for a {path.stat().st_size}-byte file"
+    assert len(str(outcome)) < 2000, "messages quote the file's contents only briefly"
+    return outcome
+
+
+def test_a_huge_num_layers_is_refused_before_anything_is_sized_by_it(saved):
+    """Before: 100,000 layers in a 2 KB file (a valid checksum: anyone can compute one) took ~25 s and
+    ~130 MB; 3,000,000 took 72 s and 3.9 GB."""
+    path, _ = saved
+    rewrite(path, metadata=edit_meta(num_layers="100000"))
+    assert_refused(path, r"num_layers=100000 needs at least 300000 tensors .* but the file holds 12",
+                   max_memory=16 * path.stat().st_size + 2**18)
+
+
+@pytest.mark.parametrize("depth,message", [
+    (1020, r"metadata 'options' is not valid JSON \((maximum recursion depth exceeded|Expecting value)"),
+    (200_000, r"metadata 'options' must be a short JSON object \(at most 1024 characters\), got 200000 characters"),
+])
+def test_deeply_nested_options_are_refused(saved, depth, message):
+    path, _ = saved
+    rewrite(path, metadata=edit_meta(options="[" * depth))  # was a RecursionError
+    assert_refused(path, message)
+
+
+def test_a_deeply_nested_header_is_refused(saved, tmp_path):
+    path, _ = saved
+    broken = tmp_path / "nested.safetensors"
+    broken.write_bytes(safetensors_bytes('{"a":' + "[" * 100_000 + "]" * 100_000 + "}"))
+    assert_refused(broken, r"not a readable safetensors file .*not valid JSON|needs a dtype")
+
+
+@pytest.mark.parametrize("key,value", [
+    *[(key, "9" * 5000) for key in ("num_layers", "input_size", "hidden_size", "format_version")],
+    # not num_layers: should both of its checks regress, 10**18 layers would exhaust the machine
+    *[(key, "1" + "0" * 18) for key in ("input_size", "hidden_size", "format_version")],
+], ids=lambda v: f"{len(v)}-digits" if v[:1].isdigit() else v)
+def test_huge_integers_are_refused(saved, key, value):
+    path, _ = saved
+    rewrite(path, metadata=edit_meta(**{key: value}))  # 5000 digits was a bare ValueError from int()
+    assert_refused(path, rf"{key}.* (must be a positive integer|is not one this library reads)")
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", "\u0664"), ("hidden_size", "\uff14"),
+                                       ("input_size", "\uff13"), ("num_layers", "\u0662")],
+                         ids=["arabic-indic-4", "fullwidth-4", "fullwidth-3", "arabic-indic-2"])
+def test_non_ascii_digits_are_not_integers(saved, key, value):
+    path, _ = saved
+    rewrite(path, metadata=edit_meta(**{key: value}))  # int() reads them as the right number: was loaded
+    assert_refused(path, rf"metadata '{key}' must be a positive integer, got '{value}' .*ASCII digits")
+
+
+def load_with_timeout(path, seconds=20):
+    """Run load() in a thread; fail (instead of hanging the suite) if it blocks, after unblocking it."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = mlstm_spec.load(path)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["value"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # a writer end releases a blocked open()
+        thread.join(seconds)
+        pytest.fail(f"load({path}) blocked for {seconds} s")
+    return outcome["value"]
+
+
+@posix_only
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(fifo.name)
+    for path in (fifo, link):
+        error = load_with_timeout(path)  # was: blocked forever in open()
+        assert isinstance(error, mlstm_spec.WeightFileError), error
+        assert str(error) == (f"{path}: is a FIFO (named pipe), not a regular file; weight files are read only "
+                              "from regular files")
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/zero"])
+def test_a_device_is_refused_without_reading_it(device):
+    """/dev/zero was read until MemoryError, so it runs in a child process with a memory ceiling."""
+    if not os.path.exists(device) or not sys.platform.startswith("linux"):
+        pytest.skip(f"needs Linux's {device} and RLIMIT_AS")
+    code = (
+        "import resource, mlstm_spec, safetensors\n"
+        "used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+        f"try:\n    mlstm_spec.load({device!r})\n"
+        "except BaseException as error:\n    print(type(error).__name__, error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    assert result.stdout.strip() == (f"WeightFileError {device}: is a character device, not a regular file; "
+                                     "weight files are read only from regular files"), result.stderr
+
+
+def test_a_directory_is_refused(tmp_path):
+    assert_refused(tmp_path, r"is a directory, not a regular file")  # was IsADirectoryError
+
+
+@pytest.mark.parametrize("count", [20_000, 200_000])
+def test_a_header_of_too_many_entries_is_refused_before_it_is_parsed(saved, count):
+    """200,000 metadata keys (3.5 MB) took 5 s and 45 MB and loaded; 5 M keys took 36 s and 1.2 GB.
+    Above 16,384 entries a header is refused: with more strings than that many entries can hold,
+    before parsing (the file's bytes, read once for the header and once whole, are the peak);
+    otherwise right after parsing."""
+    path, _ = saved
+    _, meta = read(path)
+    rewrite(path, metadata=lambda meta: {**meta, **{f"user.{i}": "" for i in range(count)}})
+    entries, tensors = count + len(meta), 12
+    found = (f"{entries + tensors} entries" if count == 20_000
+             else f"{2 * entries + 1 + 5 * tensors} strings")  # "__metadata__", 5 per tensor entry
+    assert_refused(path, rf"its header holds {found}, more than {weight_io.MAX_HEADER_ENTRIES}",
+                   max_memory=3 * path.stat().st_size + 2**20 if count == 200_000 else None)
+
+
+def test_a_header_of_long_lists_is_refused_before_it_is_parsed(tmp_path):
+    """A 4 MB shape list took 13 times the file's size to parse (the numbers are counted first now)."""
+    path = tmp_path / "long.safetensors"
+    path.write_bytes(safetensors_bytes(json.dumps({"t": {"dtype": "F32", "shape": [1] * 2_000_000,
+                                                         "data_offsets": [0, 4]}}), b"\0" * 4))
+    assert_refused(path, r"its header holds 2000002 commas between values, more than",
+                   max_memory=3 * path.stat().st_size + 2**20)
+
+
+def test_a_header_over_the_size_limit_is_refused_unread(saved, tmp_path):
+    """A valid file whose header is padded with spaces (as safetensors itself pads) past the limit."""
+    path, layers = saved
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    pad = weight_io.MAX_HEADER_BYTES + 8 - length
+    padded = tmp_path / "padded.safetensors"
+    padded.write_bytes((length + pad).to_bytes(8, "little") + data[8 : 8 + length] + b" " * pad + data[8 + length :])
+    assert_refused(padded, rf"header claims {length + pad} bytes; headers of at most {weight_io.MAX_HEADER_BYTES} "
+                   "bytes are read", max_memory=2**16)
+    small_pad = tmp_path / "small-pad.safetensors"  # the same padding within the limit loads
+    small_pad.write_bytes((length + 64).to_bytes(8, "little") + data[8 : 8 + length] + b" " * 64 + data[8 + length :])
+    assert_bit_identical(mlstm_spec.load(small_pad).layers, layers)
+
+
+def test_duplicate_keys_are_refused(saved, tmp_path):
+    """JSON readers disagree on duplicates (Python keeps the last, others the first), so the same
+    checksummed file could hold different weights or options for different readers."""
+    path, _ = saved
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].decode()
+    _, meta = read(path)
+    doubled = header.replace('"__metadata__":{', '"__metadata__":{"user.k":"1","user.k":"2",', 1)
+    meta["user.k"] = "2"
+    tensors, _ = weight_io.read_raw(path)
+    new_checksum = weight_io.checksum(tensors, meta)
+    doubled = doubled.replace(meta["checksum"], new_checksum)
+    broken = tmp_path / "doubled.safetensors"
+    broken.write_bytes(safetensors_bytes(doubled, data[8 + length :]))
+    assert_refused(broken, r"not valid JSON: duplicate key 'user.k'")  # was loaded, with user.k = "2"
+
+
+def test_messages_quote_names_and_values_from_the_file_briefly(saved):
+    path, _ = saved
+    rewrite(path, tensors=add(**{"x" * 5000: np.zeros(3, np.float32)}))
+    assert_refused(path, r"unexpected \['xxxx[x]*'\.\.\. \(5000 characters\)\]")
+    rewrite(path, tensors=drop("x" * 5000), metadata=edit_meta(formulation="y" * 10**6))
+    assert_refused(path, r"metadata 'formulation' is 'yyyy[y]*'\.\.\. \(1000000 characters\), expected")
+
+
+def test_a_file_longer_than_its_header_says_is_refused_unread(saved, tmp_path):
+    """The size is compared with the header's offsets before the data is read (was: all read)."""
+    path, _ = saved
+    sparse = tmp_path / "sparse.safetensors"
+    sparse.write_bytes(path.read_bytes())
+    os.truncate(sparse, 64 * 2**20)
+    assert_refused(sparse, r"the header describes \d+ bytes of tensor data, the file holds 671\d+",
+                   max_memory=2**18)
 
 
 # ---- the optional dependency ----
