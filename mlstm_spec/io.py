@@ -248,7 +248,7 @@ def _tensor_names(options) -> list[str]:
 _ARRAY_ATTRIBUTES = ("__array__", "__array_interface__", "__dlpack__", "numpy")
 
 
-def _host_array(value, where: str) -> np.ndarray:
+def _host_array(value, where: str, widened: bool = False) -> np.ndarray:
     """``value`` as a NumPy array on the host, from NumPy or any framework's array, without importing
     a framework: its ``.numpy()`` (torch's ``force=True`` also detaches and copies from a GPU), then
     ``__array__``, then DLPack."""
@@ -263,14 +263,14 @@ def _host_array(value, where: str) -> np.ndarray:
         try:
             array = convert(value)
         except Exception as exc:  # a foreign method may raise anything; every route is tried
-            failures.append(f"{route}: {type(exc).__name__}: {exc}")
+            failures.append(f"{route}: {type(exc).__name__}: {_cut(str(exc))}")
             continue
         if isinstance(array, np.ndarray) and array.dtype != object:
             return _host_array(array, where)
     widen = getattr(value, "float", None)
-    if dtype_name(getattr(value, "dtype", "")) == "bfloat16" and callable(widen):
+    if not widened and dtype_name(getattr(value, "dtype", "")) == "bfloat16" and callable(widen):
         # torch's bfloat16 exports to no NumPy type; float32 holds every bfloat16 value exactly.
-        return _host_array(widen(), where)
+        return _host_array(widen(), where, widened=True)
     raise TypeError(f"{where}: could not copy this {type(value).__name__} to a NumPy array ("
                     + "; ".join(failures) + ")")
 
