@@ -308,6 +308,12 @@ def _gather_stack(layers) -> tuple[list, dict]:
         if isinstance(item, Mapping):
             return [item]
         if callable(to_canonical):
+            if getattr(item, "bidirectional", False) is True:
+                # its to_canonical() interleaves the directions, which would chain as a deeper stack
+                raise ValueError(
+                    f"{where} is a bidirectional {type(item).__name__}, which a weight file cannot hold (it "
+                    "holds one direction per layer); save each direction's layers on their own, e.g. "
+                    "layers.to_canonical()[0::2] and [1::2] for the forward and reverse directions")
             for name, value in _carried_options(item).items():
                 carried.setdefault(name, []).append(value)
             out = to_canonical()
@@ -382,7 +388,8 @@ def save(path, layers, *, integration_mode: str | None = None, metadata: Mapping
             framework's arrays (torch tensors, also with ``requires_grad`` or on a GPU; JAX arrays;
             TensorFlow tensors and variables). bfloat16 values are stored as float32, which holds
             them exactly. The bias flags and independent recurrence are read from the tensors
-            present; a stack must share them and one dtype.
+            present; a stack must share them and one dtype. A bidirectional layer is refused (a file
+            holds one direction per layer).
         integration_mode: ``"addition"`` or ``"multiplicative_integration"``: how the layers combine
             the input and multiplicative projections (not visible in the tensors). ``None`` (the
             default) takes it from the layer objects given, and is ``"addition"`` for plain mappings;

@@ -410,8 +410,8 @@ class ExportsNoBfloat16:
 
 
 class FakeLayer:
-    def __init__(self, layers, integration_mode):
-        self.layers, self.integration_mode = layers, integration_mode
+    def __init__(self, layers, integration_mode, bidirectional=False):
+        self.layers, self.integration_mode, self.bidirectional = layers, integration_mode, bidirectional
 
     def to_canonical(self):
         return [dict(layer) for layer in self.layers]
@@ -458,7 +458,10 @@ def test_save_takes_layers_and_their_integration_mode(tmp_path):
     with pytest.raises(ValueError, match=r"integration_mode='addition' contradicts the layers' own "
                                          r"integration_mode 'multiplicative_integration'"):
         mlstm_spec.save(path, FakeLayer([first], "multiplicative_integration"), integration_mode="addition")
-    with pytest.raises(ValueError, match=r"layers mix integration_mode values \[.addition., .multiplicative_integration.\]"):
+    # a bidirectional layer's mappings (forward, reverse) would chain as a deeper stack when I = H
+    with pytest.raises(ValueError, match=r"layers is a bidirectional FakeLayer, which a weight file cannot"):
+        mlstm_spec.save(path, FakeLayer([second, second], "addition", bidirectional=True))
+    with pytest.raises(ValueError, match=r"layers mix integration_mode values \[.addition., .multiplicative_int"):
         mlstm_spec.save(path, [FakeLayer([first], "addition"), FakeLayer([second], "multiplicative_integration")])
 
 
@@ -498,6 +501,8 @@ def test_save_takes_torch_modules_and_tensors(tmp_path, device):
     # a mapping of the module's own parameters (requires_grad, maybe on a GPU)
     mlstm_spec.save(path, model.layer_parameters(0))
     assert_bit_identical(mlstm_spec.load(path).layers, model.to_canonical()[:1])
+    with pytest.raises(ValueError, match="bidirectional MLSTM, which a weight file cannot hold"):
+        mlstm_spec.save(path, bt.MLSTM(4, 4, bidirectional=True))  # I = H: it would chain as two layers
     # bfloat16 tensors, which export to no NumPy type: stored as float32, exactly
     narrow = {name: p.detach().to(torch.bfloat16) for name, p in model.layer_parameters(1).items()}
     mlstm_spec.save(path, narrow)
