@@ -74,8 +74,11 @@ def fake_backends(monkeypatch):
 
 
 def run(capsys, *argv, tmp_path=None):
-    """Run the runner in-process; returns (exit status, stdout, stderr, JSON report or None)."""
+    """Run the runner in-process; returns (exit status, stdout, stderr, JSON report or None). The
+    small tier only, unless ``--tiers`` is given (the large tier is tested on its own)."""
     argv = list(argv)
+    if "--tiers" not in argv:
+        argv += ["--tiers", "small"]
     report_path = None
     if tmp_path is not None:
         report_path = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
@@ -141,8 +144,10 @@ def test_devices_option_selects_by_kind(capsys, fake_backends, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--devices", "gpu"], "no GPU visible to torch"),
-    (["--devices", "cuda:3"], "torch does not see a device 'cuda:3'"),
+    (["--devices", "gpu"], "no selected implementation sees a GPU (torch sees: cpu)"),
+    (["--backends", "torch", "--devices", "gpu"], "no GPU visible to torch"),
+    (["--devices", "cuda:3"], "no selected implementation sees cuda:3"),
+    (["--backends", "torch", "--devices", "cuda:3"], "torch does not see a device 'cuda:3'"),
     (["--backends", "jax"], "--backends requests jax, but jax is not installed (fake)"),
     (["--backends", "spec", "--devices", "gpu"], "runs on the CPU only"),
 ])
@@ -152,6 +157,28 @@ def test_requested_but_unavailable_is_an_error(capsys, fake_backends, argv, mess
     assert status == 2
     assert message in err
     assert out == ""  # nothing ran
+
+
+def test_devices_gpu_checks_the_backends_with_a_gpu_and_skips_the_others(capsys, fake_backends, tmp_path):
+    fake_backends(torch=fake_backend("torch", devices=("cpu", "cuda:0")), jax=fake_backend("jax"))
+    status, out, err, report = run(capsys, "--devices", "gpu", "--max-examples", "2", tmp_path=tmp_path)
+    assert status == 0, out + err
+    assert {r["status"] for r in rows(report, implementation="torch", device="cuda:0")} == {"pass"}
+    (jax_row,) = rows(report, implementation="jax")
+    assert jax_row["status"] == "skip" and jax_row["device"] == "gpu"
+    assert jax_row["message"] == "no GPU visible to jax (it sees: cpu)"
+
+
+def test_the_torch_cpu_loops_are_asked_about_only_when_torch_cpu_rows_ran(capsys, fake_backends, tmp_path):
+    asked = []
+    module = fake_backend("torch", devices=("cpu", "cuda:0"))
+    module.compiled_cpu_loops = lambda: asked.append(1) or (True, "compiled for the test")
+    module.versions = lambda: {"backends.torch CPU loops": module.compiled_cpu_loops()[1]}  # as backends.torch
+    fake_backends(torch=module)
+    report = run(capsys, "--devices", "gpu", "--max-examples", "2", tmp_path=tmp_path)[3]
+    assert asked == [] and "backends.torch CPU loops" not in report["metadata"]["versions"]
+    report = run(capsys, "--devices", "cpu", "--backends", "torch", "--max-examples", "2", tmp_path=tmp_path)[3]
+    assert asked == [1] and report["metadata"]["versions"]["backends.torch CPU loops"] == "compiled for the test"
 
 
 def test_a_broken_backend_is_a_failure_not_a_skip(capsys, fake_backends, tmp_path):
@@ -194,6 +221,7 @@ def test_dtype_an_implementation_does_not_offer_is_a_skip_row(capsys, fake_backe
     ["--seed", "-1"], ["--profile", "nope"], ["--impl", "no_colon"], ["--impl", "no_such_module_xyz:make"],
     ["--impl", "mlstm_spec.conformance.defects:NoSuchFactory"], ["--impl", "mlstm_spec:__version__"],
     ["--json", "/no/such/directory/report.json"], ["--markdown", "/no/such/directory/report.md"],
+    ["--timeout", "-1"], ["--timeout", "soon"], ["--tiers", "huge"],
 ])
 def test_usage_errors_exit_2(capsys, fake_backends, argv):
     status, out, err, _ = run(capsys, *argv)
@@ -286,8 +314,10 @@ def test_failure_report_has_the_smallest_example_as_code_that_reproduces_it(caps
                                    "--dtypes", "float64", "--seed", "0", "--markdown", str(markdown_path),
                                    tmp_path=tmp_path)
     assert status == 1
-    (failed,) = rows(report, status="fail")
-    assert failed["check"] == "outputs" and failed["worst_error"] > failed["tolerance"]
+    failed = {r["check"]: r for r in rows(report, status="fail")}
+    assert set(failed) == {"outputs", "final_state"}  # the state after step 1 is wrong: both show it
+    failed = failed["outputs"]
+    assert failed["worst_error"] > failed["tolerance"]
     code = failed["reproducer"]
     assert "ADAPTER = mlstm_spec.conformance.defects.StateNotCarried()" in code
     case = eval(re.search(r"reproduce\(ADAPTER, (Case\(.*?\))\)", code).group(1), {"Case": Case})
@@ -316,6 +346,126 @@ def test_reproducer_of_an_outside_implementation_runs_from_anywhere(capsys, fake
     assert done.returncode == 1 and "ConformanceError" in done.stderr and "h_T" in done.stderr
 
 
+def test_two_distinct_failures_are_reported_each_with_its_reproducer(capsys, fake_backends, tmp_path, monkeypatch):
+    write_module(tmp_path, "my_two_bugs_adapter", """
+        from mlstm_spec.conformance.defects import SpecAdapter
+
+        class TwoBugs(SpecAdapter):
+            name = "two-bugs"
+
+            def forward(self, params, xs, state, *, integration_mode):
+                if xs.shape[-2] >= 3:
+                    raise ValueError("sequences longer than 2 steps are not supported")
+                hs, final = super().forward(params, xs, state, integration_mode=integration_mode)
+                return (hs * 1.5 if hs.shape[-1] >= 2 else hs), final
+    """)
+    monkeypatch.chdir(tmp_path)
+    status, out, err, report = run(capsys, "--impl", "my_two_bugs_adapter:TwoBugs", "--dtypes", "float64",
+                                   "--seed", "0", "--no-diagnosis", tmp_path=tmp_path)
+    assert status == 1
+    (outputs,) = rows(report, check="outputs")
+    assert sorted(f["kind"] for f in outputs["failures"]) == ["mismatch", "raised ValueError"]
+    assert out.count("FAIL: two-bugs on cpu, float64 check 'outputs'") == 2
+    raised = []
+    for failure in outputs["failures"]:
+        assert failure["reproducer"].splitlines()[-1] in out
+        with pytest.raises(ConformanceError) as error:
+            exec(failure["reproducer"], {})
+        raised.append(str(error.value))
+    assert any("raised ValueError" in m for m in raised) and any("but should be" in m for m in raised)
+    assert "the suite could not run" not in out
+
+
+def test_an_adapter_calling_sys_exit_0_is_a_failure_and_the_report_is_still_written(
+        capsys, fake_backends, tmp_path, monkeypatch):
+    write_module(tmp_path, "my_exiting_adapter", """
+        import sys
+        from mlstm_spec.conformance.defects import SpecAdapter
+
+        class Exiting(SpecAdapter):
+            name = "exiting"
+
+            def forward(self, params, xs, state, *, integration_mode):
+                sys.exit(0)
+    """)
+    monkeypatch.chdir(tmp_path)
+    status, out, err, report = run(capsys, "--impl", "my_exiting_adapter:Exiting", "--dtypes", "float64",
+                                   "--max-examples", "3", "--no-diagnosis", tmp_path=tmp_path)
+    assert status == 1
+    assert {r["check"]: r["status"] for r in report["results"]} == {
+        "outputs": "fail", "final_state": "fail", "gradients": "pass"}
+    assert "forward() raised SystemExit: 0" in out and "1 failed" not in out and "2 failed" in out
+
+
+def test_a_hanging_adapter_times_out_and_the_run_goes_on(capsys, fake_backends, tmp_path, monkeypatch):
+    write_module(tmp_path, "my_hanging_adapter", """
+        import threading
+        from mlstm_spec.conformance.defects import SpecAdapter
+
+        RELEASE = threading.Event()
+
+        class Hanging(SpecAdapter):
+            name = "hanging"
+
+            def forward(self, params, xs, state, *, integration_mode):
+                RELEASE.wait(60)
+                return super().forward(params, xs, state, integration_mode=integration_mode)
+    """)
+    monkeypatch.chdir(tmp_path)
+    try:
+        status, out, err, report = run(capsys, "--impl", "my_hanging_adapter:Hanging", "--impl",
+                                       "mlstm_spec.conformance.defects:SpecAdapter", "--dtypes", "float64",
+                                       "--max-examples", "3", "--timeout", "0.5", tmp_path=tmp_path)
+    finally:
+        sys.modules["my_hanging_adapter"].RELEASE.set()
+    assert status == 1
+    hanging = {r["check"]: r for r in rows(report, implementation="hanging")}
+    assert hanging["outputs"]["status"] == "fail" and "did not return" in hanging["outputs"]["message"]
+    assert hanging["gradients"]["status"] == "skip" and "not called again" in hanging["gradients"]["message"]
+    assert {r["status"] for r in rows(report, implementation="mlstm_spec")} == {"pass"}
+    assert report["metadata"]["timeout_s"] == 0.5
+    assert report["diagnoses"] == []  # an abandoned adapter is not called again, not even to diagnose it
+
+
+def test_an_unwritable_report_path_is_refused_before_the_run(capsys, fake_backends, tmp_path):
+    status, out, err, _ = run(capsys, "--backends", "spec", "--json", str(tmp_path))
+    assert status == 2 and "is a directory" in err and out == ""
+    status, out, err, _ = run(capsys, "--backends", "spec", "--markdown", str(tmp_path / "no" / "r.md"))
+    assert status == 2 and "does not exist" in err and out == ""
+    unwritable = Path("/proc/version")  # exists, cannot be opened for writing (Linux)
+    if not unwritable.exists():
+        pytest.skip("needs Linux's /proc/version as a path that cannot be written")
+    status, out, err, _ = run(capsys, "--backends", "spec", "--json", str(unwritable))
+    assert status == 2 and "cannot be written" in err and out == ""
+
+
+def test_a_failing_implementation_is_diagnosed(capsys, fake_backends, tmp_path):
+    argv = ["--impl", "mlstm_spec.conformance.defects:IhBlocksPermuted", "--dtypes", "float32",
+            "--max-examples", "3", "--seed", "1"]
+    status, out, err, report = run(capsys, *argv, tmp_path=tmp_path)
+    assert status == 1
+    (diagnosis,) = report["diagnoses"]
+    assert diagnosis["implementation"] == "defect:ih-blocks-permuted" and diagnosis["dtype"] == "float32"
+    assert diagnosis["matches"] == ["ih-gate-order-mifzo"]
+    assert "DIAGNOSIS: defect:ih-blocks-permuted on cpu" in out and "m, i, f, z, o" in out
+    assert run(capsys, *argv, "--no-diagnosis", tmp_path=tmp_path)[3]["diagnoses"] == []
+
+
+def test_the_large_tier_is_part_of_a_default_run_with_a_fixed_count(capsys, fake_backends, tmp_path):
+    from mlstm_spec.conformance.cases import LARGE_SHAPES
+
+    status, out, err, report = run(capsys, "--backends", "spec", "--dtypes", "float64", "--max-examples", "2",
+                                   "--tiers", "small,large", "--seed", "4", tmp_path=tmp_path)
+    assert status == 0
+    assert report["metadata"]["large_tier"] == [str(s) for s in LARGE_SHAPES["default"]]
+    # the spec adapter takes single layers only: the stack is not run, and the row says so
+    assert {r["check"]: r["examples_by_tier"]["large"] for r in report["results"]} == dict.fromkeys(
+        ("outputs", "final_state", "gradients"), len(LARGE_SHAPES["default"]) - 1)
+    assert "2 layers (supports() declines it)" in out and "2+5" in out
+    report = run(capsys, "--backends", "spec", "--dtypes", "float64", "--tiers", "large", tmp_path=tmp_path)[3]
+    assert {r["examples_by_tier"]["small"] for r in report["results"]} == {0}
+
+
 def test_json_report_carries_run_metadata(capsys, fake_backends, tmp_path):
     fake_backends(torch=fake_backend("torch"))
     status, out, err, report = run(capsys, "--backends", "torch", "--max-examples", "4", "--seed", "9",
@@ -325,8 +475,10 @@ def test_json_report_carries_run_metadata(capsys, fake_backends, tmp_path):
     assert {"numpy", "hypothesis", "python", "mlstm_spec"} <= set(meta["versions"])
     assert set(meta["devices"]) == {"torch cpu"} and meta["devices"]["torch cpu"]
     assert meta["examples"] == {"torch cpu float64": 4, "torch cpu float32": 4}
+    assert meta["examples_by_tier"]["torch cpu float64"] == {"small": 4, "large": 0}
     assert meta["wall_time_s"] > 0 and meta["date"]
     assert report["summary"] == {"pass": 6, "fail": 0, "skip": 1, "exit_status": 0}  # skip: no GPU
+    assert report["diagnoses"] == []
 
 
 # ---- Hypothesis settings: seed, profile, max examples ----
@@ -437,6 +589,57 @@ def test_without_hypothesis_it_says_what_to_install(tmp_path):
     done = subprocess.run([sys.executable, "-c", hide + "main(['--help'])"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "exit status" in done.stdout and "--impl" in done.stdout
+
+
+def _install_plugin(tmp_path, monkeypatch, entries: str, outputs_scale: float = 1.0):
+    """A distribution on sys.path (a dist-info folder, no pip) registering adapters: the spec, with
+    its outputs multiplied by ``outputs_scale``."""
+    dist = tmp_path / "my_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{runner.ENTRY_POINT_GROUP}]\n{entries}\n")
+    write_module(tmp_path, "my_plugin_mod", f"""
+        from mlstm_spec.conformance.defects import SpecAdapter
+
+        class Plugged(SpecAdapter):
+            name = "plugged-impl"
+            dtypes = ("float64",)
+
+            def forward(self, params, xs, state, *, integration_mode):
+                hs, final = super().forward(params, xs, state, integration_mode=integration_mode)
+                return hs * {outputs_scale}, final
+
+        def make():
+            return Plugged()
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_registered_adapters_are_checked_without_impl(capsys, fake_backends, tmp_path, monkeypatch):
+    _install_plugin(tmp_path, monkeypatch, "plugged = my_plugin_mod:make\nbroken = my_plugin_mod:nothing_here")
+    status, out, err, report = run(capsys, "--max-examples", "2", tmp_path=tmp_path)
+    assert status == 1  # the broken registration is a failure, like a broken backend
+    assert {r["status"] for r in rows(report, implementation="plugged-impl")} == {"pass"}
+    (broken,) = rows(report, implementation="broken")
+    assert broken["status"] == "fail" and "my_plugin_mod:nothing_here" in broken["message"]
+
+    status, out, err, report = run(capsys, "--backends", "plugged", "--max-examples", "2", tmp_path=tmp_path)
+    assert status == 0  # a registered adapter counts as an implementation
+    assert {r["implementation"] for r in report["results"]} == {"plugged-impl"}
+    impl_only = run(capsys, "--impl", "mlstm_spec.conformance.defects:SpecAdapter", "--max-examples", "2",
+                    tmp_path=tmp_path)[3]
+    assert {r["implementation"] for r in impl_only["results"]} == {"mlstm_spec"}  # --impl alone: only it
+
+
+def test_the_reproducer_of_a_registered_adapter_imports_it(capsys, fake_backends, tmp_path, monkeypatch):
+    _install_plugin(tmp_path, monkeypatch, "plugged = my_plugin_mod:make", outputs_scale=2.0)
+    status, out, err, report = run(capsys, "--backends", "plugged", "--max-examples", "3", "--seed", "1",
+                                   "--no-diagnosis", tmp_path=tmp_path)
+    assert status == 1
+    (outputs,) = rows(report, check="outputs")
+    assert outputs["reproducer"].startswith("import my_plugin_mod\nADAPTER = my_plugin_mod.make()\n")
+    with pytest.raises(ConformanceError, match="but should be"):
+        exec(outputs["reproducer"], {})
 
 
 # ---- the worked example: torchrecurrent ----

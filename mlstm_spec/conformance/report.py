@@ -31,6 +31,9 @@ class Report:
     results: list
     metadata: dict = field(default_factory=dict)
     exit_status: int = EXIT_PASS
+    #: one entry per failing implementation and device: {"implementation", "device", "dtype", "text",
+    #: "matches", "errors", ...} (see mlstm_spec.conformance.diagnosis)
+    diagnoses: list = field(default_factory=list)
 
     def counts(self) -> dict:
         out = {"pass": 0, "fail": 0, "skip": 0}
@@ -55,6 +58,7 @@ class Report:
             "metadata": self.metadata,
             "summary": self.counts() | {"exit_status": self.exit_status},
             "results": [_as_dict(r) for r in self.results],
+            "diagnoses": _finite(self.diagnoses),
         }
 
 
@@ -68,12 +72,18 @@ def describe_exit(status: int) -> str:
 
 
 def _as_dict(result) -> dict:
-    out = result.as_dict() if hasattr(result, "as_dict") else dict(vars(result))
-    # JSON has no inf/nan: a crash or NaN output is reported as the string "inf"/"nan"
-    for key, value in out.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            out[key] = str(value)
-    return out
+    return _finite(result.as_dict() if hasattr(result, "as_dict") else dict(vars(result)))
+
+
+def _finite(value):
+    """JSON has no inf/nan: a crash or NaN output is reported as the string "inf"/"nan"."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def format_error(value) -> str:
@@ -95,34 +105,57 @@ def group_status(group) -> str:
     return "fail" if "fail" in statuses else "pass" if "pass" in statuses else "skip"
 
 
+def _exceeded(result) -> bool:
+    """Whether the result failed on its numbers (rather than by crashing or a wrong shape or dtype)."""
+    ratio = getattr(result, "worst_ratio", None)
+    if ratio:
+        return ratio > 1
+    return result.tolerance is not None and not result.worst_error <= result.tolerance
+
+
 def _check_cell(result) -> str:
     if result is None:
         return "-"
     if result.status == "skip":
-        return "skip"
+        return "not run"
     if result.check in CHECKS and result.examples == 0:
         return "FAIL" if result.status == "fail" else "-"
-    if result.status == "fail" and result.worst_error <= result.tolerance:
+    if result.status == "fail" and not _exceeded(result):
         return "FAIL"  # it crashed, or returned the wrong shape or dtype: the note says which
     value = format_error(result.worst_error)
     return f"{value} FAIL" if result.status == "fail" else value
 
 
-def _note(group) -> str:
-    """Why a row was skipped, where it failed, or which of its checks were skipped."""
+def _examples_cell(ran) -> str:
+    if not ran:
+        return "-"
+    tiers = [getattr(r, "examples_by_tier", None) or {} for r in ran]
+    if any(tiers):
+        small = max(t.get("small", 0) for t in tiers)
+        large = max(t.get("large", 0) for t in tiers)
+        return f"{small}+{large}"
+    return str(max(r.examples for r in ran))
+
+
+def _note(group, limit: int | None = 120) -> str:
+    """Why a row was skipped, where it failed, or which of its checks were not run."""
     notes = []
     for result in group:
         label = f"{result.check}: " if result.check in CHECKS else ""
         if result.status == "fail":
-            exceeded = (result.worst_at and result.tolerance is not None
-                        and not result.worst_error <= result.tolerance)
-            text = f"worst at {result.worst_at}" if exceeded else (result.message.splitlines() or [""])[0]
+            text = f"worst at {result.worst_at}" if result.worst_at and _exceeded(result) else (
+                result.message.splitlines() or [""])[0]
+            failures = len(getattr(result, "failures", None) or [])
+            if failures > 1:
+                text += f" ({failures} distinct failures)"
             notes.append(label + text)
         elif result.status == "skip" and result.message and not (
                 group_status(group) == "pass" and result.check not in CHECKS):
             notes.append(label + result.message)
+        elif result.status == "pass" and result.message and result.message not in notes:
+            notes.append(result.message)  # checked, but not in every example: say which were not run
     text = "; ".join(notes)
-    return text if len(text) <= 120 else text[:117] + "..."
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
 def row(group) -> tuple[str, ...]:
@@ -130,17 +163,26 @@ def row(group) -> tuple[str, ...]:
     first = group[0]
     by_check = {r.check: r for r in group}
     ran = [r for r in group if r.check in CHECKS and r.status != "skip"]
+    rule = next((getattr(r, "tolerance_rule", "") for r in group if getattr(r, "tolerance_rule", "")), "")
     tolerance = next((r.tolerance for r in group if r.tolerance is not None), None)
     return (
         first.implementation,
         first.device,
         first.dtype,
         *(_check_cell(by_check.get(c)) for c in CHECKS),
-        f"{tolerance:.0e}" if tolerance is not None else "-",
-        str(max(r.examples for r in ran)) if ran else "-",
+        rule or (f"{tolerance:.0e}" if tolerance is not None else "-"),
+        _examples_cell(ran),
         RESULT_WORDS[group_status(group)],
         _note(group),
     )
+
+
+def failure_entries(result) -> list:
+    """``(message, reproducer)`` of every distinct failure of a result."""
+    failures = getattr(result, "failures", None) or []
+    if failures:
+        return [(f["message"], f.get("reproducer", "")) for f in failures]
+    return [(result.message, result.reproducer)]
 
 
 def failure_title(result) -> str:
@@ -165,12 +207,34 @@ def plain_table(results) -> str:
 
 def plain_text(report: Report) -> str:
     parts = [plain_table(report.results)]
+    notes = _long_notes(report)
+    if notes:
+        parts.append("Notes:\n" + "\n".join(f"  {where}: {text}" for where, text, _ in notes))
     for result in report.failures():
-        parts.append(f"FAIL: {failure_title(result)}\n{_indent(result.message)}")
-        if result.reproducer:
-            parts.append("Reproduce with:\n" + _indent(result.reproducer))
+        for message, code in failure_entries(result):
+            parts.append(f"FAIL: {failure_title(result)}\n{_indent(message)}")
+            if code:
+                parts.append("Reproduce with:\n" + _indent(code))
+    for diagnosis in report.diagnoses:
+        parts.append(f"DIAGNOSIS: {_diagnosis_title(diagnosis)}\n{_indent(diagnosis['text'])}")
     parts.append(_footer(report))
     return "\n\n".join(parts) + "\n"
+
+
+def _diagnosis_title(diagnosis) -> str:
+    return f"{diagnosis['implementation']} on {diagnosis['device']} ({diagnosis['dtype']})"
+
+
+def _long_notes(report: Report) -> list:
+    """The notes the table cut short, in full: (where, text, status)."""
+    out = []
+    for group in groups(report.results):
+        full = _note(group, limit=None)
+        if full != _note(group):
+            first = group[0]
+            out.append((f"{first.implementation} {first.device} {first.dtype}".replace(" -", ""), full,
+                        group_status(group)))
+    return out
 
 
 def _indent(text: str, prefix: str = "    ") -> str:
@@ -222,7 +286,7 @@ def print_rich(report: Report, console) -> None:
         table.add_row(*rendered)
         if cells["note"]:
             notes.append((f"{cells['implementation']} {cells['device']} {cells['dtype']}".replace(" -", ""),
-                          cells["note"], group_status(group)))
+                          _note(group, limit=None), group_status(group)))
     if Measurement.get(console, console.options.update_width(100_000), table).maximum <= console.width:
         console.print(table)
     else:  # a terminal too narrow for the table: the plain one, whose long lines the terminal wraps
@@ -234,12 +298,17 @@ def print_rich(report: Report, console) -> None:
             console.print(Text.assemble("  ", (where, styles[status]), ": ", text))
         console.print()
     for result in report.failures():
-        console.print(Text(f"FAIL: {failure_title(result)}", style="bold red"))
-        console.print(Text(_indent(result.message)))
-        if result.reproducer:
-            console.print("Reproduce with:")
-            # soft_wrap: long lines are left whole (the terminal wraps them), so the code copies intact
-            console.print(Text(_indent(result.reproducer), style="cyan"), soft_wrap=True)
+        for message, code in failure_entries(result):
+            console.print(Text(f"FAIL: {failure_title(result)}", style="bold red"))
+            console.print(Text(_indent(message)))
+            if code:
+                console.print("Reproduce with:")
+                # soft_wrap: long lines are left whole (the terminal wraps them), so the code copies intact
+                console.print(Text(_indent(code), style="cyan"), soft_wrap=True)
+            console.print()
+    for diagnosis in report.diagnoses:
+        console.print(Text(f"DIAGNOSIS: {_diagnosis_title(diagnosis)}", style="bold magenta"))
+        console.print(Text(_indent(diagnosis["text"])))
         console.print()
     style = "bold red" if report.failures() else ("green" if report.exit_status == EXIT_PASS else "yellow")
     console.print(Text(_footer(report), style=style))
@@ -265,19 +334,29 @@ def markdown(report: Report) -> str:
         ("devices", ", ".join(f"{k}: {v}" for k, v in meta.get("devices", {}).items())),
     ]
     lines += [f"- **{name}**: {_md_cell(str(value))}" for name, value in facts if value not in (None, "")]
-    lines += ["", "Each check column holds the worst relative error over the examples run "
-              "(see mlstm_spec/conformance/tolerances.py for the metric).", "",
+    lines += ["", "Each check column holds the worst relative error over the examples run; the examples "
+              "column counts small-tier + large-tier examples; below float64 each example's tolerance is "
+              "k times the spec's own error in that dtype on it, between a floor and the fixed ceiling "
+              "(see mlstm_spec/conformance/tolerances.py).", "",
               "| " + " | ".join(COLUMNS) + " |",
               "|" + "|".join("---:" if c in NUMERIC else "---" for c in COLUMNS) + "|"]
     for group in groups(report.results):
         lines.append("| " + " | ".join(_md_cell(cell) for cell in row(group)) + " |")
+    notes = _long_notes(report)
+    if notes:
+        lines += ["", "Notes in full:", ""] + [f"- **{where}**: {_md_cell(text)}" for where, text, _ in notes]
     failures = report.failures()
     if failures:
         lines += ["", "## Failures"]
         for result in failures:
-            lines += ["", f"### {failure_title(result)}", "", "```text", result.message, "```"]
-            if result.reproducer:
-                lines += ["", "Reproduce with:", "", "```python", result.reproducer, "```"]
+            for message, code in failure_entries(result):
+                lines += ["", f"### {failure_title(result)}", "", "```text", message, "```"]
+                if code:
+                    lines += ["", "Reproduce with:", "", "```python", code, "```"]
+    if report.diagnoses:
+        lines += ["", "## Diagnosis"]
+        for diagnosis in report.diagnoses:
+            lines += ["", f"- **{_diagnosis_title(diagnosis)}**: {_md_cell(diagnosis['text'])}"]
     lines += ["", report.summary(), ""]
     return "\n".join(lines)
 

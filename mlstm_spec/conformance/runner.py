@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .calls import DEFAULT_TIMEOUT
 from .report import (EXIT_FAIL, EXIT_NOTHING_CHECKED, EXIT_PASS, EXIT_USAGE, Report, markdown, plain_text,
                      print_rich, to_json)
 from .tolerances import DTYPES, device_kind
@@ -41,6 +42,8 @@ FRAMEWORK_BACKENDS = tuple(BACKENDS)
 BACKEND_NAMES = (SPEC,) + FRAMEWORK_BACKENDS
 ALIASES = {"spec": SPEC, "tf": "tensorflow"}
 PROFILES = ("default", "ci", "thorough")
+#: Outside packages register adapter factories here (see docs/conformance.md, "Entry points").
+ENTRY_POINT_GROUP = "mlstm_spec.conformance_adapters"
 INSTALL_HINT = "pip install 'mlstm-spec[conformance]'"
 
 EPILOG = f"""\
@@ -92,6 +95,16 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    return value
+
+
 def _describe_profiles() -> str:
     try:
         from .profiles import EXAMPLES
@@ -128,10 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"Hypothesis profile: {_describe_profiles()} (default: $MLSTM_PROFILE, "
                              "else ci when $CI is set, else default)")
     parser.add_argument("--max-examples", type=_int_at_least(1), metavar="N",
-                        help="examples per implementation, device and dtype (overrides the profile)")
+                        help="small-tier examples per implementation, device and dtype (overrides the profile)")
+    parser.add_argument("--tiers", type=_comma_list, metavar="LIST", default=["small", "large"],
+                        help="which size tiers to run: small (drawn and shrunk by Hypothesis), large (the "
+                             "profile's fixed list of realistic shapes); default: both")
     parser.add_argument("--seed", type=_int_at_least(0), metavar="N",
                         help="draw the examples from this seed, so that the run is reproducible (a run "
                              "without --seed draws one and prints it)")
+    parser.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=None,
+                        help=f"a call into an implementation that has not returned after this many seconds "
+                             f"is a failure of that implementation, which is then not called again "
+                             f"(default: {DEFAULT_TIMEOUT:g}; 0: no limit)")
+    parser.add_argument("--no-diagnosis", action="store_true",
+                        help="do not try the known mLSTM variants on an implementation that fails")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
     return parser
@@ -150,12 +172,15 @@ class Target:
     setup: str  # Python that builds ADAPTER, for the reproducers
     counts: bool = True  # False: the spec's own path in a default run (not an implementation)
     backend: str | None = None
+    abandoned: bool = False  # a call timed out: not called again (no diagnosis either)
+    module: object = None  # the backends.<name> module of a backend target
 
 
 @dataclass
 class Plan:
     targets: list = field(default_factory=list)
     rows: list = field(default_factory=list)  # skip rows, and fail rows of backends that broke on setup
+    seen: dict = field(default_factory=dict)  # backend -> the devices it sees
 
 
 def _skip_row(implementation, device, reason, dtype="-", check="-"):
@@ -174,11 +199,15 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _select_backends(requested: list | None, impls: list) -> tuple[list, bool]:
-    """Backend names to check, and whether the user named them (then each must be available)."""
+def _select_backends(requested: list | None, impls: list, plugins=None) -> tuple[list, bool]:
+    """Names to check (backends, then registered adapters), and whether the user named them (then
+    each must be available)."""
+    plugins = plugins or {}
+    everything = list(BACKEND_NAMES) + [name for name in plugins if name not in BACKEND_NAMES]
     if requested is None:
-        return ([] if impls else list(BACKEND_NAMES)), False
-    names = [ALIASES.get(name.lower(), name.lower()) for name in requested]
+        return ([] if impls else everything), False
+    names = [ALIASES.get(name.lower(), name.lower()) if name.lower() in ALIASES or name.lower() in BACKEND_NAMES
+             else name for name in requested]
     if "none" in names:
         if len(names) > 1:
             raise UsageError("--backends none cannot be combined with other names")
@@ -186,33 +215,35 @@ def _select_backends(requested: list | None, impls: list) -> tuple[list, bool]:
     if "all" in names:
         if len(names) > 1:
             raise UsageError("--backends all cannot be combined with other names")
-        return list(BACKEND_NAMES), False
-    unknown = [n for n in names if n not in BACKEND_NAMES]
+        return everything, False
+    unknown = [n for n in names if n not in everything]
     if unknown:
         raise UsageError(f"--backends: unknown backend(s) {', '.join(unknown)}; "
-                         f"choose from {', '.join(BACKEND_NAMES)}, all, none")
+                         f"choose from {', '.join(everything)}, all, none")
     return list(dict.fromkeys(names)), True
 
 
-def _wanted_devices(backend: str, seen: list, requested: list | None) -> list:
-    """The devices of ``seen`` that ``requested`` names; a requested one that is not seen is an error."""
+def _wanted_devices(backend: str, seen: list, requested: list | None, explicit: bool) -> tuple[list, list]:
+    """The devices of ``seen`` that ``requested`` names, and the requested ones it does not see. A
+    backend the user named (``explicit``) must see every device asked for; another one that does not
+    is a skip row, so that ``--devices gpu`` checks the backends that have a GPU."""
     if requested is None:
-        return list(seen)
-    chosen = []
+        return list(seen), []
+    chosen, absent = [], []
     for token in requested:
         lowered = token.lower()
         if lowered in ("cpu", "gpu"):
             matches = [d for d in seen if device_kind(d) == lowered]
-            if not matches:
-                raise UsageError(f"--devices {token}: no {lowered.upper()} visible to {backend} "
-                                 f"(it sees: {', '.join(seen) or 'nothing'})")
+            problem = f"no {lowered.upper()} visible to {backend}"
         else:
             matches = [d for d in seen if d.lower() == lowered]
-            if not matches:
-                raise UsageError(f"--devices {token}: {backend} does not see a device {token!r} "
-                                 f"(it sees: {', '.join(seen) or 'nothing'})")
+            problem = f"{backend} does not see a device {token!r}"
+        if not matches:
+            if explicit:
+                raise UsageError(f"--devices {token}: {problem} (it sees: {', '.join(seen) or 'nothing'})")
+            absent.append((token, f"{problem} (it sees: {', '.join(seen) or 'nothing'})"))
         chosen += [d for d in matches if d not in chosen]
-    return chosen
+    return chosen, absent
 
 
 def _add_target(plan: Plan, target: Target, requested_dtypes: list | None) -> None:
@@ -260,7 +291,10 @@ def _plan_backend(plan: Plan, name: str, args, explicit: bool) -> None:
     except Exception as exc:  # the framework is installed but the backend is broken: a failure
         plan.rows.append(_fail_row(name, "-", f"backends.{name} could not be loaded: {_error_text(exc)}"))
         return
-    devices = _wanted_devices(name, seen, args.devices)
+    plan.seen[name] = seen
+    devices, absent = _wanted_devices(name, seen, args.devices, explicit)
+    for token, why in absent:
+        plan.rows.append(_skip_row(name, token.lower() if token.lower() in ("cpu", "gpu") else token, why))
     if args.devices is None and not any(device_kind(d) == "gpu" for d in seen):
         plan.rows.append(_skip_row(name, "gpu", f"no GPU visible to {name}"))
     for device in devices:
@@ -271,7 +305,42 @@ def _plan_backend(plan: Plan, name: str, args, explicit: bool) -> None:
                                                      f"raised {_error_text(exc)}"))
             continue
         setup = f"from backends.{name} import ConformanceAdapter\nADAPTER = ConformanceAdapter({device!r})"
-        _add_target(plan, Target(name, device, adapter, [], setup, backend=name), args.dtypes)
+        _add_target(plan, Target(name, device, adapter, [], setup, backend=name, module=module), args.dtypes)
+
+
+# ---- outside implementations: --impl and the entry-point group ----
+
+def entry_points() -> list:
+    """The adapters registered by installed distributions in :data:`ENTRY_POINT_GROUP`."""
+    found = importlib.metadata.entry_points()
+    group = (found.select(group=ENTRY_POINT_GROUP) if hasattr(found, "select")
+             else found.get(ENTRY_POINT_GROUP, []))
+    return sorted(group, key=lambda ep: ep.name)
+
+
+def _plan_entry_point(plan: Plan, entry, args) -> None:
+    label = f"{ENTRY_POINT_GROUP}:{entry.name}"
+    try:
+        factory = entry.load()
+    except Exception as exc:  # an installed plug-in that cannot be imported: a failure, like a broken backend
+        plan.rows.append(_fail_row(entry.name, "-", f"the entry point {entry.name} = {entry.value} "
+                                                    f"({ENTRY_POINT_GROUP}) could not be loaded: {_error_text(exc)}"))
+        return
+    module_name, _, attribute = entry.value.partition(":")
+    setup = f"import {module_name}\nADAPTER = {module_name}.{attribute.strip()}()"
+    try:
+        adapter = _adapter_from_factory(label, factory, attribute or entry.value)
+    except UsageError as exc:
+        plan.rows.append(_fail_row(entry.name, "-", str(exc)))
+        return
+    from .suite import adapter_device
+
+    device = adapter_device(adapter)
+    if args.devices is not None and not any(token.lower() in (device.lower(), device_kind(device))
+                                            for token in args.devices):
+        plan.rows.append(_skip_row(adapter.name, device, f"--devices excludes {device}, where {label} runs"))
+        return
+    _add_target(plan, Target(adapter.name, device, adapter, [], setup), args.dtypes)
 
 
 def load_impl(spec: str):
@@ -283,7 +352,7 @@ def load_impl(spec: str):
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise UsageError(f"--impl {spec}: cannot import {module_name}: {_error_text(exc)}") from exc
     factory = module
     for part in attribute.split("."):
@@ -291,12 +360,20 @@ def load_impl(spec: str):
             factory = getattr(factory, part)
         except AttributeError:
             raise UsageError(f"--impl {spec}: {module_name} has no attribute {attribute!r}") from None
+    adapter = _adapter_from_factory(f"--impl {spec}", factory, attribute)
+    setup = (f"import sys\nsys.path.insert(0, {_import_root(module, module_name)!r})\nimport {module_name}\n"
+             f"ADAPTER = {module_name}.{attribute}()")
+    return adapter, setup
+
+
+def _adapter_from_factory(label: str, factory, attribute: str):
+    """Call a factory and check that what it returns is an adapter; raises :class:`UsageError`."""
     if not callable(factory):
-        raise UsageError(f"--impl {spec}: {attribute} is not callable (it is a {type(factory).__name__})")
+        raise UsageError(f"{label}: {attribute} is not callable (it is a {type(factory).__name__})")
     try:
         adapter = factory()
-    except Exception as exc:
-        raise UsageError(f"--impl {spec}: {attribute}() raised {_error_text(exc)}") from exc
+    except (Exception, SystemExit) as exc:
+        raise UsageError(f"{label}: {attribute}() raised {_error_text(exc)}") from exc
     problems = []
     if not isinstance(getattr(adapter, "name", None), str) or not adapter.name:
         problems.append("a non-empty str attribute 'name'")
@@ -311,11 +388,9 @@ def load_impl(spec: str):
         if unknown:
             problems.append(f"'dtypes' to be a tuple of names from {', '.join(DTYPES)} (got {dtypes!r})")
     if problems:
-        raise UsageError(f"--impl {spec}: the adapter {type(adapter).__name__} returned by {attribute}() needs "
+        raise UsageError(f"{label}: the adapter {type(adapter).__name__} returned by {attribute}() needs "
                          + "; ".join(problems) + " (see docs/conformance.md)")
-    setup = (f"import sys\nsys.path.insert(0, {_import_root(module, module_name)!r})\nimport {module_name}\n"
-             f"ADAPTER = {module_name}.{attribute}()")
-    return adapter, setup
+    return adapter
 
 
 def _import_root(module, module_name: str) -> str:
@@ -330,19 +405,39 @@ def _import_root(module, module_name: str) -> str:
     return path
 
 
+def _check_output_path(option: str, path: str) -> None:
+    """Fail before the run, not after it, when the report cannot be written to ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{option} {path}: the directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory")
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot be written ({exc.strerror or exc})") from None
+    if not existed:
+        os.remove(path)
+
+
 def plan_run(args) -> Plan:
     """Everything the run will check, and the rows it cannot; raises :class:`UsageError`."""
     from .suite import adapter_device
 
     for option, path in (("--json", args.json), ("--markdown", args.markdown)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UsageError(f"{option} {path}: the directory {os.path.dirname(os.path.abspath(path))} "
-                             "does not exist")
+        if path:
+            _check_output_path(option, path)
+    unknown_tiers = [t for t in args.tiers if t not in ("small", "large")]
+    if unknown_tiers:
+        raise UsageError(f"--tiers: unknown tier(s) {', '.join(unknown_tiers)}; choose from small, large")
     if args.dtypes is not None:
         unknown = [d for d in args.dtypes if d not in DTYPES]
         if unknown:
             raise UsageError(f"--dtypes: unknown dtype(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
-    names, explicit = _select_backends(args.backends, args.impl)
+    plugins = {} if args.impl and args.backends is None else {ep.name: ep for ep in entry_points()}
+    names, explicit = _select_backends(args.backends, args.impl, plugins)
     plan = Plan()
     impl_targets = []
     for spec in args.impl:  # before the backends: a bad --impl fails before any framework is imported
@@ -351,11 +446,28 @@ def plan_run(args) -> Plan:
     for name in names:
         if name == SPEC:
             _plan_spec(plan, args, explicit)
-        else:
+        elif name in FRAMEWORK_BACKENDS:
             _plan_backend(plan, name, args, explicit)
+        else:
+            _plan_entry_point(plan, plugins[name], args)
     for target in impl_targets:
         _add_target(plan, target, args.dtypes)
+    _require_requested_gpu(plan, args)
     return plan
+
+
+def _require_requested_gpu(plan: Plan, args) -> None:
+    """A GPU asked for with --devices that no selected implementation sees is an error, not a run of
+    nothing but skip rows."""
+    if args.devices is None:
+        return
+    gpu_tokens = [t for t in args.devices if t.lower() != "cpu"]
+    if not gpu_tokens or any(device_kind(t.device) == "gpu" for t in plan.targets):
+        return
+    seen = "; ".join(f"{name} sees: {', '.join(devices) or 'nothing'}" for name, devices in plan.seen.items())
+    raise UsageError(f"--devices {','.join(args.devices)}: no selected implementation sees "
+                     f"{'a GPU' if [t.lower() for t in gpu_tokens] == ['gpu'] else ', '.join(gpu_tokens)}"
+                     + (f" ({seen})" if seen else ""))
 
 
 # ---- Hypothesis settings ----
@@ -445,15 +557,17 @@ def _verdict(results) -> tuple[str, int]:
 
 # ---- running ----
 
-def run_target(target: Target, dtype: str, settings, seed, progress) -> list:
+def run_target(target: Target, dtype: str, settings, seed, progress, large, timeout, small=True) -> list:
+    from .cases import LARGE_SHAPES
     from .suite import check, tolerance
 
     label = f"{target.adapter.name} {target.device} {dtype}"
-    progress.start(label, settings.max_examples)
+    progress.start(label, settings.max_examples * small + len(LARGE_SHAPES.get(large, ())))
     started = time.perf_counter()
     try:
-        results = check(target.adapter, dtype, settings=settings, seed=seed, on_example=progress.example)
-    except Exception as exc:  # e.g. supports() rejects every case, or an unknown dtype
+        results = check(target.adapter, dtype, settings=settings, seed=seed, on_example=progress.example,
+                        large=LARGE_SHAPES.get(large, ()), timeout=timeout, small=small)
+    except Exception as exc:  # e.g. an unknown dtype
         try:
             tol = tolerance(dtype, target.device)
         except KeyError:
@@ -464,11 +578,27 @@ def run_target(target: Target, dtype: str, settings, seed, progress) -> list:
     for result in results:
         if result.reproducer:
             result.reproducer = target.setup + "\n" + result.reproducer
+        for failure in getattr(result, "failures", None) or []:
+            if failure.get("reproducer"):
+                failure["reproducer"] = target.setup + "\n" + failure["reproducer"]
     progress.finish(label, results, time.perf_counter() - started)
     return results
 
 
-def _versions(plan: Plan) -> dict:
+def diagnose_target(target: Target, timeout) -> dict:
+    """The diagnosis of a failing target (see mlstm_spec.conformance.diagnosis), as a report entry."""
+    from .diagnosis import diagnose
+
+    try:
+        found = diagnose(target.adapter, timeout=timeout)
+        entry = found.as_dict()
+        dtype = "float64" if "float64" in target.dtypes or found.cases_run == 0 else "float32"
+    except Exception as exc:  # noqa: BLE001 - a diagnosis must never hide the report
+        entry, dtype = {"matches": [], "text": f"no diagnosis: it raised {_error_text(exc)}"}, "-"
+    return {"implementation": target.adapter.name, "device": target.device, "dtype": dtype} | entry
+
+
+def _versions(plan: Plan, results: list) -> dict:
     import hypothesis
     import numpy
 
@@ -476,8 +606,21 @@ def _versions(plan: Plan) -> dict:
 
     out = {"python": platform.python_version(), "mlstm_spec": __version__, "numpy": numpy.__version__,
            "hypothesis": hypothesis.__version__}
+    # What each backend reports of itself (its versions()). The torch backend names its compiled CPU
+    # loops there, and naming them builds them (a minute on a busy machine): a backend that has such
+    # loops is asked only where its CPU rows were checked, and otherwise named by its framework alone.
+    checked = {(r.implementation, r.device) for r in results if r.status != "skip" and r.check != "setup"}
     for name in dict.fromkeys(t.backend for t in plan.targets if t.backend is not None):
-        out.update(getattr(backends.load(name), "versions", dict)())
+        targets = [t for t in plan.targets if t.backend == name]
+        module = targets[0].module if targets[0].module is not None else backends.load(name)
+        cpu_checked = any(device_kind(t.device) == "cpu" and (t.adapter.name, t.device) in checked
+                          for t in targets)
+        if hasattr(module, "compiled_cpu_loops") and not cpu_checked:
+            framework = BACKENDS[name].framework if name in BACKENDS else name
+            if framework in sys.modules:
+                out[framework] = str(getattr(sys.modules[framework], "__version__", "?"))
+            continue
+        out.update(getattr(module, "versions", dict)())
     for target in plan.targets:
         if target.backend is None and target.label != SPEC:
             top = type(target.adapter).__module__.split(".")[0]
@@ -543,17 +686,30 @@ def main(argv=None) -> int:
     else:
         seed, seed_source = random.SystemRandom().randrange(2**32), "drawn"
 
+    timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
+    large = profile if "large" in args.tiers else None
+    small = "small" in args.tiers
     units = [(target, dtype) for target in plan.targets for dtype in target.dtypes]
-    results, counted = [], 0
+    results, counted, failing = [], 0, []
     console = _console()
     progress = (RichProgress(console, len(units)) if console is not None and console.is_terminal
                 else PlainProgress(sys.stderr, len(units)))
     with progress:
         for target, dtype in units:
-            unit_results = run_target(target, dtype, settings, seed, progress)
+            unit_results = run_target(target, dtype, settings, seed, progress, large, timeout, small)
             results += unit_results
             if target.counts and any(r.status != "skip" for r in unit_results):
                 counted += 1
+            abandoned = any("is not called again" in r.message for r in unit_results)
+            if any(r.status == "fail" for r in unit_results) and all(t is not target for t in failing):
+                failing.append(target)
+            target.abandoned = target.abandoned or abandoned
+    diagnoses = []
+    if not args.no_diagnosis:
+        for target in failing:
+            if not target.abandoned:
+                print(f"diagnosing {target.adapter.name} on {target.device} ...", file=sys.stderr, flush=True)
+                diagnoses.append(diagnose_target(target, timeout))
     results += plan.rows
     results.sort(key=_row_order(plan))
 
@@ -563,31 +719,42 @@ def main(argv=None) -> int:
         status = EXIT_NOTHING_CHECKED
     else:
         status = EXIT_PASS
+    from .cases import LARGE_SHAPES
+
     metadata = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["mlstm-conformance"] + list(sys.argv[1:] if argv is None else argv)),
         "profile": profile,
-        "max_examples": settings.max_examples,
+        "max_examples": settings.max_examples if small else 0,
+        "large_tier": [str(shape) for shape in LARGE_SHAPES.get(large, ())],
         "seed": seed,
         "seed_source": seed_source,
+        "timeout_s": timeout or None,
         "wall_time_s": round(time.perf_counter() - started, 2),
-        "versions": _versions(plan),
+        "versions": _versions(plan, results),
         "devices": {f"{t.adapter.name} {t.device}": describe_device(t.backend, t.device) for t in plan.targets},
         "examples": {f"{r.implementation} {r.device} {r.dtype}": r.examples
                      for r in results if r.check == "outputs"},
+        "examples_by_tier": {f"{r.implementation} {r.device} {r.dtype}": r.examples_by_tier
+                             for r in results if r.check == "outputs" and getattr(r, "examples_by_tier", None)},
         "platform": platform.platform(),
     }
-    report = Report(results, metadata, status)
+    report = Report(results, metadata, status, diagnoses)
     out_console = _console(stdout=True)
     if out_console is not None and out_console.is_terminal:
         print_rich(report, out_console)
     else:
         sys.stdout.write(plain_text(report))
         sys.stdout.flush()
-    for path, render in ((args.json, to_json), (args.markdown, markdown)):
+    for option, path, render in (("--json", args.json, to_json), ("--markdown", args.markdown, markdown)):
         if path:
-            with open(path, "w", encoding="utf-8") as out:
-                out.write(render(report))
+            try:
+                with open(path, "w", encoding="utf-8") as out:
+                    out.write(render(report))
+            except OSError as exc:
+                print(f"mlstm-conformance: error: {option} {path}: could not write the report "
+                      f"({exc.strerror or exc})", file=sys.stderr)
+                status = EXIT_FAIL if status == EXIT_FAIL else EXIT_USAGE
     return status
 
 

@@ -13,33 +13,66 @@ An *adapter* wraps one implementation on one device (NumPy in, NumPy out)::
 ``params`` is one canonical mapping, or a list of them when ``options["num_layers"] > 1`` (only drawn
 when ``supports`` accepts it); then ``state``/``d_state`` and the returned final state are lists of
 ``(h, c)`` pairs, one per layer, and ``gradients`` returns a list of per-layer mappings with ``"x"`` in
-the first. :func:`check` runs the property "for every drawn case, the adapter equals the spec within
-the tolerance of its dtype and device" and returns one :class:`CheckResult` per check.
+the first.
+
+:func:`check` runs, for one adapter and dtype, the small tier (Hypothesis draws and shrinks) and the
+large tier (a fixed list of realistic shapes, see :mod:`.cases`), and returns one
+:class:`CheckResult` per check in :data:`CHECKS`. On every example each check is evaluated on its
+own: ``forward`` and ``gradients`` are separate calls, a crash or a wrong shape in one does not stop
+the other, and a check that never ran is reported as not run (status ``"skip"`` with the reason),
+never as a pass. Each distinct failure is kept with its own reproducer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 from hypothesis import given, reject, seed as hypothesis_seed, settings as hypothesis_settings, strategies as st
+from hypothesis.errors import Unsatisfiable
 
 from ..equations import INTEGRATION_MODES
-from .cases import Case, reference_forward, reference_gradients
-from .tolerances import relative_error, tolerance
+from .calls import DEFAULT_TIMEOUT, Caller
+from .cases import LARGE_SHAPES, Case, large_case, reference_forward, reference_gradients, rounded_reference
+from .tolerances import case_tolerance, relative_error, tolerance, tolerance_rule
+
+if sys.version_info >= (3, 11):
+    _ExceptionGroup = BaseExceptionGroup  # noqa: F821
+else:  # Hypothesis depends on the backport there
+    from exceptiongroup import BaseExceptionGroup as _ExceptionGroup
 
 CHECKS = ("outputs", "final_state", "gradients")
 DEFAULT_DTYPES = ("float64", "float32")
+TIERS = ("small", "large")
 
 
 class ConformanceError(AssertionError):
     """An implementation disagreed with the spec (or crashed); the message says where, by how much,
-    and how to reproduce it. ``check`` names the check in :data:`CHECKS` that failed."""
+    and how to reproduce it. ``check`` names the check in :data:`CHECKS` that failed; ``case`` is the
+    failing :class:`Case` when there is one."""
 
-    def __init__(self, message: str, check: str = "outputs"):
+    def __init__(self, message: str, check: str = "outputs", case: Case | None = None, kind: str = ""):
         super().__init__(message)
-        self.check = check
+        self.check, self.case, self.kind = check, case, kind
+
+
+# One class per way of failing, so that Hypothesis, which tells failures apart by exception type and
+# origin, shrinks and reports each separately: numbers out of tolerance, a wrong shape or dtype, a
+# crash (whose own exception, as context, tells crashes at different places apart). One root cause
+# seen by several checks (wrong outputs, hence wrong gradients) stays one failure: each other check
+# that fails gets its smallest failing example as its reproducer, without a second shrink.
+_FAILURE_CLASSES = {kind: type(f"{kind.title()}Failure", (ConformanceError,), {})
+                    for kind in ("mismatch", "shape", "dtype", "unreadable", "missing", "raised", "timeout")}
+
+
+class _Abandoned(BaseException):
+    """A call timed out: stop the run for this adapter (not an Exception, so Hypothesis lets it out)."""
+
+
+class _Unrepresentable(Exception):
+    pass
 
 
 @dataclass
@@ -48,16 +81,53 @@ class CheckResult:
     device: str
     dtype: str
     check: str
-    tolerance: float
-    status: str = "pass"  # "pass", "fail" or "skip"
-    worst_error: float = 0.0
-    worst_at: str = ""  # e.g. "hs[0, 3, 1] (case #7)"
-    examples: int = 0
-    message: str = ""  # the failure, or why it was skipped
-    reproducer: str = ""  # Python that reproduces the smallest failing example
+    tolerance: float | None  # the fixed tolerance of the dtype and device (the ceiling of a per-case one)
+    status: str = "pass"  # "pass", "fail" or "skip" (not run: the reason is in message)
+    worst_error: float = 0.0  # the largest error over the examples run
+    worst_at: str = ""  # e.g. "hs[0, 3, 1] (small example 7)"
+    examples: int = 0  # examples in which this check ran, all tiers
+    message: str = ""  # the first failure, or why the check did not run
+    reproducer: str = ""  # Python that reproduces the first failure
+    examples_by_tier: dict = field(default_factory=dict)  # {"small": 25, "large": 6}
+    tolerance_rule: str = ""  # how each example's tolerance was set (see tolerances.py)
+    worst_ratio: float = 0.0  # the largest error / that example's tolerance (fails above 1)
+    failures: list = field(default_factory=list)  # every distinct failure (see Failure)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Outcome:
+    """One check on one example."""
+
+    status: str  # "pass", "fail", "not run"
+    error: float | None = None
+    tolerance: float | None = None
+    where: str = ""
+    message: str = ""
+    kind: str = ""  # of a failure: "mismatch", "raised TypeError", "timeout", "shape", "dtype", ...
+    exception: BaseException | None = None
+
+
+@dataclass
+class Failure:
+    """One distinct failure: what went wrong, on which case, and how to reproduce it."""
+
+    check: str
+    kind: str
+    message: str
+    case: Case
+    tier: str
+    shrunk: bool  # the smallest failing example Hypothesis found (small tier), or the case as checked
+    error: float | None = None
+    tolerance: float | None = None
+    where: str = ""
+
+    def as_dict(self, adapter) -> dict:
+        return {"kind": self.kind, "tier": self.tier, "shrunk": self.shrunk, "error": self.error,
+                "tolerance": self.tolerance, "where": self.where, "message": self.message,
+                "reproducer": reproducer(adapter, self.case)}
 
 
 # ---- adapter introspection ----
@@ -84,7 +154,7 @@ def has_gradients(adapter) -> bool:
 # ---- what is drawn ----
 
 def cases(dtype: str, adapter=None, *, max_batch=3, max_steps=6, max_size=5, max_layers=2):
-    """Hypothesis strategy of :class:`Case` for one dtype, narrowed by the adapter's ``supports``."""
+    """Hypothesis strategy of small :class:`Case` for one dtype, narrowed by the adapter's ``supports``."""
     stacks = adapter is None or supports(adapter, Case(1, 1, 1, 1, dtype=dtype, num_layers=2).options)
     strategy = st.builds(
         Case,
@@ -109,79 +179,96 @@ def cases(dtype: str, adapter=None, *, max_batch=3, max_steps=6, max_size=5, max
     return strategy
 
 
+def large_tier_cases(adapter, dtype: str, shapes, seed: int | None) -> list:
+    """``(shape, case or None, reason)`` for every shape of the large tier: the options of each case
+    are drawn from ``seed`` (so a run with the same seed checks the same cases) until the adapter's
+    ``supports`` accepts them; a shape it accepts with no options is not run, with the reason."""
+    out = []
+    for index, shape in enumerate(shapes):
+        rng = np.random.default_rng([0 if seed is None else seed, index])
+        for _ in range(32):
+            case = large_case(shape, dtype, rng)
+            if supports(adapter, case.options):
+                out.append((shape, case, ""))
+                break
+        else:
+            out.append((shape, None, f"{shape} (supports() declines it)"))
+    return out
+
+
 # ---- comparing one case ----
-
-@dataclass
-class _Tracker:
-    """Worst error per check over the examples run so far, and the last failure."""
-
-    results: dict
-    dtype: str
-    examples: int = 0
-    failure: tuple | None = None  # (check, message, case)
-
-    def record(self, check, error, where):
-        result = self.results[check]
-        if error > result.worst_error or not result.worst_at:
-            result.worst_error, result.worst_at = error, f"{where} (example {self.examples})"
-
 
 def _fmt_index(name, index):
     return f"{name}[{', '.join(map(str, index))}]" if index else name
 
 
-def _compare(tracker, check, name, actual, expected, tol, context):
-    __tracebackhide__ = True
-    expected = np.asarray(expected)
-    try:
-        actual_arr = np.asarray(actual)
-    except Exception as exc:  # e.g. a framework tensor that NumPy cannot read
-        raise ConformanceError(f"{name} could not be read as an array ({exc}) [{context}]", check) from None
-    if actual_arr.shape != expected.shape:
-        raise ConformanceError(
-            f"{name} has shape {actual_arr.shape}, but should have {expected.shape} [{context}]", check
-        )
-    want_dtype = tracker.dtype
-    # bfloat16 arrives as ml_dtypes.bfloat16 (kind "V"), or as float32 when ml_dtypes is missing
-    exempt = want_dtype == "bfloat16" and actual_arr.dtype.kind != "V"
-    if actual_arr.dtype.name != want_dtype and not exempt:
-        raise ConformanceError(
-            f"{name} has dtype {actual_arr.dtype.name}, but should keep the input dtype {want_dtype} [{context}]",
-            check,
-        )
-    error, index = relative_error(actual_arr, expected)
-    where = _fmt_index(name, index)
-    tracker.record(check, error, where)
-    if not error <= tol:
-        got = float(np.asarray(actual_arr[index] if index else actual_arr, dtype=np.float64))
-        want = float(expected[index] if index else expected)
-        raise ConformanceError(
-            f"{where}={got:.6g}, but should be {want:.6g} (relative error {error:.2e} > "
-            f"tolerance {tol:.0e}) [{context}]", check
-        )
+def _context(adapter, case):
+    return (f"impl={adapter.name}, device={adapter_device(adapter)}, dtype={case.dtype}, "
+            f"B={case.batch}, T={case.steps}, I={case.input_size}, H={case.hidden_size}"
+            + (f", layers={case.num_layers}" if case.num_layers > 1 else ""))
+
+
+class _CheckScore:
+    """The tensors of one check on one example, compared one by one."""
+
+    def __init__(self, tolerance, dtype, context):
+        self.tolerance, self.dtype, self.context = tolerance, dtype, context
+        self.error, self.where, self.failure = 0.0, "", None  # failure: (kind, message)
+
+    def fail(self, kind, message):
+        if self.failure is None:
+            self.failure = (kind, f"{message} [{self.context}]")
+
+    def compare(self, name, actual, expected):
+        expected = np.asarray(expected)
+        if not isinstance(actual, np.ndarray):
+            try:
+                actual = np.asarray(actual)
+            except Exception as exc:  # noqa: BLE001 - e.g. a framework tensor NumPy cannot read
+                return self.fail("unreadable", f"{name} could not be read as an array ({type(exc).__name__}: {exc})")
+        if actual.dtype == object or actual.shape != expected.shape:
+            what = f"a {type(actual.flat[0]).__name__} object array" if actual.dtype == object and actual.size \
+                else f"shape {actual.shape}"
+            return self.fail("shape", f"{name} has {what}, but should have shape {expected.shape}")
+        # bfloat16 arrives as ml_dtypes.bfloat16 (kind "V"), or as float32 when ml_dtypes is missing
+        exempt = self.dtype == "bfloat16" and actual.dtype.kind != "V"
+        if actual.dtype.name != self.dtype and not exempt:
+            return self.fail("dtype", f"{name} has dtype {actual.dtype.name}, but should keep the input dtype "
+                                      f"{self.dtype}")
+        error, index = relative_error(actual, expected)
+        where = _fmt_index(name, index)
+        if error > self.error or not self.where:
+            self.error, self.where = error, where
+        if not error <= self.tolerance:
+            got = float(np.asarray(actual[index] if index else actual, dtype=np.float64))
+            want = float(expected[index] if index else expected)
+            self.fail("mismatch", f"{where}={got:.6g}, but should be {want:.6g} (relative error {error:.2e} > "
+                                  f"tolerance {self.tolerance:.1e})")
+
+    def outcome(self) -> Outcome:
+        if self.failure is not None:
+            kind, message = self.failure
+            return Outcome("fail", self.error if self.where else None, self.tolerance, self.where, message, kind)
+        return Outcome("pass", self.error, self.tolerance, self.where)
 
 
 def _pairs(final, layers):
-    """Final state as a list of (h, c), one per layer, whatever the adapter returned."""
+    """Final state as a list of (h, c), one per layer, or a message saying why it is not."""
     if layers == 1:
         final = [final]
     if not isinstance(final, (list, tuple)) or len(final) != layers:
-        raise ConformanceError(f"final state should be {layers} (h, c) pair(s), got {type(final).__name__}", "final_state")
+        return f"final state should be {layers} (h, c) pair(s), got {type(final).__name__}"
     for pair in final:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ConformanceError(f"final state should be a pair (h, c), got {type(pair).__name__}", "final_state")
+            return f"final state should be a pair (h, c), got {type(pair).__name__}"
     return final
 
 
-def _call(check, context, function, *args, **kwargs):
-    """Call into the implementation; a crash is a failure of the check it happened in."""
-    __tracebackhide__ = True
-    try:
-        return function(*args, **kwargs)
-    except Exception as exc:
-        raise ConformanceError(
-            f"{function.__name__}() raised {type(exc).__name__}: {exc} [{context}]", check
-        ) from exc
+def _raised(name, call, context) -> tuple[str, str]:
+    if call.timed_out:
+        return "timeout", f"{name}() did not return (timed out) [{context}]"
+    exc = call.exception
+    return f"raised {type(exc).__name__}", f"{name}() raised {type(exc).__name__}: {exc} [{context}]"
 
 
 def representable(tree, dtype: str) -> bool:
@@ -196,104 +283,318 @@ def representable(tree, dtype: str) -> bool:
     return tree is None or bool(np.all(np.abs(tree) <= largest))
 
 
-def check_case(adapter, case: Case, tracker: _Tracker, tol: float, gradients: bool,
-               inside_property: bool = True) -> None:
-    """Compare the adapter with the spec on one case; raises :class:`ConformanceError`.
+def _tensor_errors(got, want, layers, grads):
+    """{check: max relative error over its tensors} of one set of results against another."""
+    hs, final = got[0], _pairs(got[1], layers)
+    out = {"outputs": relative_error(hs, want[0])[0]}
+    out["final_state"] = max(relative_error(g, w)[0] for gp, wp in zip(final, _pairs(want[1], layers))
+                             for g, w in zip(gp, wp))
+    if grads is not None:
+        got_g, want_g = ([got[2]], [grads]) if layers == 1 else (got[2], grads)
+        out["gradients"] = max(relative_error(g[k], w[k])[0] for g, w in zip(got_g, want_g) for k in w)
+    return out
 
-    A case whose exact results the dtype cannot represent is rejected (Hypothesis draws another), or
-    raises ValueError when run outside a property (``inside_property=False``).
-    """
-    __tracebackhide__ = True
+
+def evaluate_case(adapter, case: Case, caller: Caller, gradients: bool) -> dict:
+    """Every check of one case, each on its own: ``{check: Outcome}``.
+
+    Raises :class:`_Unrepresentable` when the exact results do not fit the dtype (a float16 gradient
+    above 65504 says nothing about an implementation: every float16 implementation returns inf)."""
     arrays = case.arrays()
-    context = (
-        f"impl={adapter.name}, device={adapter_device(adapter)}, dtype={case.dtype}, "
-        f"B={case.batch}, T={case.steps}, I={case.input_size}, H={case.hidden_size}"
-    )
-    mode = case.integration_mode
+    context = _context(adapter, case)
+    mode, layers, device = case.integration_mode, case.num_layers, adapter_device(adapter)
     want_hs, want_final = reference_forward(arrays, mode)
     want_grads = reference_gradients(arrays, mode) if gradients else None
-    # A case whose exact answer is not representable in the dtype (a float16 gradient above 65504)
-    # says nothing about the implementation: every float16 implementation returns inf there.
     if not representable((want_hs, want_final, want_grads), case.dtype):
-        if inside_property:
-            reject()
-        raise ValueError(f"{case!r}: the exact results exceed the range of {case.dtype}; nothing to check")
-    hs, final = _call("outputs", context, adapter.forward, arrays.params, arrays.xs, arrays.state,
-                      integration_mode=mode)
-    _compare(tracker, "outputs", "hs", hs, want_hs, tol, context)
-    layers = case.num_layers
-    for layer, (got, want) in enumerate(zip(_pairs(final, layers), _pairs(want_final, layers))):
-        suffix = f"[layer {layer}]" if layers > 1 else ""
-        _compare(tracker, "final_state", "h_T" + suffix, got[0], want[0], tol, context)
-        _compare(tracker, "final_state", "c_T" + suffix, got[1], want[1], tol, context)
+        raise _Unrepresentable(f"{case!r}: the exact results exceed the range of {case.dtype}; nothing to check")
+    if case.dtype == "float64":
+        tolerances = dict.fromkeys(CHECKS, tolerance(case.dtype, device))
+    else:  # per case: k times the spec's own rounding in this dtype on this very case (tolerances.py)
+        rounded = rounded_reference(arrays, mode, case.dtype, gradients)
+        spec_errors = _tensor_errors(rounded, (want_hs, want_final), layers, want_grads)
+        tolerances = {c: case_tolerance(case.dtype, device, e) for c, e in spec_errors.items()}
+    outcomes = {}
+
+    forward = caller(adapter.forward, arrays.params, arrays.xs, arrays.state, integration_mode=mode)
+    if not forward.ok:
+        kind, message = _raised("forward", forward, context)
+        for name in ("outputs", "final_state"):
+            outcomes[name] = Outcome("fail", message=message, kind=kind, exception=forward.exception)
+    else:
+        result = forward.value
+        if not isinstance(result, (list, tuple)) or len(result) != 2:
+            message = f"forward() should return (hs, final_state), got {type(result).__name__} [{context}]"
+            outcomes["outputs"] = outcomes["final_state"] = Outcome("fail", message=message, kind="shape")
+        else:
+            hs, final = result
+            score = _CheckScore(tolerances["outputs"], case.dtype, context)
+            score.compare("hs", hs, want_hs)
+            outcomes["outputs"] = score.outcome()
+            score = _CheckScore(tolerances["final_state"], case.dtype, context)
+            pairs = _pairs(final, layers)
+            if isinstance(pairs, str):
+                score.fail("shape", pairs)
+            else:
+                for layer, (got, want) in enumerate(zip(pairs, _pairs(want_final, layers))):
+                    suffix = f"[layer {layer}]" if layers > 1 else ""
+                    score.compare("h_T" + suffix, got[0], want[0])
+                    score.compare("c_T" + suffix, got[1], want[1])
+            outcomes["final_state"] = score.outcome()
+
     if not gradients:
-        return
-    got = _call("gradients", context, adapter.gradients, arrays.params, arrays.xs, arrays.state,
-                arrays.d_hs, arrays.d_state, integration_mode=mode)
-    got_layers, want_layers = ([got], [want_grads]) if layers == 1 else (got, want_grads)
-    for layer, (g, w) in enumerate(zip(got_layers, want_layers)):
-        suffix = f"[layer {layer}]" if layers > 1 else ""
-        missing = sorted(set(w) - set(g))
-        if missing:
-            raise ConformanceError(f"gradients{suffix} lack {missing} [{context}]", "gradients")
-        for key in w:
-            _compare(tracker, "gradients", f"d_{key}{suffix}", g[key], w[key], tol, context)
+        outcomes["gradients"] = Outcome("not run", message="the adapter has no gradients()")
+    elif caller.abandoned:
+        outcomes["gradients"] = Outcome("not run", message=caller.abandoned)
+    else:
+        call = caller(adapter.gradients, arrays.params, arrays.xs, arrays.state, arrays.d_hs, arrays.d_state,
+                      integration_mode=mode)
+        score = _CheckScore(tolerances["gradients"], case.dtype, context)
+        if not call.ok:
+            kind, message = _raised("gradients", call, context)
+            outcomes["gradients"] = Outcome("fail", message=message, kind=kind, exception=call.exception)
+        else:
+            got = call.value
+            got_layers, want_layers = ([got], [want_grads]) if layers == 1 else (got, want_grads)
+            if not isinstance(got_layers, (list, tuple)) or len(got_layers) != layers or not all(
+                    isinstance(g, dict) for g in got_layers):
+                score.fail("shape", f"gradients() should return {'a dict' if layers == 1 else f'{layers} dicts'} "
+                                    f"of arrays, got {type(got).__name__}")
+            else:
+                for layer, (g, w) in enumerate(zip(got_layers, want_layers)):
+                    suffix = f"[layer {layer}]" if layers > 1 else ""
+                    missing = sorted(set(w) - set(g))
+                    if missing:
+                        score.fail("missing", f"gradients{suffix} lack {missing}")
+                    for key in w:
+                        if key in g:
+                            score.compare(f"d_{key}{suffix}", g[key], w[key])
+            outcomes["gradients"] = score.outcome()
+    return {name: outcomes[name] for name in CHECKS}
 
 
-# ---- running the property for one adapter and dtype ----
+# ---- recording ----
+
+@dataclass
+class _Record:
+    """Everything seen of one check over the examples run."""
+
+    examples: dict = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    not_run: dict = field(default_factory=dict)  # reason -> examples
+    worst_error: float = 0.0
+    worst_at: str = ""
+    worst_ratio: float = 0.0
+    failing: dict = field(default_factory=dict)  # kind -> (smallest failing case, outcome, tier)
+    failures: list = field(default_factory=list)  # distinct failures, in the order found
+
+
+class _Tracker:
+    def __init__(self, adapter, dtype):
+        self.adapter, self.dtype = adapter, dtype
+        self.records = {c: _Record() for c in CHECKS}
+        self.examples = dict.fromkeys(TIERS, 0)
+
+    def record(self, tier, case, outcomes):
+        self.examples[tier] += 1
+        label = f"{tier} example {self.examples[tier]}"
+        for name, outcome in outcomes.items():
+            record = self.records[name]
+            if outcome.status == "not run":
+                record.not_run[outcome.message] = record.not_run.get(outcome.message, 0) + 1
+                continue
+            record.examples[tier] += 1
+            if outcome.error is not None:
+                if outcome.error > record.worst_error or not record.worst_at:
+                    record.worst_error, record.worst_at = outcome.error, f"{outcome.where} ({label})"
+                if outcome.tolerance:
+                    record.worst_ratio = max(record.worst_ratio, outcome.error / outcome.tolerance)
+            if outcome.status == "fail":
+                known = record.failing.get(outcome.kind)
+                if known is None or case.size < known[0].size:
+                    record.failing[outcome.kind] = (case, outcome, tier)
+
+    def add_failure(self, check, case, outcome, tier, shrunk):
+        record = self.records[check]
+        if any(f.kind == outcome.kind for f in record.failures):
+            return
+        record.failures.append(Failure(check, outcome.kind, outcome.message, case, tier, shrunk,
+                                       outcome.error, outcome.tolerance, outcome.where))
+
+
+def _flatten(exc):
+    if isinstance(exc, _ExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _flatten(inner)
+    else:
+        yield exc
+
+
+# ---- running the suite for one adapter and dtype ----
 
 def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
           raise_on_failure: bool = False, seed: int | None = None, on_example=None,
+          large=None, timeout: float | None = DEFAULT_TIMEOUT, small: bool = True,
           **strategy_options) -> list[CheckResult]:
     """Run the suite for one adapter and dtype; one result per check in :data:`CHECKS`.
 
-    With ``raise_on_failure`` (as the pytest adapters use it) a failure raises after shrinking, so
-    pytest shows Hypothesis's own report; otherwise it is recorded in the results. ``seed`` fixes
-    Hypothesis's random draws (with ``database=None`` in ``settings`` a run is then reproducible);
-    ``on_example(n)`` is called before the n-th example runs (the runner's progress display).
+    - ``settings``: Hypothesis settings of the small tier (default: the active profile's);
+    - ``large``: the large tier, a profile name of :data:`~.cases.LARGE_SHAPES` (default: the active
+      Hypothesis profile's, else ``"default"``), a sequence of :class:`~.cases.Shape`, or ``()``;
+    - ``seed``: fixes Hypothesis's draws and the large tier's options (with ``database=None`` in
+      ``settings`` a run is then reproducible);
+    - ``timeout``: seconds one adapter call may take (None: no limit);
+    - ``small``: run the small tier (False: the large tier only);
+    - ``on_example(n)``: called before the n-th example runs (the runner's progress display);
+    - ``raise_on_failure``: raise :class:`ConformanceError` with the report of every failure (and
+      its reproducer) instead of only recording it.
     """
     device = adapter_device(adapter)
-    tol = tolerance(dtype, device)
+    ceiling = tolerance(dtype, device)
     gradients = has_gradients(adapter)
-    results = {c: CheckResult(adapter.name, device, dtype, c, tol) for c in CHECKS}
-    if not gradients:
-        results["gradients"].status = "skip"
-        results["gradients"].message = "the adapter has no gradients()"
-    tracker = _Tracker(results, dtype)
+    tracker = _Tracker(adapter, dtype)
+    caller = Caller(timeout)
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+        if on_example is not None:
+            on_example(counter[0])
+
+    suite_error = None
 
     @given(case=cases(dtype, adapter, **strategy_options))
     def property_(case):
         __tracebackhide__ = True
-        tracker.examples += 1
-        if on_example is not None:
-            on_example(tracker.examples)
+        step()
         try:
-            check_case(adapter, case, tracker, tol, gradients)
-        except ConformanceError as exc:
-            tracker.failure = (exc.check, str(exc), case)
-            raise ConformanceError(f"{exc}\nReproduce: {reproducer(adapter, case)}", exc.check) from exc
+            outcomes = evaluate_case(adapter, case, caller, gradients)
+        except _Unrepresentable:
+            reject()
+        tracker.record("small", case, outcomes)
+        if caller.abandoned:
+            raise _Abandoned(caller.abandoned)
+        for name, outcome in outcomes.items():
+            if outcome.status == "fail":
+                error = _FAILURE_CLASSES[outcome.kind.split()[0]](outcome.message, name, case, outcome.kind)
+                error.outcome = outcome
+                # a crash's own exception as context: crashes at different places are different failures
+                error.__context__ = outcome.exception if isinstance(outcome.exception, BaseException) else None
+                raise error
 
     if settings is not None:
         property_ = settings(property_)
     if seed is not None:
         property_ = hypothesis_seed(seed)(property_)
     try:
-        property_()
-    except ConformanceError:
-        if raise_on_failure:
+        if small:
+            property_()
+    except _Abandoned:
+        pass
+    except Unsatisfiable as exc:
+        suite_error = f"the suite could not run: {type(exc).__name__}: {exc}"
+    except BaseException as exc:  # noqa: BLE001 - failures found (one, or a group), or a flaky adapter
+        if isinstance(exc, KeyboardInterrupt):
             raise
-    for result in results.values():
-        if result.status != "skip":
-            result.examples = tracker.examples
-        if not result.worst_error <= tol:  # also examples seen while shrinking another failure
+        found = [e for e in _flatten(exc) if isinstance(e, ConformanceError) and e.case is not None]
+        if not found:
+            suite_error = f"the suite could not run: {type(exc).__name__}: {exc}"
+        flaky = "" if isinstance(exc, ConformanceError) or isinstance(exc, _ExceptionGroup) and all(
+            isinstance(e, ConformanceError) for e in exc.exceptions) else \
+            f" (Hypothesis: {type(exc).__name__}; the implementation may not give the same result twice)"
+        for error in found:
+            outcome = getattr(error, "outcome", Outcome("fail", message=str(error), kind=error.kind))
+            if flaky:
+                outcome = dataclasses.replace(outcome, message=outcome.message + flaky)
+            tracker.add_failure(error.check, error.case, outcome, "small", shrunk=True)
+
+    # the large tier: fixed shapes, each checked once
+    shapes = _large_shapes(large, settings)
+    if not caller.abandoned and suite_error is None:
+        for shape, case, reason in large_tier_cases(adapter, dtype, shapes, seed):
+            if caller.abandoned:
+                break
+            if case is None:
+                for record in tracker.records.values():
+                    record.not_run[reason] = record.not_run.get(reason, 0) + 1
+                continue
+            step()
+            for attempt in range(4):  # a float16 case whose exact results overflow: other values
+                try:
+                    outcomes = evaluate_case(adapter, case, caller, gradients)
+                    break
+                except _Unrepresentable:
+                    case = dataclasses.replace(case, seed=case.seed + 1)
+            else:
+                continue
+            tracker.record("large", case, outcomes)
+    caller.close()
+    results = _results(adapter, dtype, ceiling, tracker, gradients, caller, suite_error)
+    if raise_on_failure and any(r.status == "fail" for r in results):
+        raise ConformanceError(failure_text(results), next(r.check for r in results if r.status == "fail"))
+    return results
+
+
+def _large_shapes(large, settings):
+    if large is None:
+        profile = hypothesis_settings.get_current_profile_name()
+        large = profile if profile in LARGE_SHAPES else "default"
+    if isinstance(large, str):
+        if large not in LARGE_SHAPES:
+            raise ValueError(f"large must be one of {sorted(LARGE_SHAPES)} or a sequence of Shape, got {large!r}")
+        return LARGE_SHAPES[large]
+    return tuple(large)
+
+
+def _results(adapter, dtype, ceiling, tracker, gradients, caller, suite_error) -> list[CheckResult]:
+    device = adapter_device(adapter)
+    if suite_error is not None:  # e.g. supports() declines every case: one row says so
+        return [CheckResult(adapter.name, device, dtype, "suite", ceiling, status="fail", message=suite_error,
+                            tolerance_rule=tolerance_rule(dtype, device))]
+    results = []
+    for name in CHECKS:
+        record = tracker.records[name]
+        # every failing kind not already found by Hypothesis: its smallest failing example
+        for kind, (case, outcome, tier) in record.failing.items():
+            tracker.add_failure(name, case, outcome, tier, shrunk=False)
+        result = CheckResult(adapter.name, device, dtype, name, ceiling, worst_error=record.worst_error,
+                             worst_at=record.worst_at, examples=sum(record.examples.values()),
+                             examples_by_tier=dict(record.examples), tolerance_rule=tolerance_rule(dtype, device),
+                             worst_ratio=record.worst_ratio,
+                             failures=[f.as_dict(adapter) for f in record.failures])
+        not_run = "; ".join(reason + (f" ({count} examples)" if count > 1 else "")
+                            for reason, count in record.not_run.items())
+        if result.failures or record.worst_ratio > 1:
             result.status = "fail"
-            result.message = f"worst relative error {result.worst_error:.2e} at {result.worst_at} > tolerance {tol:.0e}"
-    if tracker.failure is not None:
-        check_name, message, case = tracker.failure
-        failed = results[check_name]
-        failed.status, failed.message = "fail", message
-        failed.reproducer = reproducer(adapter, case) if case is not None else ""
-    return list(results.values())
+            result.message = result.failures[0]["message"] if result.failures else (
+                f"worst relative error {record.worst_error:.2e} at {record.worst_at} exceeds its tolerance")
+            result.reproducer = result.failures[0]["reproducer"] if result.failures else ""
+        elif result.examples == 0:
+            result.status = "skip"
+            result.message = ("not run: the adapter has no gradients()" if name == "gradients" and not gradients
+                              else f"not run: {not_run or 'no example was run'}")
+        elif not_run:
+            result.message = f"not run: {not_run}"
+        results.append(result)
+    if caller.abandoned:
+        for result in results:
+            if caller.abandoned not in result.message:
+                result.message = (result.message + "; " if result.message else "") + caller.abandoned
+    return results
+
+
+def failure_text(results) -> str:
+    """Every failure of a list of results, with its reproducer: what ``raise_on_failure`` raises."""
+    parts = []
+    for result in results:
+        if result.status != "fail":
+            continue
+        title = f"{result.implementation} on {result.device}, {result.dtype}, check {result.check!r}"
+        failures = result.failures or [{"message": result.message, "reproducer": result.reproducer}]
+        for failure in failures:
+            parts.append(f"FAIL: {title}\n    {failure['message']}")
+            if failure.get("reproducer"):
+                parts.append("Reproduce with:\n" + "\n".join("    " + line
+                                                             for line in failure["reproducer"].splitlines()))
+    return "\n".join(parts)
 
 
 def reproducer(adapter, case: Case) -> str:
@@ -304,9 +605,18 @@ def reproducer(adapter, case: Case) -> str:
     )
 
 
-def reproduce(adapter, case: Case) -> None:
-    """Run one case against an adapter, raising :class:`ConformanceError` on a mismatch."""
-    tracker = _Tracker({c: CheckResult(adapter.name, adapter_device(adapter), case.dtype, c, 0.0) for c in CHECKS},
-                       case.dtype)
-    check_case(adapter, case, tracker, tolerance(case.dtype, adapter_device(adapter)), has_gradients(adapter),
-               inside_property=False)
+def reproduce(adapter, case: Case, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    """Run one case against an adapter, raising :class:`ConformanceError` (naming every check that
+    fails) on a mismatch. Raises ValueError for a case whose exact results the dtype cannot hold."""
+    __tracebackhide__ = True
+    caller = Caller(timeout)
+    try:
+        outcomes = evaluate_case(adapter, case, caller, has_gradients(adapter))
+    except _Unrepresentable as exc:
+        raise ValueError(str(exc)) from None
+    finally:
+        caller.close()
+    failed = [(name, o) for name, o in outcomes.items() if o.status == "fail"]
+    if failed:
+        name, first = failed[0]
+        raise ConformanceError("\n".join(f"{n}: {o.message}" for n, o in failed), name, case, first.kind)

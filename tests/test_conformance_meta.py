@@ -1,0 +1,265 @@
+"""The suite's own machinery: an honest report (every check evaluated on its own, nothing that did
+not run counted as a pass), distinct failures kept apart, adapters that exit, interrupt or hang, the
+per-case tolerances, the diagnosis of known variants, and the one-call pytest helper.
+
+All adapters here are the NumPy spec with something wrong; each test takes well under a second or
+two (small example counts, no large tier unless it is what is tested).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import Phase
+
+from mlstm_spec import reference
+from mlstm_spec.conformance import (VARIANTS, Case, ConformanceError, assert_conforms, check, defects,
+                                    diagnose, reproduce)
+from mlstm_spec.conformance.calls import Caller
+from mlstm_spec.conformance.cases import reference_forward, rounded_reference
+from mlstm_spec.conformance.runner import suite_settings
+from mlstm_spec.conformance.tolerances import SHARPNESS, case_tolerance, tolerance
+
+#: 8 examples, not shrunk (these tests are about what is reported, not about the smallest example)
+FEW = suite_settings("default", 8)
+FEW = FEW.__class__(FEW, phases=[p for p in FEW.phases if p is not Phase.shrink])
+
+
+def run(adapter, dtype="float64", settings=FEW, **options):
+    return {r.check: r for r in check(adapter, dtype, settings=settings, seed=1, large=(), **options)}
+
+
+def exec_reproducer(code: str) -> ConformanceError:
+    """Run a reproducer with ADAPTER bound to the class it names; return what it raises."""
+    with pytest.raises(ConformanceError) as raised:
+        exec(code, {"ADAPTER": exec_reproducer.adapter})
+    return raised.value
+
+
+# ---- every check on its own; nothing unrun counted as a pass ----
+
+class AllWrong:
+    """Outputs off by one, final state all NaN, gradients() always raising."""
+
+    name = "all-wrong"
+
+    def forward(self, params, xs, state, *, integration_mode):
+        hs, (h, c) = reference.forward(params, xs, state, integration_mode=integration_mode)
+        return hs + 1, (np.full_like(h, np.nan), np.full_like(c, np.nan))
+
+    def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode):
+        raise RuntimeError("no gradients today")
+
+
+def test_the_all_wrong_adapter_fails_all_three_checks_each_with_a_reproducer():
+    results = run(AllWrong())
+    assert {name: r.status for name, r in results.items()} == dict.fromkeys(results, "fail")
+    assert results["outputs"].worst_error > 0.1
+    assert results["final_state"].worst_error == np.inf  # NaN where a number belongs
+    assert "gradients() raised RuntimeError: no gradients today" in results["gradients"].message
+    for result in results.values():
+        assert result.examples > 0 and re.search(r"reproduce\(ADAPTER, Case\(", result.reproducer)
+
+
+def test_a_wrong_shape_in_one_check_does_not_stop_the_others():
+    class BadOutputShape(defects.SpecAdapter):
+        name = "bad-hs-shape"
+
+        def forward(self, params, xs, state, *, integration_mode):
+            hs, final = super().forward(params, xs, state, integration_mode=integration_mode)
+            return hs[..., :1, :], final  # only the first step
+
+    results = run(BadOutputShape())
+    assert results["outputs"].status == "fail" and "has shape" in results["outputs"].message
+    # checked in every example run (Hypothesis stops drawing once it has a failure)
+    assert results["final_state"].status == "pass"
+    assert results["final_state"].examples == results["outputs"].examples == results["gradients"].examples >= 2
+    assert results["gradients"].status == "pass"
+
+
+def test_a_check_that_never_ran_is_not_run_not_passed():
+    class ForwardOnly:
+        name = "forward-only"
+
+        def forward(self, params, xs, state, *, integration_mode):
+            return reference.forward(params, xs, state, integration_mode=integration_mode)
+
+    results = run(ForwardOnly())
+    assert results["gradients"].status == "skip" and results["gradients"].examples == 0
+    assert results["gradients"].message == "not run: the adapter has no gradients()"
+    assert results["outputs"].status == "pass"
+
+
+# ---- distinct failures ----
+
+class TwoBugs(defects.SpecAdapter):
+    """Raises for T >= 3; computes wrong outputs for H >= 2 (two bugs Hypothesis tells apart)."""
+
+    name = "two-bugs"
+
+    def forward(self, params, xs, state, *, integration_mode):
+        if xs.shape[-2] >= 3:
+            raise ValueError("sequences longer than 2 steps are not supported")
+        hs, final = super().forward(params, xs, state, integration_mode=integration_mode)
+        if hs.shape[-1] >= 2:
+            hs = hs * 1.5
+        return hs, final
+
+
+def test_two_distinct_failures_are_reported_with_two_reproducers_that_reproduce_them():
+    results = run(TwoBugs(), settings=suite_settings("default", 15))
+    failures = results["outputs"].failures
+    assert sorted(f["kind"] for f in failures) == ["mismatch", "raised ValueError"]
+    assert all(f["shrunk"] for f in failures)
+    cases = {f["kind"]: eval(re.search(r"(Case\(.*\))\)", f["reproducer"]).group(1), {"Case": Case})
+             for f in failures}
+    assert cases["raised ValueError"].steps == 3  # each shrunk to its own smallest example
+    assert cases["mismatch"].hidden_size == 2 and cases["mismatch"].steps <= 2
+    exec_reproducer.adapter = TwoBugs()
+    messages = [str(exec_reproducer(f["reproducer"])) for f in failures]
+    assert any("raised ValueError" in m for m in messages) and any("but should be" in m for m in messages)
+
+
+# ---- adapters that exit, interrupt or hang ----
+
+@pytest.mark.parametrize("exception", [SystemExit(0), KeyboardInterrupt()], ids=["sys.exit(0)", "KeyboardInterrupt"])
+def test_an_adapter_that_exits_or_interrupts_fails_the_check_it_was_called_for(exception):
+    class Exiting(defects.SpecAdapter):
+        name = "exiting"
+
+        def forward(self, params, xs, state, *, integration_mode):
+            raise exception
+
+    results = run(Exiting())
+    for name in ("outputs", "final_state"):
+        assert results[name].status == "fail"
+        assert f"raised {type(exception).__name__}" in results[name].message
+    assert results["gradients"].status == "pass"  # a separate call, still made
+
+
+def test_a_hanging_call_times_out_and_the_adapter_is_not_called_again():
+    release = threading.Event()
+    calls = []
+
+    class Hanging(defects.SpecAdapter):
+        name = "hanging"
+
+        def forward(self, params, xs, state, *, integration_mode):
+            calls.append(1)
+            release.wait(30)
+            return super().forward(params, xs, state, integration_mode=integration_mode)
+
+    try:
+        results = run(Hanging(), timeout=0.3)
+    finally:
+        release.set()  # let the abandoned worker thread finish
+    assert len(calls) == 1
+    assert results["outputs"].status == "fail" and "did not return" in results["outputs"].message
+    assert results["gradients"].status == "skip" and "not called again" in results["gradients"].message
+    assert results["outputs"].reproducer
+
+
+def test_the_caller_reports_what_left_the_call():
+    caller = Caller(timeout=5)
+    assert caller(lambda: 3).value == 3
+    exited = caller(sys.exit, 0)
+    assert isinstance(exited.exception, SystemExit) and not exited.ok
+    assert caller(lambda: 4).value == 4  # the worker survives an exit
+    caller.close()
+
+
+# ---- per-case tolerances ----
+
+def test_a_case_tolerance_follows_the_spec_own_error_between_floor_and_ceiling():
+    k, floor = SHARPNESS["float32"]
+    assert case_tolerance("float32", "cpu", 0.0) == floor
+    assert case_tolerance("float32", "cpu", 1e-6) == pytest.approx(k * 1e-6)
+    assert case_tolerance("float32", "cpu", 1.0) == tolerance("float32")
+    assert case_tolerance("float64", "cpu", 1e-6) == tolerance("float64")  # fixed in float64
+
+
+def test_the_rounded_reference_is_what_the_spec_computes_in_that_dtype():
+    case = Case(batch=2, steps=4, input_size=3, hidden_size=3, dtype="float16", seed=4)
+    arrays = case.arrays()
+    hs, _, _ = rounded_reference(arrays, case.integration_mode, "float16", gradients=False)
+    # the spec's cell, step by step in float16, is what the reference rounds like
+    h, c, steps = arrays.state[0], arrays.state[1], []
+    for t in range(case.steps):
+        _, (h, c) = reference.forward(arrays.params, arrays.xs[:, t:t + 1], (h, c),
+                                      integration_mode=case.integration_mode)
+        steps.append(h)
+    np.testing.assert_array_equal(hs, np.stack(steps, axis=1).astype(np.float64))
+    exact, _ = reference_forward(arrays, case.integration_mode)
+    assert 0 < np.abs(hs - exact).max() < 1e-2
+
+
+# ---- the diagnosis ----
+
+class VariantAdapter:
+    """An implementation that computes one variant of the table."""
+
+    dtypes = ("float64",)
+
+    def __init__(self, variant):
+        self.variant, self.name = variant, f"variant:{variant.key}"
+
+    def forward(self, params, xs, state, *, integration_mode):
+        out = self.variant.forward(params, xs, state, integration_mode)
+        if out is None:
+            raise ValueError("the input does not fit this implementation's layout")
+        return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.key)
+def test_the_diagnosis_names_each_known_variant_and_only_it(variant):
+    found = diagnose(VariantAdapter(variant))
+    assert found.matches == [variant.key], found.describe()
+    assert variant.title in found.describe()
+
+
+def test_the_diagnosis_of_a_correct_forward_says_the_failure_is_elsewhere():
+    found = diagnose(defects.H0GradientDropped())
+    assert found.matches == [] and "agrees with the spec" in found.describe()
+    unknown = diagnose(defects.TimeChunkRestartsState())  # correct at these sizes too
+    assert unknown.matches == []
+
+
+def test_the_diagnosis_names_no_variant_for_an_unknown_bug():
+    class Unknown(defects.SpecAdapter):
+        name = "unknown"
+
+        def forward(self, params, xs, state, *, integration_mode):
+            hs, (h, c) = super().forward(params, xs, state, integration_mode=integration_mode)
+            return hs * 0.9, (h * 0.9, c)
+
+    found = diagnose(Unknown())
+    assert found.matches == [] and "none of the" in found.describe()
+
+
+# ---- the pytest helper ----
+
+def test_assert_conforms_fails_with_the_report_reproducer_and_diagnosis():
+    with pytest.raises(ConformanceError) as raised:
+        assert_conforms(defects.IhBlocksPermuted(), ["float64"], max_examples=5, seed=2, large=())
+    text = str(raised.value)
+    assert "defect:ih-blocks-permuted" in text and "FAIL" in text
+    assert "Reproduce with:" in text and "reproduce(ADAPTER, Case(" in text
+    assert "DIAGNOSIS" in text and "ih-gate-order-mifzo" in text
+    assert "seed 2" in text
+
+
+def test_assert_conforms_returns_the_report_when_everything_passes():
+    report = assert_conforms(defects.SpecAdapter(), ["float32"], max_examples=3, seed=2, large=())
+    assert report.exit_status == 0 and {r.status for r in report.results} == {"pass"}
+
+
+def test_reproduce_names_every_failing_check():
+    case = Case(batch=2, steps=2, input_size=1, hidden_size=1, seed=3)
+    with pytest.raises(ConformanceError) as raised:
+        reproduce(AllWrong(), case)
+    text = str(raised.value)
+    assert text.count("\n") == 2 and all(f"{name}:" in text for name in ("outputs", "final_state", "gradients"))
