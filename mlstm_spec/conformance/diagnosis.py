@@ -186,11 +186,12 @@ _LOOSE = {"float64-computed-in-float32": 1e-5}
 
 #: The diagnostic cases: every variant differs from the spec and from the others on them (all biases
 #: on, a given state, H != I, B != T, both integration modes, one case without a state for the
-#: batch/time variant).
+#: batch/time variant), and they are short (T = 2), so that an implementation failing only on long
+#: sequences can still be diagnosed.
 DIAGNOSTIC_CASES = (
-    Case(batch=3, steps=4, input_size=3, hidden_size=5, seed=11),
-    Case(batch=2, steps=3, input_size=4, hidden_size=3, integration_mode="multiplicative_integration", seed=12),
-    Case(batch=2, steps=5, input_size=2, hidden_size=4, with_state=False, seed=13),
+    Case(batch=3, steps=2, input_size=3, hidden_size=5, seed=11),
+    Case(batch=2, steps=2, input_size=4, hidden_size=3, integration_mode="multiplicative_integration", seed=12),
+    Case(batch=3, steps=2, input_size=2, hidden_size=4, with_state=False, seed=13),
 )
 
 

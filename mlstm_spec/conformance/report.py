@@ -177,12 +177,21 @@ def row(group) -> tuple[str, ...]:
     )
 
 
-def failure_entries(result) -> list:
-    """``(message, reproducer)`` of every distinct failure of a result."""
+def failure_entries(result, shown: set | None = None) -> list:
+    """``(message, reproducer)`` of every distinct failure of a result. A reproducer already in
+    ``shown`` (the same example failing another check) is not repeated: its entry says so instead."""
     failures = getattr(result, "failures", None) or []
-    if failures:
-        return [(f["message"], f.get("reproducer", "")) for f in failures]
-    return [(result.message, result.reproducer)]
+    entries = [(f["message"], f.get("reproducer", "")) for f in failures] or [(result.message, result.reproducer)]
+    if shown is None:
+        return entries
+    out = []
+    for message, code in entries:
+        if code and code in shown:
+            out.append((message + "\n(the same example as a failure above: reproduced by the same code)", ""))
+        else:
+            shown.add(code)
+            out.append((message, code))
+    return out
 
 
 def failure_title(result) -> str:
@@ -210,8 +219,9 @@ def plain_text(report: Report) -> str:
     notes = _long_notes(report)
     if notes:
         parts.append("Notes:\n" + "\n".join(f"  {where}: {text}" for where, text, _ in notes))
+    shown: set = set()
     for result in report.failures():
-        for message, code in failure_entries(result):
+        for message, code in failure_entries(result, shown):
             parts.append(f"FAIL: {failure_title(result)}\n{_indent(message)}")
             if code:
                 parts.append("Reproduce with:\n" + _indent(code))
@@ -297,8 +307,9 @@ def print_rich(report: Report, console) -> None:
         for where, text, status in notes:
             console.print(Text.assemble("  ", (where, styles[status]), ": ", text))
         console.print()
+    printed: set = set()
     for result in report.failures():
-        for message, code in failure_entries(result):
+        for message, code in failure_entries(result, printed):
             console.print(Text(f"FAIL: {failure_title(result)}", style="bold red"))
             console.print(Text(_indent(message)))
             if code:
@@ -348,8 +359,9 @@ def markdown(report: Report) -> str:
     failures = report.failures()
     if failures:
         lines += ["", "## Failures"]
+        shown: set = set()
         for result in failures:
-            for message, code in failure_entries(result):
+            for message, code in failure_entries(result, shown):
                 lines += ["", f"### {failure_title(result)}", "", "```text", message, "```"]
                 if code:
                     lines += ["", "Reproduce with:", "", "```python", code, "```"]

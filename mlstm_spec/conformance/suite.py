@@ -71,6 +71,16 @@ class _Abandoned(BaseException):
     """A call timed out: stop the run for this adapter (not an Exception, so Hypothesis lets it out)."""
 
 
+class _EnoughShrinking(BaseException):
+    """The shrinking budget is spent: stop, and report the smallest failing examples seen so far."""
+
+
+#: Examples Hypothesis may spend shrinking failures, beyond the drawn ones. Every example is a call
+#: into the implementation, and a JIT backend compiles each new shape: unbounded shrinking of two
+#: failures took 800 examples. The smallest failing example seen by then is reported instead.
+SHRINK_BUDGET = 100
+
+
 class _Unrepresentable(Exception):
     pass
 
@@ -461,9 +471,13 @@ def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
 
     suite_error = None
 
+    limit = (settings or hypothesis_settings.default).max_examples + SHRINK_BUDGET
+
     @given(case=cases(dtype, adapter, **strategy_options))
     def property_(case):
         __tracebackhide__ = True
+        if counter[0] >= limit and any(r.failing for r in tracker.records.values()):
+            raise _EnoughShrinking()
         step()
         try:
             outcomes = evaluate_case(adapter, case, caller, gradients)
@@ -487,7 +501,7 @@ def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
     try:
         if small:
             property_()
-    except _Abandoned:
+    except (_Abandoned, _EnoughShrinking):
         pass
     except Unsatisfiable as exc:
         suite_error = f"the suite could not run: {type(exc).__name__}: {exc}"
