@@ -642,6 +642,8 @@ def test_worked_example_without_the_block_permutation_fails(capsys, fake_backend
     failed = rows(report, status="fail")
     assert {(r["dtype"], r["check"]) for r in failed} >= {("float64", "outputs"), ("float32", "outputs")}
     assert all(r["worst_error"] > 1e-2 for r in failed if r["check"] == "outputs")
+    (diagnosis,) = report["diagnoses"]  # the real torchrecurrent, given canonical arrays: its own order
+    assert diagnosis["matches"] == ["torchrecurrent-gate-order"] and diagnosis["dtype"] == "float64"
 
 
 # ---- docs/conformance.md states what the code does ----

@@ -11,7 +11,7 @@ import numpy as np
 from .. import reference
 from ..equations import IH_BLOCKS, MH_BLOCKS, sigmoid
 from ..params import block
-from .diagnosis import numpy_forward
+from .diagnosis import numpy_forward, permuted
 
 
 class SpecAdapter:
@@ -26,10 +26,6 @@ class SpecAdapter:
 
     def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode):
         return reference.backward(params, xs, state, d_hs, d_state, integration_mode=integration_mode)
-
-
-def _permute(array, order, blocks):
-    return np.concatenate([block(array, name, blocks) for name in order])
 
 
 class _ParamDefect(SpecAdapter):
@@ -53,9 +49,7 @@ class IhBlocksPermuted(_ParamDefect):
     name = "defect:ih-blocks-permuted"
 
     def misread(self, params):
-        order = ("m", "i", "f", "z", "o")
-        return {k: _permute(v, order, IH_BLOCKS) if k in ("weight_ih", "bias_ih") else v
-                for k, v in params.items()}
+        return permuted(params, ih_order=("m", "i", "f", "z", "o"))
 
 
 class MhBlocksPermuted(_ParamDefect):
@@ -64,9 +58,7 @@ class MhBlocksPermuted(_ParamDefect):
     name = "defect:mh-blocks-permuted"
 
     def misread(self, params):
-        order = ("i", "f", "z", "o")
-        return {k: _permute(v, order, MH_BLOCKS) if k in ("weight_mh", "bias_mh") else v
-                for k, v in params.items()}
+        return permuted(params, mh_order=("i", "f", "z", "o"))
 
 
 class BiasHhIgnored(_ParamDefect):

@@ -67,8 +67,9 @@ def numpy_forward(params, xs, state, integration_mode, *, tanh=np.tanh, matmul=n
 # ---- parameter misreadings ----
 
 def permuted(params, ih_order=None, mh_order=None):
-    """``params`` read by an implementation whose blocks are in ``ih_order`` / ``mh_order``: the arrays
-    it would hold, given the canonical ones."""
+    """What an implementation whose gate blocks are in ``ih_order`` / ``mh_order`` computes when it is
+    given canonical arrays, as canonical parameters: its gate ``g`` reads the block at the position
+    ``g`` has in *its* order."""
     out = dict(params)
     for keys, order, blocks in ((("weight_ih", "bias_ih"), ih_order, IH_BLOCKS),
                                 (("weight_mh", "bias_mh"), mh_order, MH_BLOCKS)):
@@ -76,7 +77,7 @@ def permuted(params, ih_order=None, mh_order=None):
             continue
         for key in keys:
             if key in params:
-                out[key] = np.concatenate([block(params[key], gate, blocks) for gate in order])
+                out[key] = np.concatenate([block(params[key], gate, order) for gate in blocks])
     return out
 
 
@@ -105,7 +106,6 @@ class Variant:
     title: str  # what the implementation computes, in a few words
     seen_in: str  # where it has been published, or why a port gets it
     forward: Callable  # (params, xs, state, integration_mode) -> hs, (h_T, c_T), like mlstm_spec.forward
-    needs: tuple = ()  # options a case needs for the variant to differ from the spec
 
 
 def _misread(misread):
@@ -141,16 +141,25 @@ def _equation(**hooks):
     return lambda params, xs, state, mode: numpy_forward(params, xs, state, mode, **hooks)
 
 
+TORCHRECURRENT_IH = ("m", "i", "f", "z", "o")
+TORCHRECURRENT_MH = ("i", "f", "z", "o")
+
 VARIANTS = (
-    Variant("torchrecurrent-gate-order", "gate blocks in torchrecurrent's order: weight_ih m, i, f, z, o and "
-            "weight_mh i, f, z, o", "torchrecurrent 0.2.5 (same names and shapes as the canonical layout)",
-            _misread(lambda p: permuted(p, ("m", "i", "f", "z", "o"), ("i", "f", "z", "o")))),
-    Variant("ih-gate-order-mifzo", "weight_ih / bias_ih blocks in the order m, i, f, z, o (weight_mh as "
-            "canonical)", "half of torchrecurrent's order", _misread(lambda p: permuted(p, ("m", "i", "f", "z", "o")))),
-    Variant("mh-gate-order-ifzo", "weight_mh / bias_mh blocks in the order i, f, z, o (weight_ih as canonical)",
-            "the other half of torchrecurrent's order", _misread(lambda p: permuted(p, None, ("i", "f", "z", "o")))),
-    Variant("interleaved-rows", "rows interleaved per hidden unit (row 5j+k is gate k of unit j) instead of "
-            "one block per gate", "Krause's Chainer mLSTM", _misread(interleaved)),
+    Variant("torchrecurrent-gate-order",
+            "gate blocks in torchrecurrent's order: weight_ih m, i, f, z, o and weight_mh i, f, z, o",
+            "torchrecurrent 0.2.5 (same names and shapes as the canonical layout)",
+            _misread(lambda p: permuted(p, TORCHRECURRENT_IH, TORCHRECURRENT_MH))),
+    Variant("ih-gate-order-mifzo",
+            "weight_ih / bias_ih blocks in the order m, i, f, z, o (weight_mh as canonical)",
+            "a port from torchrecurrent that translated weight_mh only",
+            _misread(lambda p: permuted(p, ih_order=TORCHRECURRENT_IH))),
+    Variant("mh-gate-order-ifzo",
+            "weight_mh / bias_mh blocks in the order i, f, z, o (weight_ih as canonical)",
+            "a port from torchrecurrent that translated weight_ih only",
+            _misread(lambda p: permuted(p, mh_order=TORCHRECURRENT_MH))),
+    Variant("interleaved-rows",
+            "rows interleaved per hidden unit (row 5j+k is gate k of unit j) instead of one block per gate",
+            "Krause's Chainer mLSTM", _misread(interleaved)),
     Variant("weight-hh-transposed", "weight_hh used transposed (h @ weight_hh instead of h @ weight_hh.T)",
             "a row-major / column-major mix-up", _misread(lambda p: {**p, "weight_hh": p["weight_hh"].T})),
     Variant("output-o-tanh-tanh-z", "h = o * tanh(tanh(z)): the cell state never reaches the output",
@@ -160,16 +169,14 @@ VARIANTS = (
             _equation(output=lambda o, c, z: np.tanh(c * o))),
     Variant("candidate-sigmoid", "z = sigmoid(a_z) (a sigmoid where the candidate has tanh)",
             "a gate loop applying one activation to every block", _equation(candidate=sigmoid)),
-    Variant("bias-ih-missing", "bias_ih never added", "a dropped bias", _misread(without("bias_ih")),
-            needs=("bias",)),
-    Variant("bias-hh-missing", "bias_hh never added", "a dropped bias", _misread(without("bias_hh")),
-            needs=("recurrent_bias",)),
-    Variant("bias-mh-missing", "bias_mh never added", "a dropped bias", _misread(without("bias_mh")),
-            needs=("multiplicative_bias",)),
+    Variant("bias-ih-missing", "bias_ih never added", "a dropped bias", _misread(without("bias_ih"))),
+    Variant("bias-hh-missing", "bias_hh never added", "a dropped bias", _misread(without("bias_hh"))),
+    Variant("bias-mh-missing", "bias_mh never added", "a dropped bias", _misread(without("bias_mh"))),
     Variant("bias-hh-on-m", "bias_hh added to m = p_m * (weight_hh h) instead of to weight_hh h",
-            "a misplaced bias", _equation(bias_hh_on_m=True), needs=("recurrent_bias",)),
-    Variant("other-integration-mode", "the other integration mode (gates p + q where p * q was asked, or the "
-            "reverse)", "integration_mode ignored or inverted", _other_mode),
+            "a misplaced bias", _equation(bias_hh_on_m=True)),
+    Variant("other-integration-mode",
+            "the other integration mode (gates p + q where p * q was asked, or the reverse)",
+            "integration_mode ignored or inverted", _other_mode),
     Variant("state-order-c-h", "state tuples in the order (c, h), read and returned",
             "OpenAI's sentiment mLSTM keeps [c, h]", _state_c_h),
     Variant("batch-time-swapped", "input read as (T, B, I) where it is (B, T, I)",

@@ -590,7 +590,7 @@ def _results(adapter, dtype, ceiling, tracker, gradients, caller, suite_error) -
         results.append(result)
     if caller.abandoned:
         for result in results:
-            if caller.abandoned not in result.message:
+            if caller.abandoned not in result.message and "did not return" not in result.message:
                 result.message = (result.message + "; " if result.message else "") + caller.abandoned
     return results
 
