@@ -211,6 +211,65 @@ def test_the_diagnosis_names_each_known_variant_and_only_it(variant):
     assert variant.title in found.describe()
 
 
+class InterleavedRows(defects.SpecAdapter):
+    """Reads weight_ih / weight_mh and their biases unit by unit (row 5j+k: gate k of unit j), written
+    with explicit loops, independently of diagnosis.interleaved."""
+
+    name = "interleaved"
+
+    def forward(self, params, xs, state, *, integration_mode):
+        read = dict(params)
+        for key, gates in (("weight_ih", 5), ("bias_ih", 5), ("weight_mh", 4), ("bias_mh", 4)):
+            if key in params:
+                H = params[key].shape[0] // gates
+                read[key] = np.stack([params[key][j * gates + k] for k in range(gates) for j in range(H)])
+        return super().forward(read, xs, state, integration_mode=integration_mode)
+
+
+class TimeMajor(defects.SpecAdapter):
+    """Takes the first axis for time, one mlstm_spec.cell step per row of it (no state given)."""
+
+    name = "time-major"
+
+    def forward(self, params, xs, state, *, integration_mode):
+        if xs.ndim != 3 or state is not None:
+            raise ValueError("time-major: give (T, B, I) and no state")
+        hs, carried = [], None
+        for x in xs:  # "time" = xs's first axis
+            h, carried = reference.cell(params, x, carried, integration_mode=integration_mode)
+            hs.append(h)
+        return np.stack(hs, axis=0), carried
+
+
+class StateCH(defects.SpecAdapter):
+    name = "state-(c,h)"
+
+    def forward(self, params, xs, state, *, integration_mode):
+        c0, h0 = (None, None) if state is None else state
+        hs, (h, c) = super().forward(params, xs, None if state is None else (h0, c0),
+                                     integration_mode=integration_mode)
+        return hs, (c, h)
+
+
+@pytest.mark.parametrize("adapter, key", [
+    (defects.IhBlocksPermuted(), "ih-gate-order-mifzo"),
+    (defects.MhBlocksPermuted(), "mh-gate-order-ifzo"),
+    (defects.TransposedWeights(), "weight-hh-transposed"),
+    (defects.OutputTanhTanhZ(), "output-o-tanh-tanh-z"),
+    (defects.OutputTanhOfCTimesO(), "output-tanh-c-times-o"),
+    (defects.SigmoidCandidate(), "candidate-sigmoid"),
+    (defects.BiasHhIgnored(), "bias-hh-missing"),
+    (defects.Float64AsFloat32(), "float64-computed-in-float32"),
+    (InterleavedRows(), "interleaved-rows"),
+    (TimeMajor(), "batch-time-swapped"),
+    (StateCH(), "state-order-c-h"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_the_diagnosis_names_implementations_written_independently_of_its_table(adapter, key):
+    """The variants of the table are what such implementations compute (the real torchrecurrent is
+    checked in test_runner.py): each of these, written on its own, is named."""
+    assert diagnose(adapter).matches == [key]
+
+
 def test_the_diagnosis_of_a_correct_forward_says_the_failure_is_elsewhere():
     found = diagnose(defects.H0GradientDropped())
     assert found.matches == [] and "agrees with the spec" in found.describe()
