@@ -289,3 +289,22 @@ def test_gpu_check_runs_the_conformance_and_tests_steps_for_what_has_a_gpu(tmp_p
     installed = [f for f in ("torch", "jax", "tensorflow") if importlib.util.find_spec(f)]
     assert env["MLSTM_BACKENDS"] == ",".join(installed)
     assert "2 passed, 0 failed, 0 errors, 1 skipped" in summary and "no GPU visible to jax" in summary
+
+
+def test_the_runner_sets_the_framework_environment_before_planning(monkeypatch):
+    """mlstm-conformance starts JAX and TensorFlow itself, so it must set what conftest.py sets for
+    the tests (JAX's GPU preallocation off above all) before it plans the run and imports them."""
+    from mlstm_spec._env import FRAMEWORK_ENVIRONMENT
+    from mlstm_spec.conformance import runner
+
+    for name in FRAMEWORK_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    seen = {}
+
+    def stop_at_planning(args):
+        seen.update({name: os.environ.get(name) for name in FRAMEWORK_ENVIRONMENT})
+        raise runner.UsageError("stopped by the test")
+
+    monkeypatch.setattr(runner, "plan_run", stop_at_planning)
+    assert runner.main([]) == runner.EXIT_USAGE
+    assert seen == FRAMEWORK_ENVIRONMENT

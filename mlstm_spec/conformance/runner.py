@@ -664,8 +664,9 @@ def main(argv=None) -> int:
     if MISSING_DEPENDENCY:
         print(f"mlstm-conformance: {MISSING_DEPENDENCY}", file=sys.stderr)
         return EXIT_NOTHING_CHECKED
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    from .._env import set_framework_environment
+
+    set_framework_environment()  # before any framework is imported: quiet logs, no GPU memory grab
     # The suite draws many shapes on purpose; TensorFlow's "retracing" warnings would bury the report.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     from .profiles import profile_from_environment
