@@ -107,10 +107,15 @@ def test_runner_works_from_an_installed_wheel(tmp_path):
 
     # the console script runs the suite
     report_path = workdir / "report.json"
-    done = run("--backends", "mlstm_spec", "--max-examples", "5", "--seed", "0", "--json", str(report_path))
+    done = run("--backends", "mlstm_spec", "--profile", "ci", "--max-examples", "5", "--seed", "0",
+               "--json", str(report_path))
     assert done.returncode == 0, done.stdout + done.stderr
     ran = [r for r in json.loads(report_path.read_text())["results"] if r["status"] == "pass"]
-    assert len(ran) == 9 and {r["examples"] for r in ran} == {5}  # 3 dtypes x 3 checks
+    # 3 dtypes x 3 checks; --max-examples counts the small tier, the profile's large shapes (those the
+    # adapter supports) come on top
+    assert len(ran) == 9 and {r["examples_by_tier"]["small"] for r in ran} == {5}
+    assert all(r["examples_by_tier"]["large"] >= 1 for r in ran)
+    assert all(r["examples"] == sum(r["examples_by_tier"].values()) for r in ran)
 
     # python -m, and a planted defect fails with a reproducer
     done = run("-m", "mlstm_spec.conformance", "--impl", "mlstm_spec.conformance.defects:StateSwapped",
