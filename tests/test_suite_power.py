@@ -76,6 +76,9 @@ NEEDS = {
     "BackwardTruncated": lambda case: case.steps > 64,
 }
 
+#: large-tier examples of an adapter without supports(): every shape but the stack
+STACKLESS_LARGE = sum(shape.num_layers == 1 for shape in LARGE_SHAPES["default"])
+
 #: float64 computed in float32 is, in float32, no defect at all
 ONLY_FLOAT64 = {"Float64AsFloat32"}
 
@@ -125,7 +128,7 @@ def test_size_defect_is_invisible_to_the_small_tier_and_caught_by_the_large_tier
     results = {r.check: r for r in check(defect(), "float64", settings=NO_SHRINK, seed=SEED)}
     expected = results[EXPECTED_CHECK[defect.__name__]]
     assert expected.status == "fail", results
-    assert expected.examples_by_tier == {"small": SETTINGS.max_examples, "large": 5}  # the stack is declined
+    assert expected.examples_by_tier == {"small": SETTINGS.max_examples, "large": STACKLESS_LARGE}
     tiers = {f["tier"] for r in results.values() for f in r.failures}
     assert tiers == {"large"}, f"{defect.name} failed in the small tier too: {results}"
     for failure in expected.failures:
@@ -140,7 +143,8 @@ def test_float32_only_defect_is_caught_in_float32_and_absent_in_float64(defect):
     results = {r.check: r for r in check(defect(), "float32", settings=NO_SHRINK, seed=SEED)}
     expected = results[EXPECTED_CHECK[defect.__name__]]
     assert expected.status == "fail", results
-    assert expected.worst_error < tolerance("float32"), "caught by the fixed tolerance: no test of sharpness"
+    if defect is defects.ApproximateTanhFloat32:  # everywhere under the fixed tolerance (TF32: see below)
+        assert expected.worst_error < tolerance("float32"), "caught by the fixed tolerance: no test of sharpness"
     assert {r.status for r in check(defect(), "float64", settings=SETTINGS, seed=SEED, large=())} == {"pass"}
 
 
@@ -171,7 +175,7 @@ def test_controls_pass(control, dtype):
     results = check(control(), dtype, settings=SETTINGS, seed=SEED)
     ran = [r for r in results if r.status != "skip"]
     assert ran and all(r.status == "pass" for r in ran), results
-    assert all(r.examples_by_tier == {"small": SETTINGS.max_examples, "large": 5} for r in ran)
+    assert all(r.examples_by_tier == {"small": SETTINGS.max_examples, "large": STACKLESS_LARGE} for r in ran)
 
 
 def test_a_case_whose_exact_answer_overflows_the_dtype_is_not_held_against_the_implementation():

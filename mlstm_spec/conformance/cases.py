@@ -293,15 +293,15 @@ class Shape:
 #: per shape. ``thorough`` adds exact multiples, longer sequences, a stack of three and H = 257.
 LARGE_SHAPES = {
     "default": (
-        Shape(5, 17, 9, 17),                 # B past 4, T past 16, I past 8, H past 16
-        Shape(9, 33, 33, 31),                # B past 8, T past 32, I past 32, H below 32
-        Shape(17, 20, 15, 33),               # B past 16, I below 16, H past 32
-        Shape(None, 65, 65, 9),              # unbatched, T past 64, I past 64
+        Shape(9, 33, 33, 31),                # B past 8, T past 32, I past 32, H past 16 (below 32)
+        Shape(17, 20, 15, 33),               # B past 16, T past 16, I past 8 (below 16), H past 32
+        Shape(None, 65, 65, 9),              # unbatched, T past 64, I past 64, H past 8
         Shape(3, 6, 129, 129),               # I and H past 128
-        Shape(4, 12, 24, 65, num_layers=2),  # a stack, H past 64
+        Shape(5, 12, 24, 65, num_layers=2),  # a stack, B past 4, H past 64
     ),
 }
 LARGE_SHAPES["thorough"] = LARGE_SHAPES["default"] + (
+    Shape(5, 17, 9, 17),                     # just past 4, 16, 8, 16
     Shape(8, 16, 32, 64),                    # exact multiples: no tail anywhere
     Shape(2, 130, 16, 32),                   # T past 128
     Shape(33, 40, 64, 128),                  # B past 32, H = 128 exactly
