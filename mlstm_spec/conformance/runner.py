@@ -48,10 +48,15 @@ INSTALL_HINT = "pip install 'mlstm-spec[conformance]'"
 
 EPILOG = f"""\
 targets:
-  With no --backends and no --impl: the spec's own float32/float16 path ({SPEC}) and every installed
-  backend among {', '.join(FRAMEWORK_BACKENDS)}, on every device each sees. A backend that is not
+  With no --backends and no --impl: the spec's own float32/float16 path ({SPEC}), every installed
+  backend among {', '.join(FRAMEWORK_BACKENDS)}, on every device each sees, and every adapter that an
+  installed package registers in the entry-point group {ENTRY_POINT_GROUP}. A backend that is not
   installed, or a GPU that is not present, is a "skip" row with the reason. --impl alone checks only
   the given implementation(s); add --backends to check backends as well.
+
+tiers:
+  Each implementation, device and dtype gets the small tier (Hypothesis draws, shrunk on failure) and
+  the large tier (the profile's fixed list of realistic shapes, each checked once).
 
 exit status:
   {EXIT_PASS}  every check that ran passed
