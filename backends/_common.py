@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from mlstm_spec.equations import BIAS_FLAGS
+from mlstm_spec.equations import BIAS_FLAGS, RUNTIME_DEFAULTS
 from mlstm_spec.io import WeightFile
 from mlstm_spec.params import init_params
 from mlstm_spec.validation import (
@@ -305,7 +305,9 @@ class AdapterBase:
     state ``(h, c)`` or a list of pairs; ``None`` for zeros) into the layer's conventions and back, once
     for every backend. A backend supplies:
 
-    - :meth:`build` ``(layers, integration_mode)``: the layer, through its public ``from_canonical``;
+    - :meth:`build` ``(layers, integration_mode, **runtime)``: the layer, through its public
+      ``from_canonical``; ``runtime`` holds the run-time variants the case switches on (``cell_clip``,
+      ``proj_clip``, ``forget_bias``; only those that differ from their defaults);
     - :meth:`run` ``(model, xs, state)``: ``hs, h_n, c_n`` as NumPy arrays, with the states stacked
       over the layers, ``(L, [B,] H)`` (``state`` likewise, or None);
     - :meth:`pullback` ``(model, xs, state, d_hs, d_state)``: the gradients of
@@ -315,19 +317,22 @@ class AdapterBase:
 
     Results are returned as the layer returns them: never cast to the expected dtype, so that the suite
     sees a dtype bug. ``dtypes`` are the dtypes offered; ``max_layers`` limits stacks; with
-    ``batched_only`` unbatched input is given a batch axis of one.
+    ``batched_only`` unbatched input is given a batch axis of one. ``variants`` names the spec's
+    variants the backend computes (a subset of :data:`VARIANT_OPTIONS`); a case with any other is
+    declined by :meth:`supports`, so the suite reports it as not run instead of drawing it.
     """
 
     name: str = "backend"
     dtypes: tuple = DTYPES
     max_layers: int | None = None
     batched_only: bool = False
+    variants: frozenset = frozenset()
 
     def __init__(self, device: str = "cpu"):
         self.device = str(device)
 
     # hooks
-    def build(self, layers: list[dict], integration_mode: str):
+    def build(self, layers: list[dict], integration_mode: str, **runtime):
         raise NotImplementedError
 
     def run(self, model, xs, state):
@@ -343,32 +348,34 @@ class AdapterBase:
     def supports(self, options) -> bool:
         if options.get("dtype", "float64") not in self.dtypes:
             return False
+        if not variants_in(options) <= set(self.variants):
+            return False
         return self.max_layers is None or options.get("num_layers", 1) <= self.max_layers
 
-    def forward(self, params, xs, state, *, integration_mode):
+    def forward(self, params, xs, state, *, integration_mode, **runtime):
         layers, stacked = _suite_layers(params)
         state = _stacked_state(state, stacked)
         unbatched = self.batched_only and np.ndim(xs) == 2
         if unbatched:
             xs, state = xs[None], _add_batch_axis(state)
         with self.precision():
-            model = self.build(layers, integration_mode)
+            model = self.build(layers, integration_mode, **_switched_on(runtime))
             hs, h_n, c_n = self.run(model, xs, state)
         if unbatched:
             hs, h_n, c_n = hs[0], h_n[:, 0], c_n[:, 0]
         pairs = [(h_n[k], c_n[k]) for k in range(len(layers))]
         return hs, pairs if stacked else pairs[0]
 
-    def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode):
+    def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode, **runtime):
         layers, stacked = _suite_layers(params)
-        zeros = np.zeros((len(layers),) + np.shape(xs)[:-2] + (layers[0]["weight_hh"].shape[0],), xs.dtype)
-        state = (zeros, zeros) if state is None else _stacked_state(state, stacked)
-        d_state = (zeros, zeros) if d_state is None else _stacked_state(d_state, stacked)
+        zeros = _zero_state(layers, xs)
+        state = zeros if state is None else _stacked_state(state, stacked)
+        d_state = zeros if d_state is None else _stacked_state(d_state, stacked)
         unbatched = self.batched_only and np.ndim(xs) == 2
         if unbatched:
             xs, d_hs, state, d_state = xs[None], d_hs[None], _add_batch_axis(state), _add_batch_axis(d_state)
         with self.precision():
-            model = self.build(layers, integration_mode)
+            model = self.build(layers, integration_mode, **_switched_on(runtime))
             grads, d_x, d_h0, d_c0 = self.pullback(model, xs, state, d_hs, d_state)
         if unbatched:
             d_x, d_h0, d_c0 = d_x[0], d_h0[:, 0], d_c0[:, 0]
@@ -379,6 +386,29 @@ class AdapterBase:
 
 def _add_batch_axis(state):
     return None if state is None else tuple(s[:, None] for s in state)
+
+
+def variants_in(options: Mapping) -> set:
+    """The names (from :data:`VARIANT_OPTIONS`) of the variants a case's ``options`` switch on."""
+    return {name for name in VARIANT_OPTIONS
+            if options.get(name, RUNTIME_DEFAULTS.get(name)) not in (None, 0, 0.0, False)}
+
+
+def _switched_on(runtime: Mapping) -> dict:
+    """The run-time options that differ from their defaults (what ``build`` receives)."""
+    unknown = set(runtime) - set(RUNTIME_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unexpected run-time options {sorted(unknown)}; the spec has {sorted(RUNTIME_DEFAULTS)}")
+    return {name: value for name, value in runtime.items() if value != RUNTIME_DEFAULTS[name]}
+
+
+def _zero_state(layers: list[dict], xs) -> tuple:
+    """Zero ``(h0, c0)`` stacked over the layers: h has the projection's size where there is one."""
+    hidden = layers[0]["weight_hh"].shape[0]
+    output = layers[0]["weight_hr"].shape[0] if "weight_hr" in layers[0] else hidden
+    batch = np.shape(xs)[:-2]
+    return (np.zeros((len(layers),) + batch + (output,), xs.dtype),
+            np.zeros((len(layers),) + batch + (hidden,), xs.dtype))
 
 
 def _suite_layers(params) -> tuple[list[dict], bool]:
