@@ -208,7 +208,7 @@ class ConformanceAdapter(bj.ConformanceAdapter):
 
     def pullback(self, model, xs, state, d_hs, d_state):
         cotangents = self._put((jnp.asarray(d_hs), d_state))
-        d_model, d_xs, (d_h0, d_c0) = self._run("pullback", model, self._put(jnp.asarray(xs)), self._put(state),
-                                                cotangents)
+        _, (d_model, d_xs, (d_h0, d_c0)) = self._run("pullback", model, self._put(jnp.asarray(xs)),
+                                                     self._put(state), cotangents)
         grads = nnx.merge(d_model.graphdef, d_model.state).to_canonical()
         return grads, np.asarray(d_xs), np.asarray(d_h0), np.asarray(d_c0)

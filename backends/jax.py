@@ -62,7 +62,10 @@ one batch row does not reach the other rows.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
+import tempfile
 from functools import partial
 
 import jax
@@ -659,16 +662,34 @@ _MAX_PROGRAMS = 128
 
 
 def _adapter_programs() -> dict:
-    """Fresh jitted forward and pullback functions (new function objects, so dropping them frees
-    their compiled executables)."""
+    """Fresh jitted programs (new function objects, so dropping them frees their compiled
+    executables): ``forward``, and ``pullback``, which returns the outputs and the cotangents of
+    ``(model, xs, state)`` for given output cotangents, as ``jax.vjp`` computes them."""
 
     def forward(model, xs, state):
         return model(xs, state)
 
     def pullback(model, xs, state, cotangents):
-        return jax.vjp(forward, model, xs, state)[1](cotangents)
+        outputs, vjp = jax.vjp(forward, model, xs, state)
+        # Flat leaves: the program's result names then do not spell the model's pytree, so the jax,
+        # flax and flax_nnx adapters lower the same program for the same case and share its compilation.
+        return outputs, jax.tree.leaves(vjp(cotangents))
 
     return {"forward": jax.jit(forward), "pullback": jax.jit(pullback)}
+
+
+def _share_compilations() -> None:
+    """Turn on JAX's persistent compilation cache, in a temporary directory removed at exit, unless the
+    process has set its own. The JAX-based adapters (jax, flax, flax_nnx) lower the same programs for
+    the same cases, so each is compiled once per run instead of once per adapter; compiling, not
+    computing, is most of a JAX conformance row's time."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    directory = tempfile.mkdtemp(prefix="mlstm-jax-programs-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class ConformanceAdapter(AdapterBase):
@@ -686,6 +707,7 @@ class ConformanceAdapter(AdapterBase):
 
     def __init__(self, device: str = "cpu"):
         jax.config.update("jax_enable_x64", True)
+        _share_compilations()
         super().__init__(device)
         self._device = _jax_device(self.device)
         self._programs, self._signatures = self._new_programs(), set()
@@ -703,7 +725,10 @@ class ConformanceAdapter(AdapterBase):
             if len(self._signatures) >= _MAX_PROGRAMS:
                 self._programs, self._signatures = self._new_programs(), set()
             self._signatures.add(signature)
-        return self._programs[program](*args)
+        result = self._programs[program](*args)
+        if program == "pullback":  # the outputs, and the cotangents of (model, xs, state) as flat leaves
+            result = result[0], jax.tree.unflatten(jax.tree.structure(args[:3]), result[1])
+        return result
 
     def precision(self):
         if self._device.platform == "cpu":
@@ -717,12 +742,21 @@ class ConformanceAdapter(AdapterBase):
         return self._put(MLSTM.from_canonical(layers, integration_mode=integration_mode))
 
     def run(self, model, xs, state):
-        hs, (h_n, c_n) = self._run("forward", model, self._put(jnp.asarray(xs)), self._put(state))
+        xs, state = self._put(jnp.asarray(xs)), self._put(state)
+        if state is None:  # the layer's own zero state: only the forward program takes it
+            hs, (h_n, c_n) = self._run("forward", model, xs, state)
+        else:
+            # The outputs of the program gradients() then calls with the same signature (given zero
+            # cotangents here): one compilation per case instead of two. They are the outputs of the
+            # same traced forward; compiling, not computing, is most of a JAX conformance row's time.
+            zeros = jax.tree.map(lambda out: jnp.zeros(out.shape, out.dtype),
+                                 jax.eval_shape(self._programs["forward"], model, xs, state))
+            (hs, (h_n, c_n)), _ = self._run("pullback", model, xs, state, self._put(zeros))
         return np.asarray(hs), np.asarray(h_n), np.asarray(c_n)
 
     def pullback(self, model, xs, state, d_hs, d_state):
         cotangents = self._put((jnp.asarray(d_hs), d_state))
-        d_model, d_xs, (d_h0, d_c0) = self._run("pullback", model, self._put(jnp.asarray(xs)), self._put(state),
-                                                cotangents)
+        _, (d_model, d_xs, (d_h0, d_c0)) = self._run("pullback", model, self._put(jnp.asarray(xs)),
+                                                     self._put(state), cotangents)
         grads = [{name: np.asarray(value) for name, value in layer.items()} for layer in d_model.layers]
         return grads, np.asarray(d_xs), np.asarray(d_h0), np.asarray(d_c0)
