@@ -11,11 +11,14 @@ CI sees the same examples every time. Three families:
   tier and caught by the large tier, so these tests fail if the large tier is removed or shrunk;
 - float32-only defects of a few hundred ulps (a fast-math tanh, TF32 matrix products), exact in
   float64: caught only because each example's float32 tolerance is set by the spec's own float32
-  error on it.
+  error on it;
+- defects in the spec's variants (peepholes, clips, projection, forget bias): caught only by examples
+  with the variant on, which the suite draws for adapters that declare the variants.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -56,6 +59,12 @@ EXPECTED_CHECK = {
     "BackwardTruncated": "gradients",
     "ApproximateTanhFloat32": "outputs",
     "TF32Matmul": "outputs",
+    "PeepholeOutputReadsPreviousCell": "outputs",
+    "PeepholeInputForgetSwapped": "outputs",
+    "CellClipAfterOutput": "outputs",
+    "ProjClipBeforeProjection": "outputs",
+    "ForgetBiasInsideProduct": "outputs",
+    "WeightHrGradientDropped": "gradients",
 }
 
 #: what the smallest failing example must look like for defects that hide in some shapes/options
@@ -79,6 +88,16 @@ NEEDS = {
 #: large-tier examples of an adapter without supports(): every shape but the stack
 STACKLESS_LARGE = sum(shape.num_layers == 1 for shape in LARGE_SHAPES["default"])
 
+#: the variants a failing example of each variant defect must switch on (what the defect is about)
+VARIANT_NEEDS = {
+    "PeepholeOutputReadsPreviousCell": lambda case: case.peepholes,
+    "PeepholeInputForgetSwapped": lambda case: case.peepholes,
+    "CellClipAfterOutput": lambda case: case.cell_clip is not None,
+    "ProjClipBeforeProjection": lambda case: case.proj_clip is not None,
+    "ForgetBiasInsideProduct": lambda case: case.forget_bias != 0 and case.integration_mode != "addition",
+    "WeightHrGradientDropped": lambda case: case.proj_size > 0,
+}
+
 #: float64 computed in float32 is, in float32, no defect at all
 ONLY_FLOAT64 = {"Float64AsFloat32"}
 
@@ -99,9 +118,10 @@ def failing_case(reproducer: str) -> Case:
 def test_every_defect_is_planted_and_in_one_family():
     assert {d.__name__ for d in defects.DEFECTS} == set(EXPECTED_CHECK)
     assert len({d.name for d in defects.DEFECTS}) == len(defects.DEFECTS)
-    families = (defects.SMALL_DEFECTS, defects.SIZE_DEFECTS, defects.FLOAT32_DEFECTS)
+    families = (defects.SMALL_DEFECTS, defects.SIZE_DEFECTS, defects.FLOAT32_DEFECTS, defects.VARIANT_DEFECTS)
     assert sum(map(len, families)) == len(set(defects.DEFECTS))
     assert set(NEEDS) == {d.__name__ for d in defects.SIZE_DEFECTS}
+    assert set(VARIANT_NEEDS) == {d.__name__ for d in defects.VARIANT_DEFECTS}
 
 
 @pytest.mark.parametrize("defect, dtype", list(small_defect_params()))
@@ -161,6 +181,20 @@ def test_tf32_fails_float32_at_hidden_size_129_where_the_fixed_tolerance_passes_
     reproduce(defects.SpecAdapter(), case)  # the spec in float32 passes the same case
 
 
+@pytest.mark.parametrize("defect", defects.VARIANT_DEFECTS, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_variant_defect_is_caught_by_the_default_run_only_where_its_variant_is_on(defect, dtype):
+    results = {r.check: r for r in check(defect(), dtype, settings=NO_SHRINK, seed=SEED)}
+    expected = results[EXPECTED_CHECK[defect.__name__]]
+    assert expected.status == "fail" and expected.worst_ratio > 1, results
+    for failure in (f for r in results.values() for f in r.failures):
+        case = failing_case(failure["reproducer"])
+        assert VARIANT_NEEDS[defect.__name__](case), case
+        plain = dataclasses.replace(case, proj_size=0, peepholes=False, cell_clip=None, proj_clip=None,
+                                    forget_bias=0.0)
+        reproduce(defect(), plain)  # the same example without its variants: right
+
+
 def test_float64_computed_in_float32_is_invisible_in_float32():
     """The control for the one defect checked in float64 only: it is really about float64."""
     results = check(defects.Float64AsFloat32(), "float32", settings=SETTINGS, seed=SEED)
@@ -170,6 +204,7 @@ def test_float64_computed_in_float32_is_invisible_in_float32():
 @pytest.mark.parametrize("control, dtype", [
     (defects.SpecAdapter, "float64"), (defects.SpecAdapter, "float32"), (defects.SpecAdapter, "float16"),
     (defects.CorrectRewrite, "float64"), (defects.CorrectRewrite, "float32"),
+    (defects.CorrectVariantRewrite, "float64"), (defects.CorrectVariantRewrite, "float32"),
 ])
 def test_controls_pass(control, dtype):
     results = check(control(), dtype, settings=SETTINGS, seed=SEED)

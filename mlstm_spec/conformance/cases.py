@@ -24,8 +24,24 @@ import numpy as np
 
 from .. import equations, params as spec_params, reference
 from ..equations import INTEGRATION_MODES
+from .tolerances import CLIP_MARGIN, CLIP_MIN_VALUE
 
 BIAS_OPTIONS = ("bias", "recurrent_bias", "multiplicative_bias")
+
+
+#: The spec's variants (docs/equations.md) a case may switch on: structural ones (``proj_size``,
+#: ``peepholes``: parameters present) and run-time ones (passed as keyword arguments).
+VARIANT_OPTIONS = ("proj_size", "peepholes", "cell_clip", "proj_clip", "forget_bias")
+#: The variants passed to ``forward`` / ``gradients`` as keyword arguments, with their "off" values.
+RUNTIME_OPTIONS = dict(equations.RUNTIME_DEFAULTS)
+_VARIANT_DEFAULTS = {"proj_size": 0, "peepholes": False, **RUNTIME_OPTIONS}
+
+
+def variants_on(options) -> frozenset:
+    """The names of the variants a case (or its ``options`` mapping) switches on."""
+    get = options.get if isinstance(options, dict) else lambda name, default: getattr(options, name, default)
+    return frozenset(name for name in VARIANT_OPTIONS
+                     if get(name, _VARIANT_DEFAULTS[name]) not in (None, 0, 0.0, False))
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,20 @@ class Case:
     #: vector weight_hh), as initialisers do: the large tier's values, whose pre-activations then have
     #: the same spread at every size. Biases are not scaled.
     scale_by_fan_in: bool = False
+    # The spec's variants, all off by default (and then the arrays are exactly those of a case
+    # without these fields). With a projection h, d_h and every layer's output are P wide, c is H wide.
+    proj_size: int = 0  # P; 0: no projection
+    peepholes: bool = False  # weight_ci, weight_cf, weight_co, drawn like the other weights
+    cell_clip: float | None = None  # run-time options, passed to forward/gradients when on
+    proj_clip: float | None = None
+    forget_bias: float = 0.0
+
+    def __repr__(self) -> str:
+        # The variants are printed only when on, so that reproducers of cases without them read as
+        # they did before the variants existed (and paste into older versions).
+        shown = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                 if f.name not in _VARIANT_DEFAULTS or getattr(self, f.name) != _VARIANT_DEFAULTS[f.name]]
+        return f"Case({', '.join(f'{name}={value!r}' for name, value in shown)})"
 
     def _fan_in_root(self, key: str, value: np.ndarray) -> float:
         if not self.scale_by_fan_in or not key.startswith("weight_") or value.ndim == 1:
@@ -56,10 +86,32 @@ class Case:
         return float(np.sqrt(value.shape[1]))
 
     @property
+    def output_size(self) -> int:
+        """The width of h and of every layer's output: P with a projection, else H."""
+        return self.proj_size or self.hidden_size
+
+    @property
+    def variants(self) -> frozenset:
+        """The variants this case switches on."""
+        return variants_on(self)
+
+    @property
+    def runtime(self) -> dict:
+        """Every run-time option, for the spec (``mlstm_spec.forward(..., **case.runtime)``)."""
+        return {name: getattr(self, name) for name in RUNTIME_OPTIONS}
+
+    @property
+    def runtime_on(self) -> dict:
+        """The run-time options that are switched on: the keyword arguments an adapter receives (none
+        for a case without run-time variants, so adapters written before them keep working)."""
+        return {name: value for name, value in self.runtime.items() if value != RUNTIME_OPTIONS[name]}
+
+    @property
     def size(self) -> int:
         """A measure of the work a case takes (multiply-adds of one forward pass), for ordering."""
         batch = self.batch or 1
-        per_step = 5 * self.hidden_size * self.input_size + 5 * self.hidden_size * self.hidden_size
+        H, out = self.hidden_size, self.output_size
+        per_step = 5 * H * self.input_size + H * out + 4 * H * H + self.proj_size * H
         return batch * self.steps * per_step * self.num_layers
 
     @property
@@ -78,19 +130,22 @@ class Case:
                 bias=self.bias, recurrent_bias=self.recurrent_bias,
                 multiplicative_bias=self.multiplicative_bias,
                 independent_recurrence=self.independent_recurrence,
+                proj_size=self.proj_size, peepholes=self.peepholes,
             )
             # Random values (not the initialiser's small ones, not zero biases) so every term matters.
+            # Peephole weights, vectors, are never scaled: with |c| of order 1 their terms weigh like
+            # a pre-activation's, at every size.
             layers.append({k: rng.uniform(-1, 1, v.shape) * self.weight_scale / self._fan_in_root(k, v)
                            for k, v in p.items()})
-            size = self.hidden_size
+            size = self.output_size
         xs = rng.standard_normal(batch + (self.steps, self.input_size))
-        state_shape = batch + (self.hidden_size,)
+        h_shape, c_shape = batch + (self.output_size,), batch + (self.hidden_size,)
 
         def state_pair():
-            return rng.uniform(-1, 1, state_shape), rng.standard_normal(state_shape)
+            return rng.uniform(-1, 1, h_shape), rng.standard_normal(c_shape)
 
         states = [state_pair() for _ in range(self.num_layers)]
-        d_hs = rng.standard_normal(batch + (self.steps, self.hidden_size))
+        d_hs = rng.standard_normal(batch + (self.steps, self.output_size))
         d_states = [state_pair() for _ in range(self.num_layers)]
         cast = lambda a: to_dtype(a, self.dtype)  # noqa: E731
         pairs = lambda ps: [(cast(h), cast(c)) for h, c in ps]  # noqa: E731
@@ -147,43 +202,46 @@ def cast_tree(tree, dtype):
 
 # ---- the reference for a case: mlstm_spec, chained over layers for a stack ----
 
-def reference_forward(arrays: CaseArrays, integration_mode: str, work=np.float64, between_layers=None):
+def reference_forward(arrays: CaseArrays, integration_mode: str, work=np.float64, between_layers=None,
+                      **runtime):
     """The spec's forward pass on a case, computing in ``work`` (float64: the oracle).
-    ``between_layers`` rounds one layer's output before the next layer reads it."""
+    ``between_layers`` rounds one layer's output before the next layer reads it; ``runtime`` are the
+    run-time variants (``case.runtime``)."""
     a = cast_tree(dataclasses.asdict(arrays), work)
     if isinstance(a["params"], dict):
-        return reference.forward(a["params"], a["xs"], a["state"], integration_mode=integration_mode)
+        return reference.forward(a["params"], a["xs"], a["state"], integration_mode=integration_mode, **runtime)
     out, finals = a["xs"], []
     for layer, p in enumerate(a["params"]):
         if layer and between_layers is not None:
             out = between_layers(out)
         state = None if a["state"] is None else tuple(a["state"][layer])
-        out, final = reference.forward(p, out, state, integration_mode=integration_mode)
+        out, final = reference.forward(p, out, state, integration_mode=integration_mode, **runtime)
         finals.append(final)
     return out, finals
 
 
-def reference_gradients(arrays: CaseArrays, integration_mode: str, work=np.float64, between_layers=None):
-    """The spec's gradients on a case (see :func:`reference_forward` for ``work``, ``between_layers``)."""
+def reference_gradients(arrays: CaseArrays, integration_mode: str, work=np.float64, between_layers=None,
+                        **runtime):
+    """The spec's gradients on a case (see :func:`reference_forward` for the other arguments)."""
     a = cast_tree(dataclasses.asdict(arrays), work)
     if isinstance(a["params"], dict):
         d_state = None if a["d_state"] is None else tuple(a["d_state"])
         state = None if a["state"] is None else tuple(a["state"])
         return reference.backward(a["params"], a["xs"], state, a["d_hs"], d_state,
-                                  integration_mode=integration_mode)
+                                  integration_mode=integration_mode, **runtime)
     inputs, out = [], a["xs"]
     for layer, p in enumerate(a["params"]):
         if layer and between_layers is not None:
             out = between_layers(out)
         inputs.append(out)
         state = None if a["state"] is None else tuple(a["state"][layer])
-        out, _ = reference.forward(p, out, state, integration_mode=integration_mode)
+        out, _ = reference.forward(p, out, state, integration_mode=integration_mode, **runtime)
     grads, d_out = [None] * len(inputs), a["d_hs"]
     for layer in reversed(range(len(inputs))):
         state = None if a["state"] is None else tuple(a["state"][layer])
         d_state = None if a["d_state"] is None else tuple(a["d_state"][layer])
         grads[layer] = reference.backward(a["params"][layer], inputs[layer], state, d_out, d_state,
-                                          integration_mode=integration_mode)
+                                          integration_mode=integration_mode, **runtime)
         d_out = grads[layer].pop("x")
         if layer and between_layers is not None:
             d_out = between_layers(d_out)
@@ -191,7 +249,7 @@ def reference_gradients(arrays: CaseArrays, integration_mode: str, work=np.float
     return grads
 
 
-def rounded_reference(arrays: CaseArrays, integration_mode: str, dtype: str, gradients: bool):
+def rounded_reference(arrays: CaseArrays, integration_mode: str, dtype: str, gradients: bool, **runtime):
     """What the spec's own rounding in ``dtype`` does on this case, as float64 arrays
     ``(hs, final, grads or None)``.
 
@@ -202,6 +260,7 @@ def rounded_reference(arrays: CaseArrays, integration_mode: str, dtype: str, gra
       the carried gradient rounded. (Keras's own RNN loop under mixed precision does the same.)
 
     For a stack each layer's output is rounded to the dtype before the next layer reads it.
+    ``runtime``: the run-time variants, as for :func:`reference_forward`.
     """
     def rounded(tree):
         if isinstance(tree, dict):
@@ -211,8 +270,8 @@ def rounded_reference(arrays: CaseArrays, integration_mode: str, dtype: str, gra
         return np.asarray(to_dtype(np.asarray(tree, np.float32), dtype), dtype=np.float32)
 
     if dtype == "float32":
-        hs, final = reference_forward(arrays, integration_mode, np.float32)
-        grads = reference_gradients(arrays, integration_mode, np.float32) if gradients else None
+        hs, final = reference_forward(arrays, integration_mode, np.float32, **runtime)
+        grads = reference_gradients(arrays, integration_mode, np.float32, **runtime) if gradients else None
         return as_float64((hs, final, grads))
     a = cast_tree(dataclasses.asdict(arrays), np.float32)
     stacked = not isinstance(a["params"], dict)
@@ -223,16 +282,18 @@ def rounded_reference(arrays: CaseArrays, integration_mode: str, dtype: str, gra
     xs = a["xs"] if batched else a["xs"][None]
     d_hs = a["d_hs"] if batched else a["d_hs"][None]
     B, H = xs.shape[0], layers[0]["weight_mh"].shape[1]
+    P = layers[0]["weight_hr"].shape[0] if "weight_hr" in layers[0] else H  # the width of h
     unbatch = (lambda t: t) if batched else (lambda t: t[0])  # noqa: E731
 
     def run_layer(params, inputs, state):
         """Step by step; returns the outputs and the state before every step (for the backward)."""
-        h, c = (np.zeros((B, H), np.float32),) * 2 if state is None else (
-            np.reshape(state[0], (B, H)), np.reshape(state[1], (B, H)))
+        h, c = (np.zeros((B, P), np.float32), np.zeros((B, H), np.float32)) if state is None else (
+            np.reshape(state[0], (B, P)), np.reshape(state[1], (B, H)))
         before, outputs = [], []
         for t in range(inputs.shape[1]):
             before.append((h, c))
-            _, (h, c) = reference.forward(params, inputs[:, t:t + 1], (h, c), integration_mode=integration_mode)
+            _, (h, c) = reference.forward(params, inputs[:, t:t + 1], (h, c), integration_mode=integration_mode,
+                                          **runtime)
             h, c = rounded(h), rounded(c)
             outputs.append(h)
         return np.stack(outputs, axis=1), before, (h, c)
@@ -250,12 +311,13 @@ def rounded_reference(arrays: CaseArrays, integration_mode: str, dtype: str, gra
         grads, d_out = [None] * len(layers), d_hs
         for layer in reversed(range(len(layers))):
             params, d_state = layers[layer], d_states[layer]
-            d_h, d_c = (np.zeros((B, H), np.float32),) * 2 if d_state is None else (
-                rounded(np.reshape(d_state[0], (B, H))), rounded(np.reshape(d_state[1], (B, H))))
+            d_h, d_c = (np.zeros((B, P), np.float32), np.zeros((B, H), np.float32)) if d_state is None else (
+                rounded(np.reshape(d_state[0], (B, P))), rounded(np.reshape(d_state[1], (B, H))))
             total, d_x = {}, [None] * inputs[layer].shape[1]
             for t in reversed(range(inputs[layer].shape[1])):
                 step = reference.backward(params, inputs[layer][:, t:t + 1], befores[layer][t],
-                                          d_out[:, t:t + 1], (d_h, d_c), integration_mode=integration_mode)
+                                          d_out[:, t:t + 1], (d_h, d_c), integration_mode=integration_mode,
+                                          **runtime)
                 d_x[t] = step.pop("x")
                 d_h, d_c = rounded(step.pop("h0")), rounded(step.pop("c0"))
                 for key, value in step.items():
@@ -267,21 +329,121 @@ def rounded_reference(arrays: CaseArrays, integration_mode: str, dtype: str, gra
     return as_float64((rounded(hs), rounded(final), None if grads is None else rounded(grads)))
 
 
+# ---- clip bounds that clip some values, and none within rounding of the bound ----
+
+def clipped_values(case: Case, arrays: "CaseArrays | None" = None) -> dict:
+    """The values each clip acts on over the whole case, as computed in float64 with the case's
+    run-time options: ``{"cell_clip": |c before the clip|, "proj_clip": |h before the clip|}``
+    (flat arrays, every layer and step; a clip that is off gives the values it would act on)."""
+    arrays = case.arrays() if arrays is None else arrays
+    a = cast_tree(dataclasses.asdict(arrays), np.float64)
+    layers = a["params"] if isinstance(a["params"], list) else [a["params"]]
+    xs = a["xs"] if a["xs"].ndim == 3 else a["xs"][None]
+    B, H, P = xs.shape[0], case.hidden_size, case.output_size
+    # a bound beyond every value clips nothing and yields the unclipped values on the tape
+    huge = 1e300
+    runtime = {k: (huge if k in ("cell_clip", "proj_clip") and v is None else v) for k, v in case.runtime.items()}
+    if not case.proj_size:
+        runtime["proj_clip"] = None
+    found = {"cell_clip": [], "proj_clip": []}
+    out = xs
+    for layer, params in enumerate(layers):
+        if a["state"] is None:
+            h0, c0 = np.zeros((B, P)), np.zeros((B, H))
+        else:
+            pair = a["state"][layer] if isinstance(a["params"], list) else a["state"]
+            h0, c0 = np.reshape(pair[0], (B, P)), np.reshape(pair[1], (B, H))
+        out, _, tapes = equations.run_forward(params, out, h0, c0, case.integration_mode != "addition",
+                                              keep_tape=True, **runtime)
+        for tape in tapes:
+            found["cell_clip"].append(np.abs(tape["c_unclipped"]).ravel())
+            if "h_unclipped" in tape:
+                found["proj_clip"].append(np.abs(tape["h_unclipped"]).ravel())
+    return {k: np.concatenate(v) for k, v in found.items() if v}
+
+
+def _clip_bound(values: np.ndarray, dtype: str) -> float | None:
+    """A bound in the widest gap between the larger half of ``values`` (so that the largest value,
+    and at most half of them, are clipped; a single value is clipped whole), rounded to 3 significant
+    digits and to ``dtype``; None when all values are near 0."""
+    values = np.sort(values[np.isfinite(values)])
+    if values.size == 0 or values[-1] < CLIP_MIN_VALUE:
+        return None
+    if values.size == 1 or values[0] == values[-1]:
+        bound = values[-1] / 2
+    else:
+        upper = values[values.size // 2:]
+        below = np.concatenate([[values[values.size // 2 - 1] if values.size > 1 else 0.0], upper[:-1]])
+        gaps = upper - below
+        k = int(np.argmax(gaps))
+        bound = (upper[k] + below[k]) / 2
+    bound = float(f"{bound:.3g}")
+    return float(np.asarray(to_dtype(np.float64(bound), dtype), dtype=np.float64)) or None
+
+
+def with_clips(case: Case, cell: bool, proj: bool, attempts: int = 4) -> Case:
+    """``case`` with a ``cell_clip`` (when ``cell``) and a ``proj_clip`` (when ``proj`` and the case
+    has a projection) that clip some but not all of the values they act on, with no value within
+    :data:`~.tolerances.CLIP_MARGIN` of the bound (see tolerances.py: a value within rounding of the
+    bound could be clipped by the implementation and not by the spec, which changes the gradient by
+    O(1)). A clip for which no such bound is found is left off."""
+    case = dataclasses.replace(case, cell_clip=None, proj_clip=None)
+    arrays = case.arrays()
+    for name, wanted in (("cell_clip", cell), ("proj_clip", proj and case.proj_size > 0)):
+        if not wanted:
+            continue
+        candidate = case
+        for _ in range(attempts):
+            # clipping changes the values that follow: choose, then check on the run with the clip
+            bound = _clip_bound(clipped_values(candidate, arrays)[name], case.dtype)
+            if bound is None:
+                break
+            candidate = dataclasses.replace(case, **{name: bound})
+            values = clipped_values(candidate, arrays)[name]
+            clipped = values > bound
+            margin = CLIP_MARGIN[case.dtype] * max(float(values.max()), CLIP_MIN_VALUE)
+            if clipped.any() and (not clipped.all() or values.size == 1) and \
+                    float(np.min(np.abs(values - bound))) > margin:
+                case = candidate
+                break
+    return case
+
+
 # ---- the large tier ----
 
 @dataclass(frozen=True)
 class Shape:
-    """One entry of the large tier: the sizes of a case; its options are drawn per run."""
+    """One entry of the large tier: the sizes of a case; its options are drawn per run. The variants
+    named here are switched on for an adapter that computes them (and left off for one that does not,
+    which gets the same shape without them): ``cell_clip`` and ``proj_clip`` ask for a clip, whose
+    bound is chosen on the case's values (:func:`with_clips`)."""
 
     batch: int | None  # None: unbatched
     steps: int
     input_size: int
     hidden_size: int
     num_layers: int = 1
+    proj_size: int = 0
+    peepholes: bool = False
+    cell_clip: bool = False
+    proj_clip: bool = False
+    forget_bias: float = 0.0
+
+    @property
+    def variants(self) -> frozenset:
+        return variants_on(self)
 
     def __str__(self) -> str:
-        text = f"B={self.batch}, T={self.steps}, I={self.input_size}, H={self.hidden_size}"
-        return text + (f", {self.num_layers} layers" if self.num_layers > 1 else "")
+        parts = [f"B={self.batch}", f"T={self.steps}", f"I={self.input_size}", f"H={self.hidden_size}"]
+        parts += [f"P={self.proj_size}" if name == "proj_size" else
+                  f"forget_bias={self.forget_bias:g}" if name == "forget_bias" else name
+                  for name in VARIANT_OPTIONS if name in self.variants]
+        return ", ".join(parts + ([f"{self.num_layers} layers"] if self.num_layers > 1 else []))
+
+    def without(self, variants) -> "Shape":
+        """This shape with ``variants`` (names) switched off."""
+        off = {"proj_size": 0, "peepholes": False, "cell_clip": False, "proj_clip": False, "forget_bias": 0.0}
+        return dataclasses.replace(self, **{name: off[name] for name in variants})
 
 
 #: The large tier of each profile. Each shape sits just past (or just below) a size that optimised
@@ -291,22 +453,33 @@ class Shape:
 #: tiles), a stack of layers. Each is checked once per implementation, device and dtype: few and
 #: cheap, so that the default run stays within a few minutes with JIT backends that compile once
 #: per shape. ``thorough`` adds exact multiples, longer sequences, a stack of three and H = 257.
+#:
+#: Three shapes carry variants, for adapters that compute them (in place of the plain shape, so they
+#: cost no extra example): a projection whose P sits below the boundary that H passes (P = 31 < 32 <
+#: H = 33; in the stack P = 63 < 64 < H = 65, and layer 2 reads P = 63 inputs), with its clip and a
+#: forget bias; peepholes with a cell clip (and a negative forget bias) over 65 steps (the weights
+#: scaled by the fan-in keep the recurrence contracting there, see tolerances.py). Two shapes stay
+#: plain, so that the formulation without variants is checked at large sizes too (an optimised kernel
+#: may take another path for it).
 LARGE_SHAPES = {
     "default": (
         Shape(9, 33, 33, 31),                # B past 8, T past 32, I past 32, H past 16 (below 32)
-        Shape(17, 20, 15, 33),               # B past 16, T past 16, I past 8 (below 16), H past 32
-        Shape(None, 65, 65, 9),              # unbatched, T past 64, I past 64, H past 8
+        Shape(17, 20, 15, 33, proj_size=31, proj_clip=True, forget_bias=1.0),  # B past 16, T past 16,
+                                             # I past 8 (below 16), H past 32, P below 32
+        Shape(None, 65, 65, 9, peepholes=True, cell_clip=True, forget_bias=-0.5),  # unbatched, T past 64,
+                                             # I past 64, H past 8
         Shape(3, 6, 129, 129),               # I and H past 128
-        Shape(5, 12, 24, 65, num_layers=2),  # a stack, B past 4, H past 64
+        Shape(5, 12, 24, 65, num_layers=2, proj_size=63, peepholes=True),  # a stack, B past 4,
+                                             # H past 64, P below 64
     ),
 }
 LARGE_SHAPES["thorough"] = LARGE_SHAPES["default"] + (
     Shape(5, 17, 9, 17),                     # just past 4, 16, 8, 16
-    Shape(8, 16, 32, 64),                    # exact multiples: no tail anywhere
+    Shape(8, 16, 32, 64, proj_size=32),      # exact multiples: no tail anywhere
     Shape(2, 130, 16, 32),                   # T past 128
     Shape(33, 40, 64, 128),                  # B past 32, H = 128 exactly
-    Shape(1, 300, 7, 15),                    # a long sequence
-    Shape(6, 10, 31, 63, num_layers=3),      # a stack of three
+    Shape(1, 300, 7, 15, peepholes=True, cell_clip=True, forget_bias=1.0),  # a long sequence
+    Shape(6, 10, 31, 63, num_layers=3, proj_size=33),  # a stack of three
     Shape(3, 5, 257, 257),                   # I and H past 256
 )
 LARGE_SHAPES["ci"] = LARGE_SHAPES["default"]
@@ -316,10 +489,13 @@ LARGE_SHAPES["ci"] = LARGE_SHAPES["default"]
 LARGE_WEIGHT_SCALES = (1.0, 1.5)
 
 
-def large_case(shape: Shape, dtype: str, rng: np.random.Generator) -> Case:
-    """A case of ``shape`` with options and a value seed drawn from ``rng``."""
+def large_case(shape: Shape, dtype: str, rng: np.random.Generator, variants=frozenset()) -> Case:
+    """A case of ``shape`` with options and a value seed drawn from ``rng``, and the shape's variants
+    that are in ``variants`` (those the adapter computes) switched on. The draws from ``rng`` do not
+    depend on the variants, so a shape gives the same case as before the variants existed where none
+    is switched on."""
     pick = lambda: bool(rng.integers(2))  # noqa: E731
-    return Case(
+    case = Case(
         batch=shape.batch, steps=shape.steps, input_size=shape.input_size, hidden_size=shape.hidden_size,
         dtype=dtype, integration_mode=INTEGRATION_MODES[int(rng.integers(2))],
         bias=pick(), recurrent_bias=pick(), multiplicative_bias=pick(),
@@ -328,6 +504,16 @@ def large_case(shape: Shape, dtype: str, rng: np.random.Generator) -> Case:
         weight_scale=float(LARGE_WEIGHT_SCALES[int(rng.integers(len(LARGE_WEIGHT_SCALES)))]),
         seed=int(rng.integers(2**31 - 1)), scale_by_fan_in=True,
     )
+    on = shape.variants & frozenset(variants)
+    if not on:
+        return case
+    proj_size = shape.proj_size if "proj_size" in on else 0
+    case = dataclasses.replace(
+        case, proj_size=proj_size, peepholes="peepholes" in on,
+        forget_bias=shape.forget_bias if "forget_bias" in on else 0.0,
+        # a projection needs a matrix weight_hh
+        independent_recurrence=case.independent_recurrence and not proj_size)
+    return with_clips(case, cell="cell_clip" in on, proj="proj_clip" in on and proj_size > 0)
 
 
 assert set(BIAS_OPTIONS) == set(equations.BIAS_FLAGS.values())

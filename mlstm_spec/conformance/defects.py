@@ -11,24 +11,33 @@ import numpy as np
 from .. import reference
 from ..equations import IH_BLOCKS, MH_BLOCKS, sigmoid
 from ..params import block
+from .cases import VARIANT_OPTIONS
 from .diagnosis import numpy_forward, permuted
 
 
 class SpecAdapter:
-    """The NumPy spec itself, computing in the inputs' dtype (float16 in float32)."""
+    """The NumPy spec itself, computing in the inputs' dtype (float16 in float32), with every variant."""
 
     name = "mlstm_spec"
     device = "cpu"
     dtypes = ("float64", "float32", "float16")
+    variants = frozenset(VARIANT_OPTIONS)
 
-    def forward(self, params, xs, state, *, integration_mode):
-        return reference.forward(params, xs, state, integration_mode=integration_mode)
+    def forward(self, params, xs, state, *, integration_mode, **runtime):
+        return reference.forward(params, xs, state, integration_mode=integration_mode, **runtime)
 
-    def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode):
-        return reference.backward(params, xs, state, d_hs, d_state, integration_mode=integration_mode)
+    def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode, **runtime):
+        return reference.backward(params, xs, state, d_hs, d_state, integration_mode=integration_mode, **runtime)
 
 
-class _ParamDefect(SpecAdapter):
+class _Defect(SpecAdapter):
+    """A bug in the formulation without variants: the suite draws none for it (so its examples are
+    those drawn before the variants existed)."""
+
+    variants = frozenset()
+
+
+class _ParamDefect(_Defect):
     """The spec run on parameters the implementation misreads."""
 
     def misread(self, params):
@@ -84,7 +93,7 @@ class TransposedWeights(_ParamDefect):
         return {k: v.T.copy() if k == "weight_hh" else v for k, v in params.items()}
 
 
-class StateSwapped(SpecAdapter):
+class StateSwapped(_Defect):
     name = "defect:state-returned-as-(c,h)"
 
     def forward(self, params, xs, state, *, integration_mode):
@@ -92,7 +101,7 @@ class StateSwapped(SpecAdapter):
         return hs, (c, h)
 
 
-class Float64AsFloat32(SpecAdapter):
+class Float64AsFloat32(_Defect):
     """Computes float64 in float32, as JAX does without ``jax_enable_x64``, and casts back."""
 
     name = "defect:float64-computed-in-float32"
@@ -106,7 +115,7 @@ class Float64AsFloat32(SpecAdapter):
         return up(hs), (up(h), up(c))
 
 
-class StateNotCarried(SpecAdapter):
+class StateNotCarried(_Defect):
     """Wrong only when T > 1: the state is reset after the first step."""
 
     name = "defect:state-reset-after-step-1"
@@ -119,7 +128,7 @@ class StateNotCarried(SpecAdapter):
         return np.concatenate([first, rest], axis=-2), final
 
 
-class FinalStateOfRowZero(SpecAdapter):
+class FinalStateOfRowZero(_Defect):
     """Wrong only when B > 1: every row gets batch row 0's final state."""
 
     name = "defect:final-state-from-row-0"
@@ -131,7 +140,7 @@ class FinalStateOfRowZero(SpecAdapter):
         return hs, (h, c)
 
 
-class H0GradientDropped(SpecAdapter):
+class H0GradientDropped(_Defect):
     name = "defect:h0-gradient-dropped"
 
     def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode):
@@ -230,7 +239,7 @@ class InputTileDropped(_ParamDefect):
         return {**params, "weight_ih": weight}
 
 
-class TimeChunkRestartsState(SpecAdapter):
+class TimeChunkRestartsState(_Defect):
     """A chunk of time steps: the forward pass runs in chunks of 32 steps and starts every chunk from
     the initial state instead of the previous chunk's final state (visible when T > 32)."""
 
@@ -246,7 +255,7 @@ class TimeChunkRestartsState(SpecAdapter):
         return np.concatenate(chunks, axis=-2), final
 
 
-class BatchTailTileShifted(SpecAdapter):
+class BatchTailTileShifted(_Defect):
     """A tile of the batch: rows are processed in tiles of 8, and in a partial last tile (B > 8, not a
     multiple of 8) each row reads the input of the row before it (an off-by-one tile offset)."""
 
@@ -269,7 +278,7 @@ class BatchTailTileShifted(SpecAdapter):
                                  integration_mode=integration_mode)
 
 
-class BackwardTruncated(SpecAdapter):
+class BackwardTruncated(_Defect):
     """A backward pass truncated over long sequences: it runs in windows of 64 steps from the end and
     drops the gradient carried from one window into the one before (visible when T > 64)."""
 
@@ -332,7 +341,7 @@ def tf32_matmul(a, b):
     return _round_mantissa(a, 10) @ _round_mantissa(b, 10)
 
 
-class _Float32KernelDefect(_EquationDefect, SpecAdapter):
+class _Float32KernelDefect(_EquationDefect, _Defect):
     """Exact in float64; in float32 the independent forward with one fast operation. Its gradients are
     the spec's (an exact backward formula, as such kernels have), so only the forward checks can
     catch it."""
@@ -353,6 +362,132 @@ class TF32Matmul(_Float32KernelDefect):
     hooks = {"matmul": tf32_matmul}
 
 
+# ---- defects in the variants: the spec's variants computed with one thing wrong ----
+
+def variant_forward(params, xs, state, integration_mode, *, cell_clip=None, proj_clip=None, forget_bias=0.0,
+                    bug: str = ""):
+    """A forward pass with the variants (projection, peepholes, clips, forget bias), written
+    independently of :mod:`mlstm_spec.equations` gate by gate, with the one change ``bug`` names
+    (see :data:`VARIANT_BUGS`; ``""``: none)."""
+    assert bug in ("",) + tuple(VARIANT_BUGS), bug
+    batched = xs.ndim == 3
+    xs_b = xs if batched else xs[None]
+    B, H = xs_b.shape[0], params["weight_mh"].shape[1]
+    P = params["weight_hr"].shape[0] if "weight_hr" in params else H
+    h, c = (np.zeros((B, P), xs.dtype), np.zeros((B, H), xs.dtype)) if state is None else (
+        np.reshape(state[0], (B, P)), np.reshape(state[1], (B, H)))
+    w_hh, peepholes = params["weight_hh"], "weight_ci" in params
+
+    def gate_bias(key, gate, blocks):
+        return block(params[key], gate, blocks) if key in params else 0.0
+
+    def clip(value, bound):
+        return value if bound is None else np.minimum(np.maximum(value, -bound), bound)
+
+    outputs = []
+    for x in np.moveaxis(xs_b, 1, 0):
+        def projection(gate):
+            return x @ block(params["weight_ih"], gate, IH_BLOCKS).T + gate_bias("bias_ih", gate, IH_BLOCKS)
+
+        r = (h * w_hh if w_hh.ndim == 1 else h @ w_hh.T) + params.get("bias_hh", 0.0)
+        m = projection("m") * r
+        pre = {}
+        for gate in MH_BLOCKS:
+            q = m @ block(params["weight_mh"], gate, MH_BLOCKS).T + gate_bias("bias_mh", gate, MH_BLOCKS)
+            p = projection(gate)
+            if gate == "f" and bug == "forget-bias-inside-product":
+                p = p + forget_bias
+            pre[gate] = p * q if integration_mode != "addition" else p + q
+        if bug != "forget-bias-inside-product":
+            pre["f"] = pre["f"] + forget_bias
+        if peepholes:
+            w_i, w_f = params["weight_ci"], params["weight_cf"]
+            if bug == "peephole-i-f-swapped":
+                w_i, w_f = w_f, w_i
+            pre["i"], pre["f"] = pre["i"] + w_i * c, pre["f"] + w_f * c
+        raw = sigmoid(pre["f"]) * c + sigmoid(pre["i"]) * np.tanh(pre["z"])
+        c_new = clip(raw, cell_clip)
+        if peepholes:
+            pre["o"] = pre["o"] + params["weight_co"] * (c if bug == "peephole-o-reads-previous-c" else c_new)
+        k = sigmoid(pre["o"]) * np.tanh(raw if bug == "cell-clip-after-output" else c_new)
+        if "weight_hr" in params:
+            if bug == "proj-clip-before-projection":
+                h = clip(k, proj_clip) @ params["weight_hr"].T
+            else:
+                h = clip(k @ params["weight_hr"].T, proj_clip)
+        else:
+            h = k
+        c = c_new
+        outputs.append(h)
+    hs = np.stack(outputs, axis=1)
+    return (hs, (h, c)) if batched else (hs[0], (h[0], c[0]))
+
+
+#: The bugs of :func:`variant_forward`, each as a port of a TensorFlow or Keras cell gets it wrong.
+VARIANT_BUGS = {
+    "peephole-o-reads-previous-c": "the output gate's peephole reads the previous cell state, not the new one",
+    "peephole-i-f-swapped": "the input gate reads weight_cf and the forget gate weight_ci",
+    "cell-clip-after-output": "the output reads the cell state before the clip (only the carried state is clipped)",
+    "proj-clip-before-projection": "proj_clip clips o * tanh(c) before the projection instead of its result",
+    "forget-bias-inside-product": "forget_bias added to the input projection p_f inside the product p_f * q_f "
+                                  "(the same as the spec under addition, wrong under multiplicative integration)",
+}
+
+
+class _VariantDefect:
+    """The forward pass with the variants, one formula changed (forward-only, like _EquationDefect)."""
+
+    device = "cpu"
+    dtypes = ("float64", "float32")
+    variants = frozenset(VARIANT_OPTIONS)
+    bug = ""
+
+    def forward(self, params, xs, state, *, integration_mode, **runtime):
+        return variant_forward(params, xs, state, integration_mode, bug=self.bug, **runtime)
+
+
+class PeepholeOutputReadsPreviousCell(_VariantDefect):
+    name = "defect:peephole-o-reads-previous-c"
+    bug = "peephole-o-reads-previous-c"
+
+
+class PeepholeInputForgetSwapped(_VariantDefect):
+    name = "defect:peephole-i-f-swapped"
+    bug = "peephole-i-f-swapped"
+
+
+class CellClipAfterOutput(_VariantDefect):
+    name = "defect:cell-clip-after-output"
+    bug = "cell-clip-after-output"
+
+
+class ProjClipBeforeProjection(_VariantDefect):
+    name = "defect:proj-clip-before-projection"
+    bug = "proj-clip-before-projection"
+
+
+class ForgetBiasInsideProduct(_VariantDefect):
+    name = "defect:forget-bias-inside-product"
+    bug = "forget-bias-inside-product"
+
+
+class WeightHrGradientDropped(SpecAdapter):
+    """The projection's weight gets no gradient (a backward written before the projection was)."""
+
+    name = "defect:weight-hr-gradient-dropped"
+
+    def gradients(self, params, xs, state, d_hs, d_state, *, integration_mode, **runtime):
+        grads = super().gradients(params, xs, state, d_hs, d_state, integration_mode=integration_mode, **runtime)
+        return grads | ({"weight_hr": np.zeros_like(grads["weight_hr"])} if "weight_hr" in grads else {})
+
+
+class CorrectVariantRewrite(_VariantDefect):
+    """:func:`variant_forward` with nothing changed: it must *pass*, which shows the variant defects
+    fail for their one change and not for the rewrite."""
+
+    name = "control:independent-variant-rewrite"
+
+
 #: Defects the small tier alone catches.
 SMALL_DEFECTS = (
     IhBlocksPermuted, MhBlocksPermuted, BiasHhIgnored, BiasMhTwice, SigmoidCandidate,
@@ -364,4 +499,7 @@ SIZE_DEFECTS = (HiddenTailGatesSwapped, InputTileDropped, TimeChunkRestartsState
                 BackwardTruncated)
 #: Defects only a per-case float32 tolerance can catch.
 FLOAT32_DEFECTS = (ApproximateTanhFloat32, TF32Matmul)
-DEFECTS = SMALL_DEFECTS + SIZE_DEFECTS + FLOAT32_DEFECTS
+#: Defects in the spec's variants (only examples with the variant on can catch them).
+VARIANT_DEFECTS = (PeepholeOutputReadsPreviousCell, PeepholeInputForgetSwapped, CellClipAfterOutput,
+                   ProjClipBeforeProjection, ForgetBiasInsideProduct, WeightHrGradientDropped)
+DEFECTS = SMALL_DEFECTS + SIZE_DEFECTS + FLOAT32_DEFECTS + VARIANT_DEFECTS

@@ -154,8 +154,30 @@ def _note(group, limit: int | None = 120) -> str:
             notes.append(label + result.message)
         elif result.status == "pass" and result.message and result.message not in notes:
             notes.append(result.message)  # checked, but not in every example: say which were not run
+    variants = _variants_note(group)
+    if variants:
+        notes.append(variants)
     text = "; ".join(notes)
     return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _variants_note(group) -> str:
+    """Which of the spec's variants the row checked (examples with each on), which no example drew,
+    and which the adapter does not compute (shown as not run, never as a pass)."""
+    counts = next((getattr(r, "variants", None) for r in group if r.check in CHECKS and getattr(r, "variants", None)),
+                  None)
+    if not counts:
+        return ""
+    checked = [f"{name} {n}" for name, n in counts.items() if isinstance(n, int) and n > 0]
+    undrawn = [name for name, n in counts.items() if n == 0]
+    absent = {}
+    for name, n in counts.items():
+        if isinstance(n, str):
+            absent.setdefault(n, []).append(name)
+    parts = [f"variants checked (examples): {', '.join(checked)}"] if checked else []
+    parts += [f"variants {', '.join(undrawn)}: not run (no example drew them)"] if undrawn else []
+    parts += [f"variants {', '.join(names)}: {why}" for why, names in absent.items()]
+    return "; ".join(parts)
 
 
 def row(group) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ never as a pass. Each distinct failure is kept with its own reproducer.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from dataclasses import dataclass, field
 
@@ -35,7 +36,8 @@ from hypothesis.errors import Unsatisfiable
 
 from ..equations import INTEGRATION_MODES
 from .calls import DEFAULT_TIMEOUT, Caller
-from .cases import LARGE_SHAPES, Case, large_case, reference_forward, reference_gradients, rounded_reference
+from .cases import (LARGE_SHAPES, RUNTIME_OPTIONS, VARIANT_OPTIONS, Case, large_case, reference_forward,
+                    reference_gradients, rounded_reference, variants_on, with_clips)
 from .tolerances import case_tolerance, relative_error, tolerance, tolerance_rule
 
 if sys.version_info >= (3, 11):
@@ -44,6 +46,8 @@ else:  # Hypothesis depends on the backport there
     from exceptiongroup import BaseExceptionGroup as _ExceptionGroup
 
 CHECKS = ("outputs", "final_state", "gradients")
+#: How the report shows a variant of the spec that the adapter does not declare.
+NOT_COMPUTED = "not run (adapter does not compute it)"
 DEFAULT_DTYPES = ("float64", "float32")
 TIERS = ("small", "large")
 
@@ -102,6 +106,9 @@ class CheckResult:
     tolerance_rule: str = ""  # how each example's tolerance was set (see tolerances.py)
     worst_ratio: float = 0.0  # the largest error / that example's tolerance (fails above 1)
     failures: list = field(default_factory=list)  # every distinct failure (see Failure)
+    #: each variant of the spec (cases.VARIANT_OPTIONS): the examples in which this check ran with it
+    #: on, or NOT_COMPUTED where the adapter does not declare it ({} where nothing was run)
+    variants: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,11 +157,69 @@ def adapter_dtypes(adapter) -> tuple:
     return tuple(getattr(adapter, "dtypes", DEFAULT_DTYPES))
 
 
-def supports(adapter, options: dict) -> bool:
+def supports(adapter, options: dict, declared=None) -> bool:
+    """Whether a case (its ``options``) is drawn for the adapter: its variants are among those the
+    adapter declares (``declared``, else :func:`declared_variants`) and its ``supports()`` accepts it
+    (without ``supports()``: single layers)."""
+    on = variants_on(options)
+    if on and not on <= (declared_variants(adapter, options.get("dtype", "float64")) if declared is None
+                          else declared):
+        return False
     ask = getattr(adapter, "supports", None)
     if ask is None:
         return options["num_layers"] == 1
     return bool(ask(options))
+
+
+def _probes(dtype):
+    """(variant, case without it, the same case with it) for asking a ``supports()`` about variants."""
+    for mode in ("addition", "multiplicative_integration"):
+        base = Case(2, 3, 3, 3, dtype=dtype, integration_mode=mode)
+        yield from ((name, base, dataclasses.replace(base, **change)) for name, change in (
+            ("proj_size", dict(proj_size=2)), ("peepholes", dict(peepholes=True)), ("cell_clip", dict(cell_clip=1.0)),
+            ("proj_clip", dict(proj_size=2, proj_clip=1.0)), ("forget_bias", dict(forget_bias=1.0))))
+
+
+def _takes_runtime(function) -> bool:
+    """Whether ``function`` accepts the run-time options (``**kwargs``, or each by name)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: assume it does
+        return True
+    return any(p.kind is p.VAR_KEYWORD for p in parameters) or \
+        set(RUNTIME_OPTIONS) <= {p.name for p in parameters}
+
+
+def declared_variants(adapter, dtype: str = "float64") -> frozenset:
+    """The variants of the spec (:data:`~.cases.VARIANT_OPTIONS`) the suite draws for an adapter.
+
+    - ``adapter.variants`` (the project's adapters set it, see ``backends._common.AdapterBase``);
+    - else, for an outside adapter with ``supports(options)`` and no ``variants``: those its
+      ``supports()`` accepts on a case it accepts without them. A ``supports()`` that accepts every
+      variant is taken to ignore the variant keys (it was written before they existed), so such an
+      adapter gets none: set ``variants`` to be checked on all of them;
+    - an adapter with neither: none;
+    - and none for an adapter whose ``forward`` (or ``gradients``) cannot take the run-time options as
+      keyword arguments (no ``**runtime``): it was written before the variants, whatever it inherits
+      (a subclass of ``SpecAdapter`` that overrides ``forward`` the old way, say).
+    """
+    if not all(_takes_runtime(getattr(adapter, name)) for name in ("forward", "gradients")
+               if callable(getattr(adapter, name, None))):
+        return frozenset()
+    named = getattr(adapter, "variants", None)
+    if named is not None:
+        return frozenset(named) & frozenset(VARIANT_OPTIONS)
+    ask = getattr(adapter, "supports", None)
+    if not callable(ask):
+        return frozenset()
+    accepted = set()
+    try:
+        for name, base, varied in _probes(dtype):
+            if name not in accepted and ask(base.options) and ask(varied.options):
+                accepted.add(name)
+    except Exception:  # noqa: BLE001 - a supports() that cannot answer about variants declares none
+        return frozenset()
+    return frozenset() if accepted == set(VARIANT_OPTIONS) else frozenset(accepted)
 
 
 def has_gradients(adapter) -> bool:
@@ -163,8 +228,37 @@ def has_gradients(adapter) -> bool:
 
 # ---- what is drawn ----
 
-def cases(dtype: str, adapter=None, *, max_batch=3, max_steps=6, max_size=5, max_layers=2):
-    """Hypothesis strategy of small :class:`Case` for one dtype, narrowed by the adapter's ``supports``."""
+#: The run-time forget bias values drawn: 1.0 is TensorFlow's default, -0.5 a negative one.
+FORGET_BIASES = (0.0, 1.0, -0.5)
+
+
+@st.composite
+def _with_variants(draw, case: Case, declared: frozenset) -> Case:
+    """``case`` with some of the ``declared`` variants switched on, or none (each draw shrinks to off)."""
+    if not draw(st.sampled_from((False, True, True, True)), label="variants"):  # shrinks to False
+        return case
+    proj_size, independent = 0, case.independent_recurrence
+    if "proj_size" in declared and case.hidden_size > 1 and draw(st.booleans(), label="projection"):
+        proj_size = draw(st.integers(1, case.hidden_size - 1), label="proj_size")
+        independent = False  # a projection needs a matrix weight_hh
+    peepholes = "peepholes" in declared and draw(st.booleans(), label="peepholes")
+    forget_bias = draw(st.sampled_from(FORGET_BIASES), label="forget_bias") if "forget_bias" in declared else 0.0
+    cell = "cell_clip" in declared and draw(st.booleans(), label="cell_clip")
+    proj = proj_size > 0 and "proj_clip" in declared and draw(st.booleans(), label="proj_clip")
+    case = dataclasses.replace(case, proj_size=proj_size, peepholes=peepholes, forget_bias=forget_bias,
+                               independent_recurrence=independent)
+    return with_clips(case, cell, proj) if cell or proj else case
+
+
+def cases(dtype: str, adapter=None, *, max_batch=3, max_steps=6, max_size=5, max_layers=2, variants=None):
+    """Hypothesis strategy of small :class:`Case` for one dtype, narrowed by the adapter's ``supports``.
+
+    ``variants``: the spec's variants to draw (default: those the adapter declares, see
+    :func:`declared_variants`; none without an adapter). In about a quarter of the examples none is
+    on; the others switch on each of them with probability 1/2, and every one shrinks to off."""
+    if variants is None:
+        variants = frozenset() if adapter is None else declared_variants(adapter, dtype)
+    declared = frozenset(variants)
     stacks = adapter is None or supports(adapter, Case(1, 1, 1, 1, dtype=dtype, num_layers=2).options)
     strategy = st.builds(
         Case,
@@ -184,25 +278,30 @@ def cases(dtype: str, adapter=None, *, max_batch=3, max_steps=6, max_size=5, max
         weight_scale=st.sampled_from([1.0, 0.5, 2.0]),
         seed=st.integers(0, 2**31 - 1),
     )
+    if declared:  # drawn after the plain case: without variants the draws are those of before them
+        strategy = strategy.flatmap(lambda case: _with_variants(case, declared))
     if adapter is not None:
-        strategy = strategy.filter(lambda case: supports(adapter, case.options))
+        strategy = strategy.filter(lambda case: supports(adapter, case.options, declared))
     return strategy
 
 
-def large_tier_cases(adapter, dtype: str, shapes, seed: int | None) -> list:
+def large_tier_cases(adapter, dtype: str, shapes, seed: int | None, declared=None) -> list:
     """``(shape, case or None, reason)`` for every shape of the large tier: the options of each case
     are drawn from ``seed`` (so a run with the same seed checks the same cases) until the adapter's
-    ``supports`` accepts them; a shape it accepts with no options is not run, with the reason."""
+    ``supports`` accepts them; a shape it accepts with no options is not run, with the reason. The
+    shape's variants are switched on where they are among ``declared`` (default: those the adapter
+    declares)."""
+    declared = declared_variants(adapter, dtype) if declared is None else frozenset(declared)
     out = []
     for index, shape in enumerate(shapes):
         rng = np.random.default_rng([0 if seed is None else seed, index])
         for _ in range(32):
-            case = large_case(shape, dtype, rng)
-            if supports(adapter, case.options):
+            case = large_case(shape, dtype, rng, declared)
+            if supports(adapter, case.options, declared):
                 out.append((shape, case, ""))
                 break
         else:
-            out.append((shape, None, f"{shape} (supports() declines it)"))
+            out.append((shape, None, f"{shape.without(shape.variants - declared)} (supports() declines it)"))
     return out
 
 
@@ -213,9 +312,12 @@ def _fmt_index(name, index):
 
 
 def _context(adapter, case):
+    variants = [f"P={case.proj_size}" if name == "proj_size" else name if name == "peepholes" else
+                f"{name}={getattr(case, name):g}" for name in VARIANT_OPTIONS if name in case.variants]
     return (f"impl={adapter.name}, device={adapter_device(adapter)}, dtype={case.dtype}, "
             f"B={case.batch}, T={case.steps}, I={case.input_size}, H={case.hidden_size}"
-            + (f", layers={case.num_layers}" if case.num_layers > 1 else ""))
+            + (f", layers={case.num_layers}" if case.num_layers > 1 else "")
+            + "".join(f", {text}" for text in variants))
 
 
 class _CheckScore:
@@ -313,19 +415,22 @@ def evaluate_case(adapter, case: Case, caller: Caller, gradients: bool) -> dict:
     arrays = case.arrays()
     context = _context(adapter, case)
     mode, layers, device = case.integration_mode, case.num_layers, adapter_device(adapter)
-    want_hs, want_final = reference_forward(arrays, mode)
-    want_grads = reference_gradients(arrays, mode) if gradients else None
+    # the spec gets every run-time option; the adapter only those switched on, so that an adapter
+    # written before the variants existed is called exactly as before on a case without them
+    runtime, switched_on = case.runtime, case.runtime_on
+    want_hs, want_final = reference_forward(arrays, mode, **runtime)
+    want_grads = reference_gradients(arrays, mode, **runtime) if gradients else None
     if not representable((want_hs, want_final, want_grads), case.dtype):
         raise _Unrepresentable(f"{case!r}: the exact results exceed the range of {case.dtype}; nothing to check")
     if case.dtype == "float64":
         tolerances = dict.fromkeys(CHECKS, tolerance(case.dtype, device))
     else:  # per case: k times the spec's own rounding in this dtype on this very case (tolerances.py)
-        rounded = rounded_reference(arrays, mode, case.dtype, gradients)
+        rounded = rounded_reference(arrays, mode, case.dtype, gradients, **runtime)
         spec_errors = _tensor_errors(rounded, (want_hs, want_final), layers, want_grads)
         tolerances = {c: case_tolerance(case.dtype, device, e) for c, e in spec_errors.items()}
     outcomes = {}
 
-    forward = caller(adapter.forward, arrays.params, arrays.xs, arrays.state, integration_mode=mode)
+    forward = caller(adapter.forward, arrays.params, arrays.xs, arrays.state, integration_mode=mode, **switched_on)
     if not forward.ok:
         kind, message = _raised("forward", forward, context)
         for name in ("outputs", "final_state"):
@@ -357,7 +462,7 @@ def evaluate_case(adapter, case: Case, caller: Caller, gradients: bool) -> dict:
         outcomes["gradients"] = Outcome("not run", message=caller.abandoned)
     else:
         call = caller(adapter.gradients, arrays.params, arrays.xs, arrays.state, arrays.d_hs, arrays.d_state,
-                      integration_mode=mode)
+                      integration_mode=mode, **switched_on)
         score = _CheckScore(tolerances["gradients"], case.dtype, context)
         if not call.ok:
             kind, message = _raised("gradients", call, context)
@@ -395,6 +500,7 @@ class _Record:
     worst_ratio: float = 0.0
     failing: dict = field(default_factory=dict)  # kind -> (smallest failing case, outcome, tier)
     failures: list = field(default_factory=list)  # distinct failures, in the order found
+    variants: dict = field(default_factory=dict)  # variant -> examples run with it on
 
 
 class _Tracker:
@@ -412,6 +518,8 @@ class _Tracker:
                 record.not_run[outcome.message] = record.not_run.get(outcome.message, 0) + 1
                 continue
             record.examples[tier] += 1
+            for variant in case.variants:
+                record.variants[variant] = record.variants.get(variant, 0) + 1
             if outcome.error is not None:
                 if outcome.error > record.worst_error or not record.worst_at:
                     record.worst_error, record.worst_at = outcome.error, f"{outcome.where} ({label})"
@@ -453,6 +561,8 @@ def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
       ``settings`` a run is then reproducible);
     - ``timeout``: seconds one adapter call may take (None: no limit);
     - ``small``: run the small tier (False: the large tier only);
+    - ``variants``: the spec's variants to draw (names from :data:`~.cases.VARIANT_OPTIONS`; default:
+      those the adapter declares, see :func:`declared_variants`);
     - ``on_example(n)``: called before the n-th example runs (the runner's progress display);
     - ``raise_on_failure``: raise :class:`ConformanceError` with the report of every failure (and
       its reproducer) instead of only recording it.
@@ -460,6 +570,9 @@ def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
     device = adapter_device(adapter)
     ceiling = tolerance(dtype, device)
     gradients = has_gradients(adapter)
+    if strategy_options.get("variants") is None:
+        strategy_options["variants"] = declared_variants(adapter, dtype)
+    declared = frozenset(strategy_options["variants"])
     tracker = _Tracker(adapter, dtype)
     caller = Caller(timeout)
     counter = [0]
@@ -523,7 +636,7 @@ def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
     # the large tier: fixed shapes, each checked once
     shapes = _large_shapes(large, settings)
     if not caller.abandoned and suite_error is None:
-        for shape, case, reason in large_tier_cases(adapter, dtype, shapes, seed):
+        for shape, case, reason in large_tier_cases(adapter, dtype, shapes, seed, declared):
             if caller.abandoned:
                 break
             if case is None:
@@ -537,11 +650,13 @@ def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
                     break
                 except _Unrepresentable:
                     case = dataclasses.replace(case, seed=case.seed + 1)
+                    if case.cell_clip is not None or case.proj_clip is not None:  # bounds for the new values
+                        case = with_clips(case, case.cell_clip is not None, case.proj_clip is not None)
             else:
                 continue
             tracker.record("large", case, outcomes)
     caller.close()
-    results = _results(adapter, dtype, ceiling, tracker, gradients, caller, suite_error)
+    results = _results(adapter, dtype, ceiling, tracker, gradients, caller, suite_error, declared)
     if raise_on_failure and any(r.status == "fail" for r in results):
         raise ConformanceError(failure_text(results), next(r.check for r in results if r.status == "fail"))
     return results
@@ -558,7 +673,7 @@ def _large_shapes(large, settings):
     return tuple(large)
 
 
-def _results(adapter, dtype, ceiling, tracker, gradients, caller, suite_error) -> list[CheckResult]:
+def _results(adapter, dtype, ceiling, tracker, gradients, caller, suite_error, declared=frozenset()) -> list[CheckResult]:
     device = adapter_device(adapter)
     if suite_error is not None:  # e.g. supports() declines every case: one row says so
         return [CheckResult(adapter.name, device, dtype, "suite", ceiling, status="fail", message=suite_error,
@@ -573,7 +688,9 @@ def _results(adapter, dtype, ceiling, tracker, gradients, caller, suite_error) -
                              worst_at=record.worst_at, examples=sum(record.examples.values()),
                              examples_by_tier=dict(record.examples), tolerance_rule=tolerance_rule(dtype, device),
                              worst_ratio=record.worst_ratio,
-                             failures=[f.as_dict(adapter) for f in record.failures])
+                             failures=[f.as_dict(adapter) for f in record.failures],
+                             variants={v: record.variants.get(v, 0) if v in declared else NOT_COMPUTED
+                                       for v in VARIANT_OPTIONS})
         not_run = "; ".join(reason + (f" ({count} examples)" if count > 1 else "")
                             for reason, count in record.not_run.items())
         if result.failures or record.worst_ratio > 1:

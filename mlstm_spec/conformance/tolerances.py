@@ -138,3 +138,26 @@ def tolerance_rule(dtype: str, device: str = "cpu") -> str:
         return f"{ceiling:.0e}"
     k, _ = SHARPNESS[dtype]
     return f"{k:g}x spec<={ceiling:.0e}"
+
+
+#: The clips (cell_clip, proj_clip) and the tolerances. A clip is continuous, so a value that lands on
+#: the other side of the bound in the implementation than in the spec changes the forward results by
+#: no more than the rounding that moved it; but its derivative jumps from 1 to 0 there, so the
+#: gradients change by the size of the gradient flowing through that element, O(1), and no tolerance
+#: can absorb that. So the suite never draws a bound within rounding of a value it acts on
+#: (:func:`.cases.with_clips`): no value before the clip, in any step and layer of the case, computed
+#: by the spec in float64 with the clip on, lies within ``CLIP_MARGIN[dtype] * max|value|`` of the
+#: bound, and the bound itself is representable in the dtype (an implementation that rounds it to the
+#: dtype clips at the same place). The margins are a few times what an implementation may err on the
+#: values before the clip, which are intermediates of the forward pass of the same size as the state:
+#: - float64: 1e-6, far above any float64 rounding (1e-15) and the 1e-10 tolerance;
+#: - float32: 1e-4, six times the most an honest implementation may err in float32 (32 times the
+#:   spec's own error, which stayed below 4.8e-7 on the final states of the drawn cases: 1.5e-5);
+#: - float16: 1e-2, 2.7 times the same bound (8 times the spec's 4.6e-4: 3.7e-3);
+#: - bfloat16: 5e-2, 1.8 times it (8 times the spec's 3.4e-3: 2.7e-2).
+#: The bound sits in the widest gap between the larger half of the values, so such a gap is found
+#: in most cases (where none is, the case runs with that clip off, and the report's variant counts
+#: show how many examples had it).
+CLIP_MARGIN = {"float64": 1e-6, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+#: A clip is not drawn when every value it would act on is below this (nothing to clip).
+CLIP_MIN_VALUE = FLOOR
