@@ -212,6 +212,15 @@ class IgnoresTheVariantKeys(OldOutsideAdapter):
         return options["num_layers"] == 1
 
 
+class GenericWithSupports(IgnoresTheVariantKeys):
+    """Takes any keyword options (passing them nowhere) and a supports() that ignores the variant keys."""
+
+    name = "generic-with-supports"
+
+    def forward(self, params, xs, state, *, integration_mode, **options):
+        return super().forward(params, xs, state, integration_mode=integration_mode)
+
+
 class PeepholesBySupports(defects.SpecAdapter):
     """An outside adapter that declares peepholes through ``supports()`` alone."""
 
@@ -227,6 +236,7 @@ def test_declared_variants_come_from_variants_or_supports_and_old_adapters_get_n
     assert declared_variants(defects.SpecAdapter()) == frozenset(VARIANT_OPTIONS)
     assert declared_variants(OldOutsideAdapter()) == frozenset()
     assert declared_variants(IgnoresTheVariantKeys()) == frozenset()
+    assert declared_variants(GenericWithSupports()) == frozenset()
     assert declared_variants(PeepholesBySupports()) == {"peepholes"}
 
     class OldSubclassOfTheSpec(defects.SpecAdapter):  # inherits variants, overrides forward the old way
@@ -234,7 +244,7 @@ def test_declared_variants_come_from_variants_or_supports_and_old_adapters_get_n
             return super().forward(params, xs, state, integration_mode=integration_mode)
 
     assert declared_variants(OldSubclassOfTheSpec()) == frozenset()
-    for adapter in (OldOutsideAdapter(), IgnoresTheVariantKeys()):
+    for adapter in (OldOutsideAdapter(), IgnoresTheVariantKeys(), GenericWithSupports()):
         results = check(adapter, "float64", settings=FEW, seed=3)
         assert {r.status for r in results} - {"skip"} == {"pass"}, [r.message for r in results]
         assert results[0].variants == dict.fromkeys(VARIANT_OPTIONS, NOT_COMPUTED)
