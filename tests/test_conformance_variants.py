@@ -260,6 +260,14 @@ def test_the_report_says_which_variants_each_row_checked_and_never_passes_an_und
     assert text.count("not run (adapter does not compute it)") == 1  # the old adapter's row only
 
 
+def test_a_project_backend_declaring_no_variants_shows_them_all_as_not_run():
+    import fourth_backend  # written on backends._common.AdapterBase, like the torch, JAX and Keras adapters
+
+    results = check(fourth_backend.ConformanceAdapter("cpu"), "float64", settings=FEW, seed=0, large=())
+    assert {r.status for r in results} == {"pass"}
+    assert all(r.variants == dict.fromkeys(VARIANT_OPTIONS, NOT_COMPUTED) for r in results)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_the_spec_row_checks_every_variant_below_float64(dtype):
     results = check(defects.SpecAdapter(), dtype, settings=suite_settings("default"), seed=0)
