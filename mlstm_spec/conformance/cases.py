@@ -13,6 +13,10 @@ Two tiers (see docs/conformance.md, "Size tiers"):
   optimised kernels vectorise and tile on, each checked once per implementation, device and dtype,
   with the options drawn from the run's seed. Weights are scaled by their fan-in (as an initialiser
   does), so that no gate saturates at H = 129 and the recurrence contracts over long sequences.
+
+A case may switch on the spec's variants (a projection, peepholes, the clips, a run-time forget
+bias); the suite draws them only for an adapter that declares them. A clip's bound is chosen on the
+case's own values (:func:`with_clips`), so that it clips some of them and none within rounding of it.
 """
 
 from __future__ import annotations

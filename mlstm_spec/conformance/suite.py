@@ -673,7 +673,8 @@ def _large_shapes(large, settings):
     return tuple(large)
 
 
-def _results(adapter, dtype, ceiling, tracker, gradients, caller, suite_error, declared=frozenset()) -> list[CheckResult]:
+def _results(adapter, dtype, ceiling, tracker, gradients, caller, suite_error,
+             declared=frozenset()) -> list[CheckResult]:
     device = adapter_device(adapter)
     if suite_error is not None:  # e.g. supports() declines every case: one row says so
         return [CheckResult(adapter.name, device, dtype, "suite", ceiling, status="fail", message=suite_error,
