@@ -268,6 +268,49 @@ def test_a_project_backend_declaring_no_variants_shows_them_all_as_not_run():
     assert all(r.variants == dict.fromkeys(VARIANT_OPTIONS, NOT_COMPUTED) for r in results)
 
 
+def test_stacked_projections_and_run_time_options_pass_through_the_backend_adapter_protocol():
+    """The path the torch, JAX and Keras adapters take (backends._common.AdapterBase: states stacked
+    over the layers, run-time options handed to build), with the spec as the kernel: every variant,
+    stacks included, passes."""
+    from backends._common import AdapterBase
+
+    class SpecOnAdapterBase(AdapterBase):
+        name = "spec-on-adapter-base"
+        dtypes = ("float64",)
+        variants = frozenset(VARIANT_OPTIONS)
+
+        def build(self, layers, integration_mode, **runtime):
+            return layers, dict(integration_mode=integration_mode, **runtime)
+
+        def run(self, model, xs, state):
+            layers, options = model
+            out, finals = xs, []
+            for k, params in enumerate(layers):
+                out, final = reference.forward(params, out, None if state is None else (state[0][k], state[1][k]),
+                                               **options)
+                finals.append(final)
+            return out, np.stack([h for h, _ in finals]), np.stack([c for _, c in finals])
+
+        def pullback(self, model, xs, state, d_hs, d_state):
+            layers, options = model
+            inputs, out = [], xs
+            for k, params in enumerate(layers):
+                inputs.append(out)
+                out, _ = reference.forward(params, out, (state[0][k], state[1][k]), **options)
+            grads, d_h0, d_c0 = [None] * len(layers), [None] * len(layers), [None] * len(layers)
+            for k in reversed(range(len(layers))):
+                g = reference.backward(layers[k], inputs[k], (state[0][k], state[1][k]), d_hs,
+                                       (d_state[0][k], d_state[1][k]), **options)
+                d_hs, d_h0[k], d_c0[k] = g.pop("x"), g.pop("h0"), g.pop("c0")
+                grads[k] = g
+            return grads, d_hs, np.stack(d_h0), np.stack(d_c0)
+
+    results = check(SpecOnAdapterBase(), "float64", settings=FEW, seed=2)
+    assert {r.status for r in results} == {"pass"}, [r.message for r in results]
+    assert results[0].examples_by_tier["large"] == len(LARGE_SHAPES["default"])  # the projected stack ran
+    assert all(n > 0 for n in results[0].variants.values()), results[0].variants
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_the_spec_row_checks_every_variant_below_float64(dtype):
     results = check(defects.SpecAdapter(), dtype, settings=suite_settings("default"), seed=0)
