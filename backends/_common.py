@@ -49,20 +49,24 @@ LAYER_OPTIONS = dict(
 )
 #: The options a canonical mapping implies by the keys it holds and the shape of weight_hh.
 STRUCTURAL_OPTIONS = ("bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence")
-#: The spec's variants (docs/equations.md) that no backend implements yet: structural ones, read from the
-#: parameters, and run-time ones, which a weight file may carry. A backend refuses them (see
-#: refuse_variants) rather than compute without them.
+#: The spec's variants (docs/equations.md): structural ones, read from the parameters, and run-time ones,
+#: which a weight file may carry. A backend refuses those it does not implement (see refuse_variants)
+#: rather than compute without them.
 VARIANT_OPTIONS = ("proj_size", "peepholes", "cell_clip", "proj_clip", "forget_bias")
 
 
-def refuse_variants(infos, options: dict, argument: str, backend: str) -> None:
+def refuse_variants(infos, options: dict, argument: str, backend: str, implemented=frozenset()) -> None:
     """NotImplementedError when the layers have a projection or peepholes, or ``options`` switch on a
-    run-time variant."""
-    if any(info.proj_size or info.peepholes for info in infos):
+    run-time variant, that is not among the ``implemented`` variant names (of :data:`VARIANT_OPTIONS`)."""
+    structural = {"proj_size": "a projection (weight_hr)",
+                  "peepholes": "peepholes (weight_ci, weight_cf, weight_co)"}
+    missing = [what for name, what in structural.items()
+               if name not in implemented and any(getattr(info, name) for info in infos)]
+    if missing:
         raise NotImplementedError(
-            f"{argument} has a projection (weight_hr) or peepholes (weight_ci, weight_cf, weight_co), which "
+            f"{argument} has {' and '.join(missing)}, which "
             f"{backend} does not implement yet; mlstm_spec.forward computes them")
-    given = {name: options[name] for name in VARIANT_OPTIONS if options.get(name)}
+    given = {name: options[name] for name in VARIANT_OPTIONS if options.get(name) and name not in implemented}
     if given:
         raise NotImplementedError(f"{given} asks for variants of the spec that {backend} does not implement "
                                   "yet; mlstm_spec.forward computes them")
@@ -127,14 +131,17 @@ class InputChecks:
         shape_of, dtype_of: read a value's shape (a tuple) and dtype (anything
             :func:`mlstm_spec.validation.dtype_name` reads).
         backend: how errors name the backend (when refusing the variants it does not implement).
+        variants: the names of :data:`VARIANT_OPTIONS` the backend implements (not refused).
 
     The messages are :mod:`mlstm_spec.validation`'s: they name the argument, what was expected and what
     was given.
     """
 
     def __init__(self, *, is_array: Callable, array_name: str, shape_of: Callable = lambda v: tuple(v.shape),
-                 dtype_of: Callable = lambda v: v.dtype, allowed: tuple = DTYPES, backend: str = "this backend"):
+                 dtype_of: Callable = lambda v: v.dtype, allowed: tuple = DTYPES, backend: str = "this backend",
+                 variants=frozenset()):
         self.is_array, self.array_name, self.allowed, self.backend = is_array, array_name, allowed, backend
+        self.variants = frozenset(variants)
         self.shape_of = lambda v: tuple(shape_of(v))
         self.dtype_of = lambda v: dtype_name(dtype_of(v))
 
@@ -157,7 +164,7 @@ class InputChecks:
                         self.array(value, f"{where}[{name!r}]")
         infos = check_stack(layers, shape_of=self.shape_of, dtype_of=self.dtype_of, argument=argument,
                             allowed=self.allowed)
-        refuse_variants(infos, {}, argument, self.backend)
+        refuse_variants(infos, {}, argument, self.backend, self.variants)
         return infos
 
     def params(self, params, argument: str = "params") -> LayerInfo:
@@ -203,7 +210,8 @@ _NUMPY = InputChecks(is_array=lambda v: isinstance(v, np.ndarray), array_name="a
 
 
 def canonical_import(params, options: dict, *, one_layer: bool = False, owner: str = "MLSTM",
-                     backend: str = "this backend", directions: int = 1) -> tuple[list[dict], list[LayerInfo], dict]:
+                     backend: str = "this backend", directions: int = 1,
+                     variants=frozenset()) -> tuple[list[dict], list[LayerInfo], dict]:
     """What every backend's ``from_canonical(params, **options)`` accepts, checked once.
 
     ``params``: one canonical mapping, a list of them (a stack, first layer first), or what
@@ -212,7 +220,7 @@ def canonical_import(params, options: dict, *, one_layer: bool = False, owner: s
     ``options`` completed with what the parameters imply (the bias flags, ``independent_recurrence``,
     ``num_layers``, and a weight file's ``integration_mode``). A given option that contradicts them
     raises ValueError, and so does a stack given to ``owner`` where it is ``one_layer``; a variant of the
-    spec that ``backend`` does not implement raises NotImplementedError.
+    spec that ``backend`` does not implement (is not in ``variants``) raises NotImplementedError.
 
     ``directions=2`` reads a bidirectional stack: ``directions`` mappings per layer in ``torch.nn.LSTM``'s
     order (layer 0 forward, layer 0 reverse, layer 1 forward, ...), where every layer after the first
@@ -244,7 +252,7 @@ def canonical_import(params, options: dict, *, one_layer: bool = False, owner: s
         infos = check_stack(layers, shape_of=_NUMPY.shape_of, dtype_of=_NUMPY.dtype_of, allowed=DTYPES)
     else:
         infos = _check_directional_stack(layers, directions)
-    refuse_variants(infos, {**implied, **options}, "params", backend)
+    refuse_variants(infos, {**implied, **options}, "params", backend, variants)
     implied.update(infos[0].options, num_layers=len(layers) // directions)
     for name, value in implied.items():
         if name in options and options[name] != value:
@@ -259,10 +267,11 @@ def _check_directional_stack(layers: list[dict], directions: int) -> list[LayerI
     if len(layers) % directions:
         raise ValueError(f"params holds {len(layers)} mappings; a stack with {directions} directions needs "
                          f"a multiple of {directions} (layer 0 forward, layer 0 reverse, layer 1 forward, ...)")
-    infos = [_NUMPY.stack([layer], argument=f"params[{k}]")[0] for k, layer in enumerate(layers)]
+    infos = [check_stack([layer], shape_of=_NUMPY.shape_of, dtype_of=_NUMPY.dtype_of, argument=f"params[{k}]",
+                         allowed=DTYPES)[0] for k, layer in enumerate(layers)]
     first = infos[0]
     for k, info in enumerate(infos):
-        want_input = first.input_size if k < directions else directions * first.hidden_size
+        want_input = first.input_size if k < directions else directions * first.output_size
         if info.options != first.options or info.dtype != first.dtype:
             raise ValueError(f"params[{k}] has options {info.options} and dtype {info.dtype}, but params[0] "
                              f"has {first.options} and {first.dtype}; a stack shares one set")
