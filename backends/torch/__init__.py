@@ -25,7 +25,8 @@ around each of its calls only, and restores it.
 
 Files: ``modules.py`` (the layers), ``fused.py`` (the operators), ``tape.py`` (what the forward keeps for
 the backward), ``loops.py`` (the Python loops), ``cpu_loops.cpp`` + ``build.py`` (the C++ loops),
-``plain.py`` (the plain path), ``cuda_graph.py`` (CUDA-graph replay, ``MLSTM(..., cuda_graph=True)``),
+``plain.py`` (the plain path), ``variants.py`` (the fused operators of a layer with the spec's variants:
+projection, peepholes, clipping, forget bias; Python loops), ``cuda_graph.py`` (CUDA-graph replay, ``MLSTM(..., cuda_graph=True)``),
 ``adapter.py`` (devices and the conformance adapter).
 """
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.utils.rnn as nn_rnn
 
-from backends._common import DTYPES, AdapterBase, as_numpy
+from backends._common import DTYPES, VARIANT_OPTIONS, AdapterBase, as_numpy
 
 from .build import compiled_cpu_loops
 from .modules import MLSTM, to_tensor
@@ -86,6 +86,7 @@ class ConformanceAdapter(AdapterBase):
     """
 
     name = "torch"
+    variants = frozenset(VARIANT_OPTIONS)
 
     def __init__(self, device: str = "cpu", *, fused: bool = True, python_loops: bool = False,
                  direction: str = "forward", packed: bool = False):
@@ -104,9 +105,9 @@ class ConformanceAdapter(AdapterBase):
     def precision(self):
         return full_float32()
 
-    def build(self, layers, integration_mode):
+    def build(self, layers, integration_mode, **runtime):
         options = dict(integration_mode=integration_mode, batch_first=True, device=self.torch_device,
-                       fused=self.fused, cpu_loops="python" if self.python_loops else "compiled")
+                       fused=self.fused, cpu_loops="python" if self.python_loops else "compiled", **runtime)
         if self.direction == "reverse":
             return MLSTM.from_canonical([layers[0], layers[0]], bidirectional=True, **options)
         return MLSTM.from_canonical(layers, **options)
@@ -117,11 +118,10 @@ class ConformanceAdapter(AdapterBase):
     def _call(self, model, x, state):
         """The model on the suite's x (B, T, I) and state ((L, B, H) pairs): hs, h_n, c_n of the
         configuration's direction, for the suite's rows."""
-        H = model.hidden_size
         if self.direction == "reverse":
             state = None if state is None else tuple(torch.cat([s, s]) for s in state)
             out, (h_n, c_n) = model(x.flip(-2), state)
-            return out[..., H:].flip(-2), h_n[1:], c_n[1:]
+            return out[..., model.output_size:].flip(-2), h_n[1:], c_n[1:]
         if not self.packed:
             return self._plain_call(model, x, state)
         B, T = x.shape[0], x.shape[1]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Optional
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from backends._common import (
+    VARIANT_OPTIONS,
     InputChecks,
     as_numpy,
     canonical_import,
@@ -23,14 +25,16 @@ from backends._common import (
     set_layer_options,
     work_dtype,
 )
-from mlstm_spec.validation import LayerInfo, dtype_name, expected_shapes
+from mlstm_spec.equations import PEEPHOLE_WEIGHTS, RUNTIME_DEFAULTS
+from mlstm_spec.validation import LayerInfo, check_runtime_options, dtype_name, expected_shapes
 
 from . import cuda_graph as graphs
 from .fused import fused_layer
-from .plain import functorch_active, plain_layer, plain_step, scan_layer
+from .plain import functorch_active, plain_layer, plain_step, scan_layer, variant_step
+from .variants import fused_variant_layer
 
 CHECKS = InputChecks(is_array=lambda v: isinstance(v, Tensor), array_name="a torch.Tensor",
-                     backend="backends.torch")
+                     backend="backends.torch", variants=VARIANT_OPTIONS)
 CPU_LOOPS = ("compiled", "python")
 
 
@@ -44,7 +48,9 @@ class _MLSTMBase(nn.Module):
     _directions = 1
 
     def _init_options(self, input_size, hidden_size, num_layers, bias, recurrent_bias,
-                      multiplicative_bias, independent_recurrence, integration_mode, dropout):
+                      multiplicative_bias, independent_recurrence, integration_mode, dropout, *, proj_size=0,
+                      peepholes=False, unit_forget_bias=False, forget_bias_init=0.0, cell_clip=None,
+                      proj_clip=None, forget_bias=0.0):
         # torch's `bias` is nn.LSTM's master switch: the two other biases follow it unless given
         recurrent_bias = bias if recurrent_bias is None else recurrent_bias
         multiplicative_bias = bias if multiplicative_bias is None else multiplicative_bias
@@ -59,20 +65,72 @@ class _MLSTMBase(nn.Module):
                           multiplicative_bias=multiplicative_bias,
                           independent_recurrence=independent_recurrence,
                           integration_mode=integration_mode)
+        self._init_variants(proj_size, peepholes, unit_forget_bias, forget_bias_init, cell_clip, proj_clip,
+                            forget_bias)
+
+    def _init_variants(self, proj_size, peepholes, unit_forget_bias, forget_bias_init, cell_clip, proj_clip,
+                       forget_bias):
+        """The spec's variants (docs/equations.md, Variants), checked and stored."""
+        if isinstance(proj_size, bool) or not isinstance(proj_size, (int, np.integer)):
+            raise TypeError(f"proj_size must be an int (0 for no projection), got {type(proj_size).__name__} "
+                            f"{proj_size!r}")
+        if not 0 <= proj_size < self.hidden_size:
+            raise ValueError(f"proj_size must be 0 (no projection) or in 1..hidden_size-1 = "
+                             f"1..{self.hidden_size - 1}, got {proj_size}")
+        if proj_size and self.independent_recurrence:
+            raise ValueError(f"proj_size={proj_size} cannot be combined with independent_recurrence=True: the "
+                             "vector weight_hh multiplies h element-wise, which needs h to be hidden_size wide")
+        for name, value in (("peepholes", peepholes), ("unit_forget_bias", unit_forget_bias)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        self.proj_size = int(proj_size)
+        self.peepholes = bool(peepholes)
+        self.unit_forget_bias = bool(unit_forget_bias)
+        self.forget_bias_init = forget_bias_init  # checked by mlstm_spec.init_params in reset_parameters
+        checked = check_runtime_options(cell_clip=cell_clip, proj_clip=proj_clip, forget_bias=forget_bias)
+        if checked["proj_clip"] is not None and not self.proj_size:
+            raise ValueError(f"proj_clip={proj_clip!r} clips the projected output, which needs a projection; "
+                             "give proj_size > 0, or leave proj_clip=None")
+        # the run-time variants switched on: what the paths receive (empty: the variant-free code runs)
+        self._runtime = {name: value for name, value in checked.items() if value != RUNTIME_DEFAULTS[name]}
+        self._variant_free = not (self.proj_size or self.peepholes or self._runtime)
+
+    @property
+    def cell_clip(self) -> Optional[float]:
+        """``c_t`` is clipped to ``[-cell_clip, cell_clip]`` (None: not clipped); set at construction."""
+        return self._runtime.get("cell_clip")
+
+    @property
+    def proj_clip(self) -> Optional[float]:
+        """The projected ``h_t`` is clipped to ``[-proj_clip, proj_clip]`` (None: not clipped)."""
+        return self._runtime.get("proj_clip")
+
+    @property
+    def forget_bias(self) -> float:
+        """The constant added to the forget gate's pre-activation at every step (0.0: none)."""
+        return self._runtime.get("forget_bias", 0.0)
+
+    @property
+    def output_size(self) -> int:
+        """The width of ``h`` (and of each direction's output): ``proj_size`` with a projection, else
+        ``hidden_size``."""
+        return self.proj_size or self.hidden_size
 
     def _register_layer(self, layer: int, suffix: str, factory_kwargs):
         info = self._info(layer)
-        shapes = expected_shapes(info.input_size, info.hidden_size, info.independent_recurrence)
-        for name in present_params(info):
+        shapes = expected_shapes(info.input_size, info.hidden_size, info.independent_recurrence, info.proj_size)
+        for name in _present(info):
             self.register_parameter(name + suffix, nn.Parameter(torch.empty(shapes[name], **factory_kwargs)))
 
     def _info(self, layer: int, dtype: str = "float32") -> LayerInfo:
         """The options of canonical layer ``layer`` (counted in nn.LSTM's order over the directions)."""
-        input_size = self.input_size if layer < self._directions else self._directions * self.hidden_size
-        return layer_info(input_size, self.hidden_size, dtype,
+        output_size = self.proj_size or self.hidden_size
+        input_size = self.input_size if layer < self._directions else self._directions * output_size
+        info = layer_info(input_size, self.hidden_size, dtype,
                           bias=self.bias, recurrent_bias=self.recurrent_bias,
                           multiplicative_bias=self.multiplicative_bias,
                           independent_recurrence=self.independent_recurrence)
+        return dataclasses.replace(info, proj_size=self.proj_size, peepholes=self.peepholes)
 
     @property
     def _canonical_count(self) -> int:
@@ -88,21 +146,31 @@ class _MLSTMBase(nn.Module):
         if not 0 <= layer < self._canonical_count:
             raise IndexError(f"layer must be in [0, {self._canonical_count}), got {layer}")
         suffix = self._suffix(layer)
-        return {name: getattr(self, name + suffix) for name in present_params(self._info(layer))}
+        return {name: getattr(self, name + suffix) for name in _present(self._info(layer))}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Draw the weights as :func:`mlstm_spec.init_params` does (RecurrentLayers.jl's rule: Glorot
-        uniform over each whole stacked matrix; biases zero), from a seed drawn from torch's global
+        uniform over each whole stacked matrix; biases zero; the forget block of ``bias_ih`` at
+        ``forget_bias_init``, or 1 with ``unit_forget_bias``), from a seed drawn from torch's global
         random generator (seed it with ``torch.manual_seed``)."""
         generator = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
         for layer in range(self._canonical_count):
             (values,) = init_layers(self._info(layer).input_size, self.hidden_size, rng=generator,
                                     dtype="float64", bias=self.bias, recurrent_bias=self.recurrent_bias,
                                     multiplicative_bias=self.multiplicative_bias,
-                                    independent_recurrence=self.independent_recurrence)
+                                    independent_recurrence=self.independent_recurrence,
+                                    **self._init_variant_options())
             for name, param in self.layer_parameters(layer).items():
                 param.copy_(torch.from_numpy(values[name]))
+
+    def _init_variant_options(self) -> dict:
+        """The variant options of mlstm_spec.init_params that differ from its defaults (none: the draws of
+        a variant-free layer are those it had before the variants existed)."""
+        options = dict(proj_size=self.proj_size, peepholes=self.peepholes, unit_forget_bias=self.unit_forget_bias,
+                       forget_bias_init=self.forget_bias_init)
+        defaults = dict(proj_size=0, peepholes=False, unit_forget_bias=False, forget_bias_init=0.0)
+        return {name: value for name, value in options.items() if value != defaults[name]}
 
     def _param_dtype(self) -> torch.dtype:
         return self.layer_parameters(0)["weight_ih"].dtype
@@ -134,7 +202,8 @@ class _MLSTMBase(nn.Module):
         single = cls is MLSTMCell
         directions = 2 if options.get("bidirectional") else 1
         layers, infos, options = canonical_import(params, options, one_layer=single, owner=cls.__name__,
-                                                  backend="backends.torch", directions=directions)
+                                                  backend="backends.torch", directions=directions,
+                                                  variants=VARIANT_OPTIONS)
         if single:
             del options["num_layers"]
         first = infos[0]
@@ -179,6 +248,16 @@ class _MLSTMBase(nn.Module):
             _check_device(value, self._param_device(), f"hx {name}")
 
 
+def _present(info: LayerInfo) -> list[str]:
+    """The canonical names of a layer's parameters: those of present_params, then the variants'."""
+    names = present_params(info)
+    if info.proj_size:
+        names.append("weight_hr")
+    if info.peepholes:
+        names.extend(PEEPHOLE_WEIGHTS)
+    return names
+
+
 def to_tensor(array: np.ndarray) -> Tensor:
     """A tensor holding exactly the values of a NumPy array (bfloat16 as ``ml_dtypes.bfloat16``)."""
     if not array.flags.writeable:  # e.g. JAX's to_canonical(); torch.from_numpy warns on those
@@ -204,6 +283,10 @@ class MLSTMCell(_MLSTMBase):
             ``hidden_size`` applied element-wise. Default: ``False``
         integration_mode: (keyword-only) ``"addition"`` or ``"multiplicative_integration"``.
             Default: ``"addition"``
+        proj_size, peepholes, cell_clip, proj_clip, forget_bias, unit_forget_bias, forget_bias_init:
+            (keyword-only) the spec's variants, as for :class:`MLSTM` (parameters ``weight_hr``,
+            ``weight_ci``, ``weight_cf``, ``weight_co``); with ``proj_size > 0``, ``h`` is
+            ``proj_size`` wide. Off by default.
 
     Inputs: input, (h_0, c_0)
         - **input** of shape ``(batch, input_size)`` or ``(input_size,)``.
@@ -238,10 +321,15 @@ class MLSTMCell(_MLSTMBase):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
                  recurrent_bias: Optional[bool] = None, multiplicative_bias: Optional[bool] = None,
-                 independent_recurrence: bool = False, integration_mode: str = "addition"):
+                 independent_recurrence: bool = False, integration_mode: str = "addition", proj_size: int = 0,
+                 peepholes: bool = False, cell_clip: Optional[float] = None, proj_clip: Optional[float] = None,
+                 forget_bias: float = 0.0, unit_forget_bias: bool = False, forget_bias_init: float = 0.0):
         super().__init__()
         self._init_options(input_size, hidden_size, 1, bias, recurrent_bias, multiplicative_bias,
-                           independent_recurrence, integration_mode, 0.0)
+                           independent_recurrence, integration_mode, 0.0, proj_size=proj_size,
+                           peepholes=peepholes, unit_forget_bias=unit_forget_bias,
+                           forget_bias_init=forget_bias_init, cell_clip=cell_clip, proj_clip=proj_clip,
+                           forget_bias=forget_bias)
         self._register_layer(0, "", dict(device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -271,7 +359,7 @@ class MLSTMCell(_MLSTMBase):
         return _extra_repr(self)
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
-        if self._plain_call(input, hx):  # the common case, checked in a few attribute reads
+        if self._variant_free and self._plain_call(input, hx):  # the common case, in a few attribute reads
             params = self._parameters
             h, c = (input.new_zeros(input.shape[0], self.hidden_size),) * 2 if hx is None else hx
             p = F.linear(input, params["weight_ih"], params.get("bias_ih"))
@@ -287,7 +375,8 @@ class MLSTMCell(_MLSTMBase):
         self._check_input(input, tuple(input.shape) if batched else (1,) + tuple(input.shape), info, cast)
         batch = (input.shape[0],) if batched else ()
         if hx is None:
-            h = c = input.new_zeros(batch + (self.hidden_size,), dtype=dtype)
+            h = input.new_zeros(batch + (self.output_size,), dtype=dtype)
+            c = input.new_zeros(batch + (self.hidden_size,), dtype=dtype)
         else:
             self._check_hx(hx, batch, info, cast)
             h, c = hx
@@ -296,8 +385,11 @@ class MLSTMCell(_MLSTMBase):
         params = {k: _to_work(v, cast, work) for k, v in self.layer_parameters(0).items()}
         with _no_autocast(cast, self._param_device().type):
             p = F.linear(input, params["weight_ih"], params.get("bias_ih"))
-            h, c = plain_step(p, h, c, params["weight_hh"], params["weight_mh"], params.get("bias_hh"),
-                              params.get("bias_mh"), self.multiplicative)
+            if self._variant_free:
+                h, c = plain_step(p, h, c, params["weight_hh"], params["weight_mh"], params.get("bias_hh"),
+                                  params.get("bias_mh"), self.multiplicative)
+            else:
+                h, c = variant_step(p, h, c, params, self.multiplicative, **self._runtime)
         return h.to(dtype), c.to(dtype)
 
 
@@ -324,8 +416,9 @@ class MLSTM(_MLSTMBase):
             this probability, in training mode only. Default: 0
         bidirectional: If ``True``, each layer also runs over the reversed sequence (parameters
             ``..._reverse``) and its output is the two directions' concatenated. Default: ``False``
-        proj_size: Must be 0: this layer does not compute :mod:`mlstm_spec`'s output projection
-            (``weight_hr``) yet. Default: 0
+        proj_size: If ``> 0`` (and ``< hidden_size``), each layer projects its output to this size with
+            ``weight_hr_l[k]``, as :class:`torch.nn.LSTM` does: ``h`` (the output, ``h_n`` and the
+            recurrence's input) is ``proj_size`` wide, ``c`` stays ``hidden_size`` wide. Default: 0
         device, dtype: of the parameters.
 
     Keyword-only (mLSTM options):
@@ -347,6 +440,24 @@ class MLSTM(_MLSTMBase):
             dtypes, device, mode, parameter addresses) and replayed after: one launch instead of
             about ten per step (:mod:`backends.torch.cuda_graph`). Other calls run as usual.
             Default: ``False`` (not yet measured on a GPU; see docs/performance-torch.md)
+        peepholes: If ``True``, diagonal peephole weights ``weight_ci_l[k]``, ``weight_cf_l[k]``,
+            ``weight_co_l[k]`` (each ``(hidden_size)``) let the input and forget gates see the previous
+            cell state and the output gate the new one. Default: ``False``
+        cell_clip: ``None`` or a finite number > 0: the cell state is clipped to that range at every
+            step. Default: ``None``
+        proj_clip: ``None`` or a finite number > 0: the projected output is clipped to that range
+            (needs ``proj_size > 0``). Default: ``None``
+        forget_bias: a constant added to the forget gate's pre-activation at every step (TensorFlow's
+            ``forget_bias``; not a parameter). Default: 0
+        unit_forget_bias, forget_bias_init: the initial value of the forget block of ``bias_ih``:
+            1 (Keras's ``unit_forget_bias=True``) or ``forget_bias_init`` (a trained parameter, unlike
+            ``forget_bias``). Default: ``False``, 0
+
+        ``proj_size``, ``peepholes``, ``cell_clip``, ``proj_clip`` and ``forget_bias`` are the spec's
+        variants (docs/equations.md, Variants), all off by default; a layer without them runs exactly
+        the computation of a layer from before they existed. With any of them the fused operator runs
+        its loops in Python on every device (the C++ loops do not take the variants); ``fused=False``
+        runs the plain path as usual.
 
     Inputs: input, (h_0, c_0)
         * **input**: tensor of shape :math:`(L, H_{in})` for unbatched input,
@@ -357,7 +468,8 @@ class MLSTM(_MLSTMBase):
         * **h_0**: tensor of shape :math:`(D * \text{num\_layers}, H_{out})` for unbatched input or
           :math:`(D * \text{num\_layers}, N, H_{out})`: the initial hidden state of each layer (and
           direction). Defaults to zeros.
-        * **c_0**: the same shape: the initial cell state of each layer. Defaults to zeros.
+        * **c_0**: the same shape with :math:`H_{cell}`: the initial cell state of each layer. Defaults
+          to zeros.
 
         where:
 
@@ -367,7 +479,8 @@ class MLSTM(_MLSTMBase):
                 L ={} & \text{sequence length} \\
                 D ={} & 2 \text{ if bidirectional else } 1 \\
                 H_{in} ={} & \text{input\_size} \\
-                H_{out} ={} & \text{hidden\_size}
+                H_{out} ={} & \text{proj\_size if } \text{proj\_size} > 0 \text{ otherwise hidden\_size} \\
+                H_{cell} ={} & \text{hidden\_size}
             \end{aligned}
 
         All must have the parameters' dtype and device: nothing is cast silently. Under
@@ -386,12 +499,12 @@ class MLSTM(_MLSTMBase):
         * **h_n**: tensor of shape :math:`(D * \text{num\_layers}, H_{out})` or
           :math:`(D * \text{num\_layers}, N, H_{out})`: the final hidden state of each layer and
           direction (the reverse direction's final state is the one after its step over `t = 0`).
-        * **c_n**: the same shape: the final cell state of each layer and direction.
+        * **c_n**: the same shape with :math:`H_{cell}`: the final cell state of each layer and direction.
 
     Attributes:
         weight_ih_l[k]: the input-hidden weights of layer `k`, ``(5*hidden_size, input_size)`` for
-            `k = 0`, otherwise ``(5*hidden_size, D*hidden_size)``; row blocks ``m, i, o, f, z``.
-        weight_hh_l[k]: the hidden-hidden weights of layer `k`, ``(hidden_size, hidden_size)``, or
+            `k = 0`, otherwise ``(5*hidden_size, D*H_out)``; row blocks ``m, i, o, f, z``.
+        weight_hh_l[k]: the hidden-hidden weights of layer `k`, ``(hidden_size, H_out)``, or
             ``(hidden_size,)`` with ``independent_recurrence=True``.
         weight_mh_l[k]: the multiplicative-hidden weights of layer `k`, ``(4*hidden_size,
             hidden_size)``; row blocks ``i, o, f, z``.
@@ -399,6 +512,9 @@ class MLSTM(_MLSTMBase):
         bias_hh_l[k]: ``(hidden_size)``; only when ``recurrent_bias=True``.
         bias_mh_l[k]: ``(4*hidden_size)``, blocks ``i, o, f, z``; only when
             ``multiplicative_bias=True``.
+        weight_hr_l[k]: the projection, ``(proj_size, hidden_size)``; only when ``proj_size > 0``.
+        weight_ci_l[k], weight_cf_l[k], weight_co_l[k]: the peepholes of the input, forget and output
+            gates, each ``(hidden_size)``; only when ``peepholes=True``.
 
     The reverse direction's parameters carry the suffix ``_l[k]_reverse``, as in nn.LSTM.
     Without the ``_l[k]`` suffix these are the canonical names, shapes and block orders
@@ -420,19 +536,19 @@ class MLSTM(_MLSTMBase):
                  proj_size: int = 0, device=None, dtype=None, *, recurrent_bias: Optional[bool] = None,
                  multiplicative_bias: Optional[bool] = None, independent_recurrence: bool = False,
                  integration_mode: str = "addition", fused: bool = True, cpu_loops: str = "compiled",
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, peepholes: bool = False, cell_clip: Optional[float] = None,
+                 proj_clip: Optional[float] = None, forget_bias: float = 0.0, unit_forget_bias: bool = False,
+                 forget_bias_init: float = 0.0):
         super().__init__()
         for name, value in (("batch_first", batch_first), ("bidirectional", bidirectional)):
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-        if isinstance(proj_size, bool) or not isinstance(proj_size, (int, np.integer)) or proj_size < 0:
-            raise ValueError(f"proj_size must be an int >= 0, got {proj_size!r}")
-        if proj_size != 0:
-            raise ValueError(f"proj_size={proj_size} is not supported yet: the torch layer does not compute "
-                             "mlstm_spec's output projection (weight_hr) yet; use proj_size=0")
         self._directions = 2 if bidirectional else 1
         self._init_options(input_size, hidden_size, num_layers, bias, recurrent_bias, multiplicative_bias,
-                           independent_recurrence, integration_mode, dropout)
+                           independent_recurrence, integration_mode, dropout, proj_size=proj_size,
+                           peepholes=peepholes, unit_forget_bias=unit_forget_bias,
+                           forget_bias_init=forget_bias_init, cell_clip=cell_clip, proj_clip=proj_clip,
+                           forget_bias=forget_bias)
         if cpu_loops not in CPU_LOOPS:
             raise ValueError(f"cpu_loops must be one of {CPU_LOOPS}, got {cpu_loops!r}")
         if not isinstance(cuda_graph, (bool, np.bool_)):
@@ -441,7 +557,6 @@ class MLSTM(_MLSTMBase):
         self.cuda_graphs = graphs.GraphCache()  # this layer's captured calls
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
-        self.proj_size = 0
         self.dropout = float(dropout)
         self.fused = bool(fused)
         self.cpu_loops = cpu_loops
@@ -536,7 +651,8 @@ class MLSTM(_MLSTMBase):
         batch = input_tm.shape[1]
         count = self._canonical_count
         if hx is None:
-            h0 = c0 = input_tm.new_zeros(count, batch, self.hidden_size, dtype=dtype)
+            h0 = input_tm.new_zeros(count, batch, self.output_size, dtype=dtype)
+            c0 = h0 if self.proj_size == 0 else input_tm.new_zeros(count, batch, self.hidden_size, dtype=dtype)
         else:
             self._check_hx(hx, (count, batch) if batched else (count,), info, cast)
             h0, c0 = (s if batched else s.unsqueeze(1) for s in hx)
@@ -604,6 +720,12 @@ class MLSTM(_MLSTMBase):
         return torch.cat(outputs), h, c
 
     def _run_segment(self, path, x, h0, c0, params):
+        if not self._variant_free:
+            if path == "fused":  # the C++ loops do not take the variants: the operator's Python loops run
+                return fused_variant_layer(x.contiguous(), h0, c0, params, self.multiplicative, self._runtime)
+            if path == "scan":
+                return scan_layer(x, h0, c0, params, self.multiplicative, self._runtime)
+            return plain_layer(x, h0, c0, params, self.multiplicative, self._runtime)
         if path == "fused":
             return fused_layer(x.contiguous(), h0, c0, params, self.multiplicative, self.cpu_loops == "python")
         if path == "scan":
@@ -641,6 +763,8 @@ def _tensor_pair(hx) -> bool:
 
 def _extra_repr(module) -> str:
     s = f"{module.input_size}, {module.hidden_size}"
+    if module.proj_size:
+        s += f", proj_size={module.proj_size}"
     for flag in ("bias", "recurrent_bias", "multiplicative_bias"):
         if not getattr(module, flag):
             s += f", {flag}=False"
@@ -648,6 +772,10 @@ def _extra_repr(module) -> str:
         s += ", independent_recurrence=True"
     if module.integration_mode != "addition":
         s += f", integration_mode={module.integration_mode!r}"
+    if module.peepholes:
+        s += ", peepholes=True"
+    for name, value in module._runtime.items():
+        s += f", {name}={value!r}"
     return s
 
 
