@@ -171,13 +171,22 @@ def test_bad_parameters_get_the_same_errors_everywhere(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_variants_of_the_spec_are_refused_until_implemented(name):
-    """A projection, peepholes, or a run-time variant (as a weight file may carry) is refused rather than
-    computed without."""
-    for variant in (dict(peepholes=True), dict(proj_size=2)):
+    """A projection, peepholes, or a run-time variant (as a weight file may carry) that the backend's
+    adapter does not declare is refused rather than computed without; one it declares is built."""
+    declared = backend(name).ConformanceAdapter.variants
+    for option, variant in (("peepholes", dict(peepholes=True)), ("proj_size", dict(proj_size=2))):
+        params = mlstm_spec.init_params(3, 4, rng=0, dtype=np.float64, **variant)
+        if option in declared:
+            assert build(name, params).to_canonical()[0].keys() == params.keys()
+            continue
         with pytest.raises(NotImplementedError, match="does not implement yet"):
-            build(name, mlstm_spec.init_params(3, 4, rng=0, dtype=np.float64, **variant))
-    with pytest.raises(NotImplementedError, match=re.escape("{'cell_clip': 3.0} asks for variants")):
-        build(name, mlstm_spec.init_params(3, 4, rng=0, dtype=np.float64), cell_clip=3.0)
+            build(name, params)
+    params = mlstm_spec.init_params(3, 4, rng=0, dtype=np.float64)
+    if "cell_clip" in declared:
+        assert build(name, params, cell_clip=3.0).cell_clip == 3.0
+    else:
+        with pytest.raises(NotImplementedError, match=re.escape("{'cell_clip': 3.0} asks for variants")):
+            build(name, params, cell_clip=3.0)
 
 
 # ---- calling the layers, through the adapters ----

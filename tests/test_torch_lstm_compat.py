@@ -117,12 +117,12 @@ def test_bias_false_removes_every_bias_like_nn_lstm():
     assert all(np.array_equal(model.to_canonical()[0][k], v) for k, v in params.items())
 
 
-def test_proj_size_refused_until_the_layer_has_a_projection_and_flatten_parameters_exists():
-    with pytest.raises(ValueError, match=r"proj_size=2 is not supported yet: the torch layer does not "
-                                         r"compute mlstm_spec's output projection \(weight_hr\)"):
-        bt.MLSTM(3, 4, proj_size=2)
-    with pytest.raises(ValueError, match=r"proj_size must be an int >= 0, got -1"):
+def test_proj_size_checked_and_flatten_parameters_exists():
+    with pytest.raises(ValueError, match=r"proj_size must be 0 \(no projection\) or in 1..hidden_size-1 = "
+                                         r"1..3, got -1"):
         bt.MLSTM(3, 4, proj_size=-1)
+    with pytest.raises(ValueError, match=r"proj_size must be 0 \(no projection\) or in .*, got 4"):
+        bt.MLSTM(3, 4, proj_size=4)
     with pytest.raises(TypeError, match="bidirectional must be a bool"):
         bt.MLSTM(3, 4, bidirectional="yes")
     model = bt.MLSTM(3, 4, proj_size=0)

@@ -1,0 +1,340 @@
+"""The spec's variants (docs/equations.md, Variants) in the torch layers: a projection (nn.LSTM's
+``proj_size``), peepholes, ``cell_clip``, ``proj_clip`` and ``forget_bias``, on every path (plain, the
+fused operator, its reverse direction and packed sequences, MLSTMCell), against ``mlstm_spec``; and the
+variant-free layer computing exactly what it computed before the variants existed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import require_backend
+from hypothesis import given
+from spec_strategies import VARIANTS, assert_close, cases, variant_case
+
+bt = require_backend("torch")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mlstm_spec  # noqa: E402
+from backends.torch import fused, plain, variants  # noqa: E402
+from backends.torch.adapter import ConformanceAdapter  # noqa: E402
+from mlstm_spec.conformance.tolerances import TOLERANCES  # noqa: E402
+
+MODES = ("addition", "multiplicative_integration")
+# The adapter configurations: the fused operator (its Python loops: the C++ loops do not take the
+# variants), the plain path, the reverse direction of a bidirectional layer, and packed sequences.
+CONFIGURATIONS = {
+    "fused": dict(),
+    "plain": dict(fused=False),
+    "reverse": dict(direction="reverse"),
+    "packed": dict(packed=True),
+}
+
+
+def check_against_spec(case, adapter, bound):
+    """Outputs, final state and every gradient of ``adapter`` on ``case`` against mlstm_spec (float64)."""
+    a = case.arrays()
+    runtime = case.runtime
+    mode = case.integration_mode
+    hs, (h_T, c_T) = adapter.forward(a.params, a.xs, a.state, integration_mode=mode, **runtime)
+    spec_params = {k: v.astype(np.float64) for k, v in a.params.items()}
+    as64 = (lambda v: None if v is None else tuple(s.astype(np.float64) for s in v))  # noqa: E731
+    want_hs, (want_h, want_c) = mlstm_spec.forward(spec_params, a.xs.astype(np.float64), as64(a.state),
+                                                   integration_mode=mode, **runtime)
+    for got, want, what in ((hs, want_hs, "hs"), (h_T, want_h, "h_T"), (c_T, want_c, "c_T")):
+        assert got.dtype == a.xs.dtype, what
+        assert_close(got, want, bound, what, case)
+    grads = adapter.gradients(a.params, a.xs, a.state, a.d_hs, a.d_state, integration_mode=mode, **runtime)
+    want = mlstm_spec.backward(spec_params, a.xs.astype(np.float64), as64(a.state), a.d_hs.astype(np.float64),
+                               as64(a.d_state), integration_mode=mode, **runtime)
+    assert set(grads) == set(want)
+    for name in want:
+        assert_close(grads[name], want[name], bound, f"d {name}", case)
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+@given(case=cases(max_size=19, max_steps=5))
+def test_every_path_equals_the_spec_float64(configuration, case):
+    """Drawn shapes (H up to 19: past every vector width), options and variants, in float64."""
+    check_against_spec(case, ConformanceAdapter(**CONFIGURATIONS[configuration]), TOLERANCES[("float64", "cpu")])
+
+
+@pytest.mark.parametrize("configuration", ["fused", "plain"])
+@given(case=cases(max_size=19, max_steps=5, dtype="float32"))
+def test_every_path_equals_the_spec_float32(configuration, case):
+    """float32 against the spec in float64 on the same (rounded) inputs, at the table's float32 entry."""
+    check_against_spec(case, ConformanceAdapter(**CONFIGURATIONS[configuration]), TOLERANCES[("float32", "cpu")])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_on_the_fused_path(variant, mode):
+    """Each variant alone and all together, at a case where every clip acts: the fused operator (forced,
+    whatever its cost rule says) and the plain path against the spec."""
+    case = variant_case(mode, VARIANTS[variant])
+    for configuration in ("fused", "plain"):
+        check_against_spec(case, ConformanceAdapter(**CONFIGURATIONS[configuration]),
+                           TOLERANCES[("float64", "cpu")])
+
+
+@pytest.mark.parametrize("configuration", ["fused", "plain"])
+def test_clip_gradient_passes_at_the_bound(configuration):
+    """A cell state exactly at +-cell_clip passes its gradient (the spec's closed interval). With every
+    weight and bias zero each gate is 0.5 and z = 0, so c_t = c_{t-1} / 2: from c_0 = (1, 0.2, -1) and
+    cell_clip = 0.5, c_1 sits on both bounds, and d c_2 / d c_0 = 1/4 in every entry."""
+    params = {name: np.zeros_like(value) for name, value in mlstm_spec.init_params(2, 3, dtype=np.float64).items()}
+    xs = np.ones((1, 2, 2))
+    state = (np.zeros((1, 3)), np.array([[1.0, 0.2, -1.0]]))
+    d_state = (np.zeros((1, 3)), np.ones((1, 3)))
+    adapter = ConformanceAdapter(**CONFIGURATIONS[configuration])
+    grads = adapter.gradients(params, xs, state, np.zeros((1, 2, 3)), d_state, integration_mode="addition",
+                              cell_clip=0.5)
+    assert np.array_equal(grads["c0"], np.full((1, 3), 0.25))
+    want = mlstm_spec.backward(params, xs, state, np.zeros((1, 2, 3)), d_state, cell_clip=0.5)
+    assert np.array_equal(want["c0"], grads["c0"])
+
+
+def operator_inputs(case):
+    """The fused operator's arguments for ``case`` (time-major), every tensor float64 and requiring grad."""
+    a = case.arrays()
+    tensor = lambda v: torch.tensor(v, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    x = tensor(np.swapaxes(a.xs, 0, 1))
+    h0, c0 = (tensor(s) for s in a.state) if a.state is not None else (
+        tensor(np.zeros((case.batch, case.output_size))), tensor(np.zeros((case.batch, case.hidden_size))))
+    params = {name: tensor(value) for name, value in a.params.items()}
+    return x, h0, c0, params
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_operator_gradcheck(variant, mode):
+    """torch.autograd.gradcheck of the fused operator's analytic backward (float64 finite differences),
+    every input and parameter; the case keeps every clipped value 1e-3 from its bound."""
+    case = variant_case(mode, dict(VARIANTS[variant], with_state=True))
+    x, h0, c0, params = operator_inputs(case)
+    names = list(params)
+    runtime = {k: v for k, v in case.runtime.items() if v not in (None, 0.0)}
+
+    def layer(x, h0, c0, *weights):
+        return variants.fused_variant_layer(x, h0, c0, dict(zip(names, weights)), mode != "addition", runtime)
+
+    assert torch.autograd.gradcheck(layer, (x, h0, c0, *params.values()), fast_mode=True)
+
+
+def test_double_backward_through_the_fused_operator():
+    """create_graph=True through the fused operator (its backward then runs the plain path): gradgradcheck
+    with every variant on, and the second derivative equal to the plain path's."""
+    case = variant_case("multiplicative_integration", dict(VARIANTS["all"], with_state=True))
+    x, h0, c0, params = operator_inputs(case)
+    names = list(params)
+    runtime = {k: v for k, v in case.runtime.items() if v not in (None, 0.0)}
+
+    def fused_layer(x, *weights):
+        return variants.fused_variant_layer(x, h0, c0, dict(zip(names, weights)), True, runtime)
+
+    # the input and the variants' own weights (the others as constants): a few seconds, not ten
+    varied = [name for name in names if name in plain.VARIANT_PARAMS]
+    fixed = {name: value.detach() for name, value in params.items() if name not in varied}
+
+    def fused_in_varied(x, *weights):
+        return variants.fused_variant_layer(x, h0, c0, dict(fixed, **dict(zip(varied, weights))), True, runtime)
+
+    assert torch.autograd.gradgradcheck(fused_in_varied, (x, *(params[name] for name in varied)), fast_mode=True)
+    penalties = []
+    for layer in (fused_layer, lambda x, *w: plain.plain_layer(x, h0, c0, dict(zip(names, w)), True, runtime)):
+        hs = layer(x, *params.values())[0]
+        (d_x,) = torch.autograd.grad(hs.square().sum(), x, create_graph=True)
+        penalties.append(torch.autograd.grad(d_x.square().sum(), list(params.values())))
+    for name, got, want in zip(names, *penalties):
+        assert_close(got.numpy(), want.numpy(), TOLERANCES[("float64", "cpu")], f"d2 {name}")
+
+
+# ---- the variant-free layer is unchanged ----
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cpu_loops", ["compiled", "python"])
+def test_variant_free_layer_runs_the_operators_of_before_bit_for_bit(cpu_loops, mode):
+    """A layer without variants (also one given the run-time options at their defaults) gives bit for bit
+    what the variant-free operator (fused.fused_layer, which the variants left alone) and the plain
+    path give, forward and backward."""
+    torch.manual_seed(0)
+    model = bt.MLSTM(5, 19, 2, integration_mode=mode, cpu_loops=cpu_loops)
+    explicit = bt.MLSTM.from_canonical(model.to_canonical(), integration_mode=mode, cpu_loops=cpu_loops,
+                                       cell_clip=None, proj_clip=None, forget_bias=0.0)
+    x = torch.randn(7, 3, 5, requires_grad=True)
+    for layer in (model, explicit):
+        out, (h_n, c_n) = layer(x)
+        (d_x,) = torch.autograd.grad(out.sum() + h_n.sum() + c_n.sum(), x)
+        h, c, grads = [], [], []
+        layer_input = x
+        for k in range(2):
+            params = layer.layer_parameters(k)
+            zeros = torch.zeros(3, 19)
+            hs, h_T, c_T = fused.fused_layer(layer_input, zeros, zeros, params, mode != "addition",
+                                             cpu_loops == "python")
+            h.append(h_T)
+            c.append(c_T)
+            layer_input = hs
+        (want_d_x,) = torch.autograd.grad(layer_input.sum() + sum(h).sum() + sum(c).sum(), x)
+        assert torch.equal(out, layer_input) and torch.equal(h_n, torch.stack(h)) and torch.equal(c_n, torch.stack(c))
+        assert torch.equal(d_x, want_d_x)
+    plain_model = bt.MLSTM.from_canonical(model.to_canonical(), integration_mode=mode, fused=False)
+    params = plain_model.layer_parameters(0)
+    zeros = torch.zeros(3, 19)
+    single = bt.MLSTM.from_canonical(model.to_canonical()[:1], integration_mode=mode, fused=False)
+    assert torch.equal(single(x)[0], plain.plain_layer(x, zeros, zeros, params, mode != "addition")[0])
+
+
+def test_variant_free_cell_unchanged():
+    """MLSTMCell without variants is the step of plain.plain_step, bit for bit."""
+    torch.manual_seed(0)
+    cell = bt.MLSTMCell(4, 6)
+    x, h, c = torch.randn(3, 4), torch.randn(3, 6), torch.randn(3, 6)
+    p = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih)
+    want = plain.plain_step(p, h, c, cell.weight_hh, cell.weight_mh, cell.bias_hh, cell.bias_mh, False)
+    for got, expected in zip(cell(x, (h, c)), want):
+        assert torch.equal(got, expected)
+
+
+# ---- the layers' interface ----
+
+def test_projection_has_nn_lstm_names_and_shapes():
+    """proj_size as nn.LSTM's: parameter names weight_hr_l{k}(_reverse) of shape (P, H), output
+    (L, N, D*P), h_n (num_layers*D, N, P), c_n (num_layers*D, N, H), the next layer's input D*P."""
+    args = (6, 8, 2)
+    kwargs = dict(bidirectional=True, proj_size=3)
+    model, lstm = bt.MLSTM(*args, **kwargs), nn.LSTM(*args, **kwargs)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    lstm_shapes = {name: tuple(p.shape) for name, p in lstm.named_parameters()}
+    for name in ("weight_hr_l0", "weight_hr_l0_reverse", "weight_hr_l1", "weight_hr_l1_reverse"):
+        assert shapes[name] == lstm_shapes[name] == (3, 8)
+    assert shapes["weight_ih_l1"] == (5 * 8, 2 * 3)
+    assert shapes["weight_hh_l0"] == (8, 3)
+    x = torch.randn(5, 2, 6)
+    out, (h_n, c_n) = model(x)
+    want_out, (want_h, want_c) = lstm(x)
+    assert out.shape == want_out.shape == (5, 2, 6)
+    assert h_n.shape == want_h.shape == (4, 2, 3)
+    assert c_n.shape == want_c.shape == (4, 2, 8)
+    assert "proj_size=3" in repr(model)
+
+
+def test_peephole_parameters_and_repr():
+    """Peephole weights are named weight_ci_l{k}, weight_cf_l{k}, weight_co_l{k} (H,); the run-time
+    options are read-only attributes (they are part of what a weight file records)."""
+    model = bt.MLSTM(3, 4, 2, peepholes=True, cell_clip=2.0, forget_bias=1.0)
+    names = {name for name, _ in model.named_parameters()}
+    assert {f"weight_c{g}_l{k}" for g in "ifo" for k in range(2)} <= names
+    assert model.weight_ci_l1.shape == (4,)
+    assert model.cell_clip == 2.0 and model.proj_clip is None and model.forget_bias == 1.0
+    assert "peepholes=True, cell_clip=2.0, forget_bias=1.0" in repr(model)
+    with pytest.raises(AttributeError):
+        model.cell_clip = 3.0
+
+
+@pytest.mark.parametrize("cls", [bt.MLSTM, bt.MLSTMCell])
+@pytest.mark.parametrize("options, error, message", [
+    (dict(cell_clip=-1.0), ValueError, "cell_clip must be None or a finite number > 0, got -1.0"),
+    (dict(cell_clip=math.inf), ValueError, "cell_clip must be None or a finite number > 0, got inf"),
+    (dict(cell_clip="1"), TypeError, "cell_clip must be None or a finite number > 0, got str '1'"),
+    (dict(forget_bias=math.nan), ValueError, "forget_bias must be a finite number, got nan"),
+    (dict(proj_clip=1.0), ValueError, "proj_clip=1.0 clips the projected output, which needs a projection"),
+    (dict(proj_size=4), ValueError, r"proj_size must be 0 \(no projection\) or in 1..hidden_size-1 = 1..3"),
+    (dict(proj_size=2.0), TypeError, "proj_size must be an int"),
+    (dict(proj_size=2, independent_recurrence=True), ValueError, "cannot be combined with independent_recurrence"),
+    (dict(peepholes="yes"), TypeError, "peepholes must be a bool, got str 'yes'"),
+    (dict(unit_forget_bias=True, bias=False), ValueError, "unit_forget_bias=True sets the forget block"),
+])
+def test_bad_variant_options_are_named(cls, options, error, message):
+    with pytest.raises(error, match=message):
+        cls(3, 4, **options)
+
+
+@pytest.mark.parametrize("options, value", [(dict(unit_forget_bias=True), 1.0), (dict(forget_bias_init=3.0), 3.0)])
+def test_forget_bias_initialisers(options, value):
+    """unit_forget_bias / forget_bias_init set the forget block (the fourth of m, i, o, f, z) of every
+    bias_ih and nothing else."""
+    model = bt.MLSTM(3, 4, 2, bidirectional=True, **options)
+    for k in range(4):
+        blocks = model.layer_parameters(k)["bias_ih"].detach().view(5, 4)
+        assert torch.equal(blocks[3], torch.full((4,), value))
+        assert not blocks[[0, 1, 2, 4]].any()
+
+
+def test_cell_with_variants_equals_the_spec():
+    """MLSTMCell with every variant against mlstm_spec.cell, batched and unbatched, state given or not."""
+    for mode in MODES:
+        case = variant_case(mode, VARIANTS["all"])
+        a = case.arrays()
+        cell = bt.MLSTMCell.from_canonical(a.params, integration_mode=mode, **{
+            k: v for k, v in case.runtime.items() if v not in (None, 0.0)})
+        assert cell.proj_size == 2 and cell.peepholes
+        x = a.xs[:, 0]
+        for xs, state in ((x, None), (x, (a.state[0], a.state[1])), (x[0], (a.state[0][0], a.state[1][0]))):
+            want_h, (_, want_c) = mlstm_spec.cell(a.params, xs, state, integration_mode=mode, **case.runtime)
+            hx = None if state is None else tuple(torch.from_numpy(s) for s in state)
+            h, c = cell(torch.from_numpy(xs), hx)
+            assert_close(h.detach().numpy(), want_h, TOLERANCES[("float64", "cpu")], "h")
+            assert_close(c.detach().numpy(), want_c, TOLERANCES[("float64", "cpu")], "c")
+
+
+def test_save_load_round_trip_of_a_projected_peepholed_stack(tmp_path):
+    """mlstm_spec.save / load (format 2) and from_canonical give back the same parameters bit for bit,
+    the run-time options, and the same outputs."""
+    torch.manual_seed(0)
+    model = bt.MLSTM(3, 5, 2, proj_size=2, peepholes=True, cell_clip=1.5, proj_clip=0.7, forget_bias=0.5,
+                     integration_mode="multiplicative_integration", dtype=torch.float64)
+    path = mlstm_spec.save(tmp_path / "model.safetensors", model, cell_clip=model.cell_clip,
+                           proj_clip=model.proj_clip, forget_bias=model.forget_bias)
+    loaded = bt.MLSTM.from_canonical(mlstm_spec.load(path))
+    assert (loaded.proj_size, loaded.peepholes, loaded.cell_clip, loaded.proj_clip, loaded.forget_bias,
+            loaded.integration_mode) == (2, True, 1.5, 0.7, 0.5, "multiplicative_integration")
+    for got, want in zip(loaded.to_canonical(), model.to_canonical()):
+        assert got.keys() == want.keys()
+        assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    assert torch.equal(loaded(x)[0], model(x)[0])
+
+
+def test_onnx_scan_path_takes_the_variants():
+    """The scan that ONNX export runs (plain steps in one scan) computes the variants as the plain path."""
+    pytest.importorskip("torch._higher_order_ops.scan", reason="this torch has no scan operator")
+    case = variant_case("addition", VARIANTS["all"])
+    x, h0, c0, params = operator_inputs(case)
+    runtime = {k: v for k, v in case.runtime.items() if v not in (None, 0.0)}
+    with torch.no_grad():
+        got = plain.scan_layer(x, h0, c0, params, False, runtime)
+        want = plain.plain_layer(x, h0, c0, params, False, runtime)
+    for g, w in zip(got, want):
+        assert_close(g.numpy(), w.numpy(), TOLERANCES[("float64", "cpu")], "scan")
+
+
+@pytest.mark.slow  # the exporter itself takes ~20 s
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's own exporter internals
+def test_onnx_export_with_variants_runs_in_onnxruntime(tmp_path):
+    """A bidirectional layer with a projection, peepholes and both clips, exported with a symbolic
+    sequence length: onnxruntime's results equal the layer's at another length."""
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(module, reason=f"{module} is not installed (pip install 'mlstm-spec[test]')")
+    import onnxruntime
+
+    from mlstm_spec.conformance import relative_error
+
+    torch.manual_seed(0)
+    model = bt.MLSTM(3, 5, bidirectional=True, proj_size=2, peepholes=True, cell_clip=0.5, proj_clip=0.2,
+                     forget_bias=1.0).eval()
+    path = tmp_path / "mlstm.onnx"
+    steps = torch.export.Dim("steps", min=1, max=4096)
+    torch.onnx.export(model, (torch.randn(5, 2, 3),), str(path), dynamic_shapes=({0: steps},),
+                      input_names=["input"], output_names=["output", "h_n", "c_n"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(8, 2, 3)
+    got = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    for value, expected in zip(got, (want[0], *want[1])):
+        assert value.shape == expected.shape
+        assert relative_error(value, expected.numpy())[0] <= 1e-5  # float32, as the variant-free export test
