@@ -201,6 +201,7 @@ def test_variant_free_cell_unchanged():
 
 # ---- the layers' interface ----
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")
 def test_projection_has_nn_lstm_names_and_shapes():
     """proj_size as nn.LSTM's: parameter names weight_hr_l{k}(_reverse) of shape (P, H), output
     (L, N, D*P), h_n (num_layers*D, N, P), c_n (num_layers*D, N, H), the next layer's input D*P."""
