@@ -339,3 +339,35 @@ def test_onnx_export_with_variants_runs_in_onnxruntime(tmp_path):
     for value, expected in zip(got, (want[0], *want[1])):
         assert value.shape == expected.shape
         assert relative_error(value, expected.numpy())[0] <= 1e-5  # float32, as the variant-free export test
+
+
+def test_projected_stack_chains_the_spec_layers():
+    """Two projected, peepholed layers with clips: the output is the spec's layers chained (layer 1 reads
+    layer 0's P-wide outputs), and the fused and plain paths give the same gradients."""
+    rng = np.random.default_rng(3)
+    options = dict(proj_size=2, peepholes=True, dtype=np.float64)
+    layers = [mlstm_spec.init_params(3, 5, rng=rng, **options), mlstm_spec.init_params(2, 5, rng=rng, **options)]
+    layers = [{name: 3 * value for name, value in params.items()} for params in layers]  # so that the clips act
+    runtime = dict(cell_clip=1.0, proj_clip=0.8, forget_bias=0.5)
+    xs = rng.standard_normal((2, 6, 3))
+    for clip in ("cell_clip", "proj_clip"):  # each clip changes each layer's outputs
+        inputs = xs
+        for params in layers:
+            with_clip, without = (mlstm_spec.forward(params, inputs, None, **dict(runtime, **off))[0]
+                                  for off in ({}, {clip: None}))
+            assert not np.allclose(with_clip, without)
+            inputs = with_clip
+    hs, states = ConformanceAdapter().forward(layers, xs, None, integration_mode="addition", **runtime)
+    want = xs
+    for k, params in enumerate(layers):
+        want, (want_h, want_c) = mlstm_spec.forward(params, want, None, **runtime)
+        assert_close(states[k][0], want_h, TOLERANCES[("float64", "cpu")], f"h_n[{k}]")
+        assert_close(states[k][1], want_c, TOLERANCES[("float64", "cpu")], f"c_n[{k}]")
+    assert_close(hs, want, TOLERANCES[("float64", "cpu")], "hs")
+    d_hs = rng.standard_normal(hs.shape)
+    fused_grads, plain_grads = (adapter.gradients(layers, xs, None, d_hs, None, integration_mode="addition",
+                                                  **runtime)
+                                for adapter in (ConformanceAdapter(), ConformanceAdapter(fused=False)))
+    for k in range(2):
+        for name in plain_grads[k]:
+            assert_close(fused_grads[k][name], plain_grads[k][name], TOLERANCES[("float64", "cpu")], f"d {name}")
