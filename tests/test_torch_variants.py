@@ -221,6 +221,8 @@ def test_projection_has_nn_lstm_names_and_shapes():
     assert h_n.shape == want_h.shape == (4, 2, 3)
     assert c_n.shape == want_c.shape == (4, 2, 8)
     assert "proj_size=3" in repr(model)
+    again = bt.MLSTM.from_canonical(model.to_canonical(), bidirectional=True)  # layer 1 reads 2P inputs
+    assert again.proj_size == 3 and torch.equal(again(x)[0], out)
 
 
 def test_peephole_parameters_and_repr():
