@@ -45,11 +45,14 @@ def versions() -> dict:
     return {**bj.versions(), "flax": flax.__version__}
 
 
+_STRUCTURE = (*STRUCTURAL_OPTIONS, "proj_size", "peepholes")
+
+
 def _init_options(module) -> dict:
     return dict(bias=module.bias, recurrent_bias=module.recurrent_bias, multiplicative_bias=module.multiplicative_bias,
                 independent_recurrence=module.independent_recurrence, weight_init=module.weight_init,
-                forget_bias=module.forget_bias_init,
-                dtype=module.param_dtype)
+                proj_size=module.proj_size, peepholes=module.peepholes, unit_forget_bias=module.unit_forget_bias,
+                forget_bias_init=module.forget_bias_init, dtype=module.param_dtype)
 
 
 def _declare_layer(module, input_size: int, hidden_size: int, scope_name: str | None = None) -> dict:
@@ -59,7 +62,7 @@ def _declare_layer(module, input_size: int, hidden_size: int, scope_name: str | 
     options = _init_options(module)
     if scope_name is not None:
         return module.param(scope_name, lambda key: bj.init(key, input_size, hidden_size, **options))
-    names = bj._layer_shapes(input_size, hidden_size, **{k: options[k] for k in STRUCTURAL_OPTIONS})
+    names = bj._layer_shapes(input_size, hidden_size, **{k: options[k] for k in _STRUCTURE})
     return {name: module.param(name, lambda key, name=name: bj.init(key, input_size, hidden_size, **options)[name])
             for name in names}
 
@@ -79,9 +82,9 @@ def _canonical_from_variables(variables, owner: str) -> list[dict]:
 def _import(params, options: dict, one_layer: bool, owner: str, extra=()):
     """canonical_import for a linen module: JAX arrays of the same dtype and the module's options."""
     bj._unknown_options(options, [*LAYER_OPTIONS, *VARIANT_OPTIONS, *extra])
-    layers, options = bj._from_canonical(params, options, one_layer=one_layer, owner=owner)
+    layers, options, runtime = bj._from_canonical(params, options, one_layer=one_layer, owner=owner)
     check_integration_mode(options.get("integration_mode", "addition"))
-    return layers, options
+    return layers, {**options, **runtime}
 
 
 class MLSTMCell(nn.RNNCellBase):
@@ -92,8 +95,9 @@ class MLSTMCell(nn.RNNCellBase):
         hidden_size: the number of features ``H`` of the hidden state (the input size is read from x).
         bias, recurrent_bias, multiplicative_bias, independent_recurrence, integration_mode: as for
             :class:`backends.jax.MLSTMCell`.
-        weight_init, forget_bias_init: the initial values, as :func:`backends.jax.init` (its ``weight_init``
-            and ``forget_bias``).
+        weight_init, proj_size, peepholes, unit_forget_bias, forget_bias_init: the initial parameters, as
+            for :func:`backends.jax.init` (``proj_size=P``: the carry's ``h`` is P wide, ``c`` H wide).
+        cell_clip, proj_clip, forget_bias: the run-time variants of :func:`backends.jax.mlstm`.
         param_dtype: the parameters' dtype; inputs and carry are cast to it.
     """
 
@@ -104,23 +108,28 @@ class MLSTMCell(nn.RNNCellBase):
     independent_recurrence: bool = False
     integration_mode: str = "addition"
     weight_init: str = "glorot_uniform"
+    proj_size: int = 0
+    peepholes: bool = False
+    unit_forget_bias: bool = False
     forget_bias_init: float = 0.0
+    cell_clip: float | None = None
+    proj_clip: float | None = None
+    forget_bias: float = 0.0
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, carry, inputs):
         params = _declare_layer(self, inputs.shape[-1], self.hidden_size)
-        dtype = params["weight_ih"].dtype
-        c, h = carry
-        h, (h, c) = bj.cell(params, inputs.astype(dtype), (h.astype(dtype), c.astype(dtype)),
-                            integration_mode=self.integration_mode)
-        return (c, h), h
+        return bj._cell_in_param_dtype(params, carry, inputs, integration_mode=self.integration_mode,
+                                       **bj._runtime_options(self))
 
     @nn.nowrap
     def initialize_carry(self, rng, input_shape):
-        """Zeros ``(c, h)``, each ``input_shape[:-1] + (H,)`` (``rng`` is unused, as in LSTMCell)."""
-        zeros = jnp.zeros(tuple(input_shape[:-1]) + (self.hidden_size,), self.param_dtype)
-        return zeros, zeros
+        """Zeros ``(c, h)``: ``c`` ``input_shape[:-1] + (H,)``, ``h`` the same with P for H under a
+        projection (``rng`` is unused, as in LSTMCell)."""
+        batch = tuple(input_shape[:-1])
+        return (jnp.zeros(batch + (self.hidden_size,), self.param_dtype),
+                jnp.zeros(batch + (self.proj_size or self.hidden_size,), self.param_dtype))
 
     @property
     def num_feature_axes(self) -> int:
@@ -149,7 +158,8 @@ class MLSTM(nn.Module):
     Inputs, outputs and state follow :class:`backends.jax.MLSTM`: ``xs`` ``(B, T, I)`` or ``(T, I)``;
     ``state`` ``(h_0, c_0)`` each ``(L, B, H)`` (or ``(L, H)``), ``None`` for zeros; ``hs`` the last
     layer's outputs, ``(h_n, c_n)`` every layer's final state. Attributes as :class:`MLSTMCell`, plus
-    ``num_layers`` and ``unroll`` (steps per ``lax.scan`` iteration).
+    ``num_layers`` and ``unroll`` (steps per ``lax.scan`` iteration). With ``proj_size=P``, ``h`` is P
+    wide and layer l > 0 reads P features.
     """
 
     hidden_size: int
@@ -161,18 +171,21 @@ class MLSTM(nn.Module):
     integration_mode: str = "addition"
     unroll: int = 1
     weight_init: str = "glorot_uniform"
+    proj_size: int = 0
+    peepholes: bool = False
+    unit_forget_bias: bool = False
     forget_bias_init: float = 0.0
+    cell_clip: float | None = None
+    proj_clip: float | None = None
+    forget_bias: float = 0.0
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, xs, state=None):
-        layers = [_declare_layer(self, xs.shape[-1] if k == 0 else self.hidden_size, self.hidden_size,
-                                 scope_name=f"layer_{k}") for k in range(self.num_layers)]
-        dtype = layers[0]["weight_ih"].dtype
-        if state is not None:
-            state = (state[0].astype(dtype), state[1].astype(dtype))
-        return bj.mlstm_stack(layers, xs.astype(dtype), state, integration_mode=self.integration_mode,
-                              unroll=self.unroll)
+        layers = [_declare_layer(self, xs.shape[-1] if k == 0 else self.proj_size or self.hidden_size,
+                                 self.hidden_size, scope_name=f"layer_{k}") for k in range(self.num_layers)]
+        return bj._stack_in_param_dtype(layers, xs, state, integration_mode=self.integration_mode, unroll=self.unroll,
+                                        **bj._runtime_options(self))
 
     @classmethod
     def from_canonical(cls, params, *, unroll=1, **options):
@@ -219,8 +232,8 @@ class ConformanceAdapter(bj.ConformanceAdapter):
 
     name = "flax"
 
-    def build(self, layers, integration_mode):
-        module, variables = MLSTM.from_canonical(layers, integration_mode=integration_mode).unbind()
+    def build(self, layers, integration_mode, **runtime):
+        module, variables = MLSTM.from_canonical(layers, integration_mode=integration_mode, **runtime).unbind()
         attributes = tuple((field, getattr(module, field)) for field in _FIELDS)
         return self._put(_Applied(attributes, variables))
 
@@ -233,4 +246,5 @@ class ConformanceAdapter(bj.ConformanceAdapter):
 
 
 _FIELDS = ("hidden_size", "num_layers", "bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence",
-           "integration_mode", "unroll", "param_dtype")
+           "integration_mode", "unroll", "proj_size", "peepholes", "cell_clip", "proj_clip", "forget_bias",
+           "param_dtype")

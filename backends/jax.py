@@ -18,7 +18,17 @@ name           shape            role
 ``bias_ih``    ``(5H,)``        blocks ``m, i, o, f, z``; present when ``bias=True``
 ``bias_hh``    ``(H,)``         present when ``recurrent_bias=True``
 ``bias_mh``    ``(4H,)``        blocks ``i, o, f, z``; present when ``multiplicative_bias=True``
+``weight_hr``  ``(P, H)``       projection of the output to P < H features (``proj_size=P``); then
+                                ``weight_hh`` is ``(H, P)`` and ``h`` is P wide (``c`` stays H wide)
+``weight_ci``  ``(H,)``         peepholes (``peepholes=True``): ``c_{t-1}`` into gates i and f,
+``weight_cf``                   ``c_t`` into gate o
+``weight_co``
 =============  ===============  ====================================================================
+
+The spec's run-time variants ``cell_clip``, ``proj_clip`` and ``forget_bias`` are keyword arguments of
+:func:`mlstm`, :func:`mlstm_stack` and :func:`cell` and options of the modules; they are static (part of
+the compiled program). Every variant is off by default, and then not even traced: the program is the
+plain mLSTM's.
 
 Shapes (``B`` batch, ``T`` steps, ``I`` input size, ``H`` hidden size, ``L`` number of layers):
 
@@ -34,6 +44,7 @@ call                                       inputs                returns
                                            ``(L, B, H)``
 =========================================  ====================  ===================================
 
+With a projection, ``H`` reads ``P`` for ``h``, ``h0``, ``h_T``, ``h_n`` and ``hs`` (``c`` stays H wide).
 Unbatched inputs drop the ``B`` axis everywhere (``xs (T, I)`` gives ``hs (T, H)``). ``state=None``
 means zeros. ``MLSTM`` keeps a leading layer axis on its state even for one layer, as
 ``torch.nn.LSTM`` does; the functional ``mlstm`` and ``cell`` follow :func:`mlstm_spec.forward`.
@@ -73,7 +84,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mlstm_spec.validation import LayerInfo, check_integration_mode, dtype_name
+from mlstm_spec.equations import PEEPHOLE_WEIGHTS, RUNTIME_DEFAULTS
+from mlstm_spec.params import _check_proj_size, _initial_forget_bias
+from mlstm_spec.validation import (
+    LayerInfo, check_integration_mode, check_runtime_options, dtype_name, expected_shapes,
+)
 
 from ._common import (
     DTYPES,
@@ -91,7 +106,7 @@ __all__ = ["DTYPES", "MLSTM", "MLSTMCell", "EqxMLSTMCell", "ConformanceAdapter",
            "mlstm_stack"]
 
 CHECKS = InputChecks(is_array=lambda v: hasattr(v, "shape") and hasattr(v, "dtype"),
-                     array_name="a JAX or NumPy array", backend="backends.jax")
+                     array_name="a JAX or NumPy array", backend="backends.jax", variants=VARIANT_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,6 +137,18 @@ def _check_stack(layers, argument: str = "params") -> list[LayerInfo]:
     infos = CHECKS.stack(layers, argument)
     _check_x64(infos[0].dtype, argument)
     return infos
+
+
+def _check_runtime(info: LayerInfo | None, cell_clip, proj_clip, forget_bias) -> dict:
+    """The run-time variants as Python floats (``None`` / ``0.0`` when off), checked by the spec's rules:
+    clips positive and finite, ``forget_bias`` finite, ``proj_clip`` only with a projection."""
+    return check_runtime_options(info, cell_clip=cell_clip, proj_clip=proj_clip, forget_bias=forget_bias)
+
+
+def _switched_on(runtime: dict) -> tuple:
+    """The run-time variants that are on, as hashable ``(name, value)`` pairs (a static jit argument;
+    empty without variants, so a variant-free call compiles and caches as it always did)."""
+    return tuple((name, value) for name, value in runtime.items() if value not in (None, 0.0))
 
 
 def _check_unroll(unroll) -> int:
@@ -159,9 +186,18 @@ def _matmul_t(a, w):
     return lax.dot_general(a, w, (((a.ndim - 1,), (1,)), ((), ())))
 
 
-def _step(params, p, h, c, *, multiplicative):
-    """One step from the input projection ``p`` (B, 5H) and the state ``h``, ``c`` (B, H)."""
-    hidden = h.shape[-1]
+def _clip(value, bound):
+    """``value`` limited to ``[-bound, bound]``, with the spec's gradient: 1 on the closed interval, 0
+    outside (``jnp.clip`` would give 1/2 at the bounds; NaN stays NaN)."""
+    return jnp.where(value > bound, bound, jnp.where(value < -bound, -bound, value))
+
+
+def _step(params, p, h, c, *, multiplicative, cell_clip=None, proj_clip=None, forget_bias=0.0):
+    """One step from the input projection ``p`` (B, 5H) and the state ``h`` (B, P or H), ``c`` (B, H).
+    The variants (mlstm_spec.equations) are traced only when switched on: without them this is the
+    plain step, operation for operation."""
+    hidden = c.shape[-1]
+    peepholes = "weight_ci" in params
     w_hh = params["weight_hh"]
     r = h * w_hh if w_hh.ndim == 1 else _matmul_t(h, w_hh)
     if "bias_hh" in params:
@@ -172,11 +208,28 @@ def _step(params, p, h, c, *, multiplicative):
         q = q + params["bias_mh"]
     p_gates = p[..., hidden:]
     a = p_gates * q if multiplicative else p_gates + q
-    ifo = jax.nn.sigmoid(a[..., : 3 * hidden])  # blocks i, o, f are contiguous
-    i, o, f = ifo[..., :hidden], ifo[..., hidden : 2 * hidden], ifo[..., 2 * hidden :]
+    if not (peepholes or forget_bias):
+        ifo = jax.nn.sigmoid(a[..., : 3 * hidden])  # blocks i, o, f are contiguous
+        i, o, f = ifo[..., :hidden], ifo[..., hidden : 2 * hidden], ifo[..., 2 * hidden :]
+    else:
+        a_i, a_f = a[..., :hidden], a[..., 2 * hidden : 3 * hidden]
+        if peepholes:  # i and f see the previous cell state, o the new one (below)
+            a_i, a_f = a_i + params["weight_ci"] * c, a_f + params["weight_cf"] * c
+        if forget_bias:
+            a_f = a_f + forget_bias
+        i, f = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f)
+        o = None if peepholes else jax.nn.sigmoid(a[..., hidden : 2 * hidden])
     z = jnp.tanh(a[..., 3 * hidden :])
     c = f * c + i * z
+    if cell_clip is not None:
+        c = _clip(c, cell_clip)
+    if peepholes:
+        o = jax.nn.sigmoid(a[..., hidden : 2 * hidden] + params["weight_co"] * c)
     h = o * jnp.tanh(c)
+    if "weight_hr" in params:
+        h = _matmul_t(h, params["weight_hr"])
+        if proj_clip is not None:
+            h = _clip(h, proj_clip)
     return h, c
 
 
@@ -190,14 +243,15 @@ def _input_projection(params, xs):
     return p
 
 
-def _run_layer(params, xs, h0, c0, multiplicative, unroll, mask=None, reverse=False):
-    """One layer over a batched sequence xs (B, T, I) from (h0, c0) (B, H): hs (B, T, H), (h, c).
-    ``mask`` (B, T) bool: steps where it is False keep the state and output zeros. ``reverse``: the
-    steps run from T - 1 down to 0; ``hs`` stays in input order."""
+def _run_layer(params, xs, h0, c0, multiplicative, unroll, mask=None, reverse=False, runtime=()):
+    """One layer over a batched sequence xs (B, T, I) from (h0, c0) (B, P or H; B, H): hs (B, T, P or H),
+    (h, c). ``mask`` (B, T) bool: steps where it is False keep the state and output zeros. ``reverse``:
+    the steps run from T - 1 down to 0; ``hs`` stays in input order. ``runtime``: the run-time variants
+    switched on, as ``(name, value)`` pairs."""
 
     def body(carry, inputs):
         p_t, valid = inputs
-        h, c = _step(params, p_t, *carry, multiplicative=multiplicative)
+        h, c = _step(params, p_t, *carry, multiplicative=multiplicative, **dict(runtime))
         if valid is None:
             return (h, c), h
         valid = valid[:, None]
@@ -208,10 +262,11 @@ def _run_layer(params, xs, h0, c0, multiplicative, unroll, mask=None, reverse=Fa
     return jnp.swapaxes(hs, 0, 1), (h, c)
 
 
-@partial(jax.jit, static_argnames=("multiplicative", "unroll", "layer_axis", "reverse"))
-def _forward_jit(layers, xs, state, multiplicative, unroll, layer_axis, mask=None, reverse=False):
+@partial(jax.jit, static_argnames=("multiplicative", "unroll", "layer_axis", "reverse", "runtime"))
+def _forward_jit(layers, xs, state, multiplicative, unroll, layer_axis, mask=None, reverse=False, runtime=()):
     """A stack over xs (B, T, I) or (T, I); state None or (h0, c0) each (L, [B,] H), or ([B,] H)
-    for one layer without ``layer_axis`` (and the final state alike); mask None or ([B,] T) bool."""
+    for one layer without ``layer_axis`` (and the final state alike; h is P wide with a projection);
+    mask None or ([B,] T) bool; ``runtime`` the run-time variants switched on, ``(name, value)`` pairs."""
     dtype = xs.dtype
     work = _compute_dtype(dtype)
     layers, xs, state = _cast((layers, xs, state), work)
@@ -231,9 +286,11 @@ def _forward_jit(layers, xs, state, multiplicative, unroll, layer_axis, mask=Non
             # Built from xs so that it carries xs's sharding type: under jax.shard_map a constant zero
             # carry is "invariant" while the scan's output carry is "varying", and lax.scan refuses that.
             h0 = c0 = lax.full_like(xs, 0, work, (batch, hidden))
+            if "weight_hr" in params:
+                h0 = lax.full_like(xs, 0, work, (batch, params["weight_hr"].shape[0]))
         else:
             h0, c0 = state[0][layer], state[1][layer]
-        out, (h, c) = _run_layer(params, out, h0, c0, multiplicative, unroll, mask, reverse)
+        out, (h, c) = _run_layer(params, out, h0, c0, multiplicative, unroll, mask, reverse, runtime)
         finals_h.append(h)
         finals_c.append(c)
     h_n, c_n = jnp.stack(finals_h), jnp.stack(finals_c)
@@ -273,7 +330,7 @@ def _padding_mask(xs, mask, seq_lengths):
 # ---------------------------------------------------------------------------------------------------
 
 def mlstm(params, xs, state=None, *, integration_mode="addition", unroll=1, mask=None, seq_lengths=None,
-          reverse=False):
+          reverse=False, cell_clip=None, proj_clip=None, forget_bias=0.0):
     """Run one mLSTM layer over a sequence; the signature and results of :func:`mlstm_spec.forward`.
 
     Args:
@@ -289,6 +346,12 @@ def mlstm(params, xs, state=None, *, integration_mode="addition", unroll=1, mask
             real (right padding). Lengths above T count as T, below 0 as 0.
         reverse: run the steps from last to first (the backward half of a bidirectional layer);
             ``hs`` stays in input order, and with padding each sequence starts at its last real step.
+        cell_clip, proj_clip, forget_bias: the spec's run-time variants (static: each value compiles
+            its own program): ``None`` or a bound > 0 for ``c`` and for the projected ``h`` (needs
+            ``weight_hr``), and a constant added to the forget gate's pre-activation (``0.0``: off).
+
+    With a projection (``weight_hr`` (P, H) in ``params``), ``h`` and ``hs`` are P wide and ``c`` H wide;
+    peepholes are read from ``weight_ci``, ``weight_cf``, ``weight_co``.
 
     Returns:
         ``hs, (h_T, c_T)``: ``hs`` is ``(B, T, H)`` or ``(T, H)``; the final state like ``state``.
@@ -299,26 +362,29 @@ def mlstm(params, xs, state=None, *, integration_mode="addition", unroll=1, mask
     multiplicative = check_integration_mode(integration_mode)
     unroll = _check_unroll(unroll)
     info = _check_layer(params)
+    runtime = _switched_on(_check_runtime(info, cell_clip, proj_clip, forget_bias))
     batched = CHECKS.sequence(xs, info)
     if state is not None:
         CHECKS.state(state, CHECKS.shape_of(xs)[:1] if batched else (), info)
         state = tuple(state)
     mask = _padding_mask(xs, mask, seq_lengths)
     return _forward_jit([dict(params)], xs, state, multiplicative, unroll, layer_axis=False, mask=mask,
-                        reverse=bool(reverse))
+                        reverse=bool(reverse), runtime=runtime)
 
 
 def mlstm_stack(layers, xs, state=None, *, integration_mode="addition", unroll=1, mask=None, seq_lengths=None,
-                reverse=False):
+                reverse=False, cell_clip=None, proj_clip=None, forget_bias=0.0):
     """Run a stack of layers (a list of canonical mappings, first layer first) over a sequence.
 
-    ``state`` is ``(h_0, c_0)``, each ``(L, B, H)`` (or ``(L, H)`` unbatched), or ``None`` for zeros;
-    returns ``hs, (h_n, c_n)`` with the final state of every layer in the same layout. ``mask``,
-    ``seq_lengths`` and ``reverse`` as for :func:`mlstm`, applied to every layer.
+    ``state`` is ``(h_0, c_0)``, each ``(L, B, H)`` (or ``(L, H)`` unbatched; h ``(L, B, P)`` with a
+    projection), or ``None`` for zeros; returns ``hs, (h_n, c_n)`` with the final state of every layer
+    in the same layout. ``mask``, ``seq_lengths``, ``reverse`` and the run-time variants as for
+    :func:`mlstm`, applied to every layer.
     """
     multiplicative = check_integration_mode(integration_mode)
     unroll = _check_unroll(unroll)
     infos = _check_stack(layers)
+    runtime = _switched_on(_check_runtime(infos[0], cell_clip, proj_clip, forget_bias))
     batched = CHECKS.sequence(xs, infos[0])
     if state is not None:
         batch_shape = (len(infos),) + (CHECKS.shape_of(xs)[:1] if batched else ())
@@ -326,14 +392,16 @@ def mlstm_stack(layers, xs, state=None, *, integration_mode="addition", unroll=1
         state = tuple(state)
     mask = _padding_mask(xs, mask, seq_lengths)
     return _forward_jit([dict(p) for p in layers], xs, state, multiplicative, unroll, layer_axis=True, mask=mask,
-                        reverse=bool(reverse))
+                        reverse=bool(reverse), runtime=runtime)
 
 
-def cell(params, x, state=None, *, integration_mode="addition"):
+def cell(params, x, state=None, *, integration_mode="addition", cell_clip=None, proj_clip=None, forget_bias=0.0):
     """One step, like :func:`mlstm_spec.cell`: ``x`` ``(B, I)`` or ``(I,)``, ``state`` ``(h, c)``
-    each ``(B, H)`` or ``(H,)`` (``None``: zeros). Returns ``h, (h, c)``."""
+    each ``(B, H)`` or ``(H,)`` (h ``(B, P)`` or ``(P,)`` with a projection; ``None``: zeros). Returns
+    ``h, (h, c)``. The run-time variants as for :func:`mlstm`."""
     multiplicative = check_integration_mode(integration_mode)
     info = _check_layer(params)
+    runtime = _switched_on(_check_runtime(info, cell_clip, proj_clip, forget_bias))
     CHECKS.array(x, "x")
     shape = CHECKS.shape_of(x)
     if len(shape) not in (1, 2):
@@ -342,20 +410,22 @@ def cell(params, x, state=None, *, integration_mode="addition"):
     batch_shape = shape[:-1]
     if state is not None:
         CHECKS.state(state, batch_shape, info)
-    return _cell_jit(dict(params), x, state, multiplicative)
+    return _cell_jit(dict(params), x, state, multiplicative, runtime)
 
 
-@partial(jax.jit, static_argnames=("multiplicative",))
-def _cell_jit(params, x, state, multiplicative):
+@partial(jax.jit, static_argnames=("multiplicative", "runtime"))
+def _cell_jit(params, x, state, multiplicative, runtime=()):
     dtype = x.dtype
     work = _compute_dtype(dtype)
     params, x, state = _cast((params, x, state), work)
     if state is None:
         state = (lax.full_like(x, 0, work, x.shape[:-1] + params["weight_hh"].shape[:1]),) * 2  # see _forward_jit
+        if "weight_hr" in params:
+            state = (lax.full_like(x, 0, work, x.shape[:-1] + params["weight_hr"].shape[:1]), state[1])
     p = _matmul_t(x, params["weight_ih"])
     if "bias_ih" in params:
         p = p + params["bias_ih"]
-    h, c = _cast(_step(params, p, *state, multiplicative=multiplicative), dtype)
+    h, c = _cast(_step(params, p, *state, multiplicative=multiplicative, **dict(runtime)), dtype)
     return h, (h, c)
 
 
@@ -374,45 +444,57 @@ def _check_key(key):
 
 
 def init(key, input_size, hidden_size, *, dtype=jnp.float32, bias=True, recurrent_bias=True,
-         multiplicative_bias=True, independent_recurrence=False, weight_init="glorot_uniform",
-         forget_bias=0.0) -> dict:
+         multiplicative_bias=True, independent_recurrence=False, weight_init="glorot_uniform", proj_size=0,
+         peepholes=False, unit_forget_bias=False, forget_bias_init=0.0, **renamed) -> dict:
     """Draw one layer's canonical parameters, as :func:`mlstm_spec.init_params` draws them (its
-    ``weight_init``; ``forget_bias`` is its ``forget_bias_init``, the initial forget block of
-    ``bias_ih``), from a NumPy generator seeded by ``key``: the same key gives the same values. Values are drawn in float64 and rounded to
-    ``dtype``. ``key`` may be traced (``jax.jit(init)``, Flax's ``model.init`` under ``jit``): the draw
-    then runs on the host through ``jax.pure_callback``, with the same values."""
+    options, under its names: ``proj_size`` adds ``weight_hr``, ``peepholes`` the peephole weights,
+    ``unit_forget_bias`` / ``forget_bias_init`` set the initial forget block of ``bias_ih``), from a
+    NumPy generator seeded by ``key``: the same key gives the same values. Values are drawn in float64
+    and rounded to ``dtype``. ``key`` may be traced (``jax.jit(init)``, Flax's ``model.init`` under
+    ``jit``): the draw then runs on the host through ``jax.pure_callback``, with the same values."""
+    if renamed:
+        _refuse_renamed(renamed, "init")
     _check_key(key)
     dtype = _check_dtype_option(dtype)
     flags = dict(bias=bias, recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
                  independent_recurrence=independent_recurrence)
     check_layer_options(input_size, hidden_size, **flags)
+    # the spec's checks of the variants, run now rather than in the host callback of a traced key
+    _check_proj_size(proj_size, hidden_size, independent_recurrence)
+    _initial_forget_bias(unit_forget_bias, forget_bias_init, bias)
+    structure = dict(proj_size=int(proj_size), peepholes=bool(peepholes))
+    forget = dict(unit_forget_bias=bool(unit_forget_bias), forget_bias_init=forget_bias_init)
 
     def draw(bits):
         (params,) = init_layers(input_size, hidden_size, rng=np.random.default_rng(np.asarray(bits).ravel()),
-                                dtype=dtype, weight_init=weight_init, forget_bias_init=forget_bias,
-                                **flags)
+                                dtype=dtype, weight_init=weight_init, **structure, **forget, **flags)
         return params
 
     bits = jax.random.key_data(key)
     if isinstance(bits, jax.core.Tracer):
-        shapes = _layer_shapes(input_size, hidden_size, **flags)
+        shapes = _layer_shapes(input_size, hidden_size, **structure, **flags)
         return jax.pure_callback(draw, {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
                                         for name, shape in shapes.items()}, bits)
     return {name: jnp.asarray(value) for name, value in draw(bits).items()}
 
 
+def _refuse_renamed(options: dict, owner: str) -> None:
+    if "forget_bias" in options:
+        raise TypeError(
+            f"{owner}(forget_bias=...) is now called forget_bias_init (the initial forget block of bias_ih, "
+            "mlstm_spec.init_params's name); forget_bias is the run-time constant of mlstm, cell and the "
+            "modules")
+    raise TypeError(f"{owner}() got unexpected keyword argument(s) {sorted(options)}")
+
+
 def _layer_shapes(input_size, hidden_size, *, bias, recurrent_bias, multiplicative_bias,
-                  independent_recurrence) -> dict:
-    """The canonical parameters' shapes of one layer with these options."""
-    hidden = hidden_size
-    shapes = {"weight_ih": (5 * hidden, input_size),
-              "weight_hh": (hidden,) if independent_recurrence else (hidden, hidden),
-              "weight_mh": (4 * hidden, hidden)}
-    for name, shape, present in (("bias_ih", (5 * hidden,), bias), ("bias_hh", (hidden,), recurrent_bias),
-                                 ("bias_mh", (4 * hidden,), multiplicative_bias)):
-        if present:
-            shapes[name] = shape
-    return shapes
+                  independent_recurrence, proj_size=0, peepholes=False) -> dict:
+    """The canonical parameters' shapes of one layer with these options, in canonical order."""
+    shapes = expected_shapes(input_size, hidden_size, independent_recurrence, proj_size)
+    present = {"weight_ih": True, "weight_hh": True, "weight_mh": True, "bias_ih": bias,
+               "bias_hh": recurrent_bias, "bias_mh": multiplicative_bias, "weight_hr": bool(proj_size),
+               **{name: peepholes for name in PEEPHOLE_WEIGHTS}}
+    return {name: shapes[name] for name, on in present.items() if on}
 
 
 def _default_key(key):
@@ -425,11 +507,18 @@ def _default_key(key):
 
 def _from_canonical(params, options: dict, one_layer=False, owner="MLSTM"):
     """Canonical parameters (any backend's arrays, or a weight file) -> JAX arrays of the same dtype,
-    exactly, and the options (see backends._common.canonical_import)."""
+    exactly, the options (see backends._common.canonical_import) and the run-time variants they switch
+    on (checked; a weight file's, or given)."""
     layers, infos, options = canonical_import(params, options, one_layer=one_layer, owner=owner,
-                                              backend="backends.jax")
+                                              backend="backends.jax", variants=VARIANT_OPTIONS)
     _check_x64(infos[0].dtype, "params")
-    return [{name: jnp.asarray(value) for name, value in p.items()} for p in layers], options
+    for name in ("proj_size", "peepholes"):  # the options omit them when off: a given one must still agree
+        value = getattr(infos[0], name)
+        if name in options and options[name] != value:
+            raise ValueError(f"{name}={options[name]!r} contradicts params, which imply {name}={value!r} "
+                             "(read from the keys present and the shape of weight_hr)")
+    runtime = _check_runtime(infos[0], *(options.get(name, default) for name, default in RUNTIME_DEFAULTS.items()))
+    return [{name: jnp.asarray(value) for name, value in p.items()} for p in layers], options, runtime
 
 
 def _unknown_options(options: dict, allowed) -> None:
@@ -438,62 +527,83 @@ def _unknown_options(options: dict, allowed) -> None:
         raise TypeError(f"unexpected option(s) {unknown}; the options are {sorted(allowed)}")
 
 
+def _runtime_options(module) -> dict:
+    """A module's run-time variants, as keyword arguments of :func:`mlstm` and :func:`cell`."""
+    return {name: getattr(module, name) for name in RUNTIME_DEFAULTS}
+
+
+def _runtime_repr(module) -> str:
+    """The run-time variants a module has switched on, for its repr."""
+    return "".join(f", {name}={getattr(module, name)!r}" for name, default in RUNTIME_DEFAULTS.items()
+                   if getattr(module, name) != default)
+
+
 @jax.tree_util.register_pytree_node_class
 class MLSTMCell:
     r"""One mLSTM step as a JAX pytree: ``cell(x, state=None) -> h, (h, c)``.
 
     Args:
         input_size: the number of features ``I`` of ``x``.
-        hidden_size: the number of features ``H`` of the hidden state.
+        hidden_size: the number of features ``H`` of the cell state (and of ``h`` without a projection).
         bias, recurrent_bias, multiplicative_bias: whether ``bias_ih``, ``bias_hh``, ``bias_mh`` exist.
         independent_recurrence: ``weight_hh`` is a vector ``(H,)`` applied element-wise.
         integration_mode: ``"addition"`` or ``"multiplicative_integration"`` (static).
-        weight_init, forget_bias: as for :func:`init`.
+        weight_init, proj_size, peepholes, unit_forget_bias, forget_bias_init: the initial parameters,
+            as for :func:`init` (``proj_size=P`` makes ``h`` P wide).
+        cell_clip, proj_clip, forget_bias: the run-time variants of :func:`mlstm` (static).
         key: a ``jax.random`` key for the initial weights (``None``: ``jax.random.key(0)``).
         dtype: the parameters' dtype (float64 needs JAX's 64-bit mode).
 
-    Inputs: ``x`` ``(B, I)`` or ``(I,)``; ``state`` ``(h, c)`` each ``(B, H)`` or ``(H,)``, or None.
+    Inputs: ``x`` ``(B, I)`` or ``(I,)``; ``state`` ``(h, c)`` each ``(B, H)`` or ``(H,)`` (h P wide
+    with a projection), or None.
 
     Attributes:
         params: the canonical mapping of JAX arrays (the pytree's leaves); ``weight_ih`` ``(5H, I)``
-            with row blocks ``m, i, o, f, z``, ``weight_hh`` ``(H, H)`` or ``(H,)``, ``weight_mh``
-            ``(4H, H)`` with row blocks ``i, o, f, z``, and the biases that are switched on.
+            with row blocks ``m, i, o, f, z``, ``weight_hh`` ``(H, H)``, ``(H,)`` or ``(H, P)``,
+            ``weight_mh`` ``(4H, H)`` with row blocks ``i, o, f, z``, and the biases, ``weight_hr``
+            ``(P, H)`` and the peephole weights ``(H,)`` that are switched on.
     """
 
     def __init__(self, input_size, hidden_size, *, bias=True, recurrent_bias=True, multiplicative_bias=True,
                  independent_recurrence=False, integration_mode="addition", weight_init="glorot_uniform",
-                 forget_bias=0.0, key=None, dtype=jnp.float32):
+                 proj_size=0, peepholes=False, unit_forget_bias=False, forget_bias_init=0.0, cell_clip=None,
+                 proj_clip=None, forget_bias=0.0, key=None, dtype=jnp.float32):
         check_layer_options(input_size, hidden_size, integration_mode=integration_mode)
-        self.params = init(_default_key(key), input_size, hidden_size, dtype=dtype, bias=bias,
-                           recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
-                           independent_recurrence=independent_recurrence, weight_init=weight_init,
-                           forget_bias=forget_bias)
-        self.integration_mode = integration_mode
+        params = init(_default_key(key), input_size, hidden_size, dtype=dtype, bias=bias,
+                      recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
+                      independent_recurrence=independent_recurrence, weight_init=weight_init, proj_size=proj_size,
+                      peepholes=peepholes, unit_forget_bias=unit_forget_bias, forget_bias_init=forget_bias_init)
+        runtime = _check_runtime(CHECKS.params(params), cell_clip, proj_clip, forget_bias)
+        self._set(params, integration_mode, **runtime)
 
     def __call__(self, x, state=None):
-        return cell(self.params, x, state, integration_mode=self.integration_mode)
+        return cell(self.params, x, state, integration_mode=self.integration_mode, **_runtime_options(self))
 
     @classmethod
     def from_canonical(cls, params, **options):
         """Build from one canonical mapping (any backend's arrays, or what :func:`mlstm_spec.load`
         returns), copying values and dtype exactly. Options as for :meth:`MLSTM.from_canonical`."""
         _unknown_options(options, [*LAYER_OPTIONS, *VARIANT_OPTIONS])
-        (layer,), options = _from_canonical(params, options, one_layer=True, owner="MLSTMCell")
+        (layer,), options, runtime = _from_canonical(params, options, one_layer=True, owner="MLSTMCell")
         check_integration_mode(options.get("integration_mode", "addition"))
-        return cls._build(layer, options.get("integration_mode", "addition"))
+        return cls._build(layer, options.get("integration_mode", "addition"), *runtime.values())
 
     def to_canonical(self) -> list[dict]:
         """``[mapping]``: the parameters as NumPy arrays (a one-layer list, like ``MLSTM``)."""
         return [{name: np.asarray(value) for name, value in self.params.items()}]
 
+    def _set(self, params, integration_mode, cell_clip=None, proj_clip=None, forget_bias=0.0):
+        self.params, self.integration_mode = params, integration_mode
+        self.cell_clip, self.proj_clip, self.forget_bias = cell_clip, proj_clip, forget_bias
+
     @classmethod
-    def _build(cls, params, integration_mode):
+    def _build(cls, params, *static):
         obj = object.__new__(cls)
-        obj.params, obj.integration_mode = params, integration_mode
+        obj._set(params, *static)
         return obj
 
     def tree_flatten(self):
-        return (self.params,), (self.integration_mode,)
+        return (self.params,), (self.integration_mode, self.cell_clip, self.proj_clip, self.forget_bias)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -501,9 +611,9 @@ class MLSTMCell:
 
     def __repr__(self):
         w_ih = self.params["weight_ih"]
-        return (f"MLSTMCell(input_size={w_ih.shape[1]}, hidden_size={w_ih.shape[0] // 5}, "
-                f"params={sorted(self.params)}, integration_mode={self.integration_mode!r}, "
-                f"dtype={w_ih.dtype})")
+        return (f"{type(self).__name__}(input_size={w_ih.shape[1]}, hidden_size={w_ih.shape[0] // 5}, "
+                f"params={sorted(self.params)}, integration_mode={self.integration_mode!r}"
+                f"{_runtime_repr(self)}, dtype={w_ih.dtype})")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -515,7 +625,7 @@ class EqxMLSTMCell(MLSTMCell):
     field of an ``equinox.Module``. (:class:`MLSTMCell` keeps its ``h, (h, c)`` result.)"""
 
     def __call__(self, x, state, *, key=None):
-        return cell(self.params, x, state, integration_mode=self.integration_mode)[1]
+        return cell(self.params, x, state, integration_mode=self.integration_mode, **_runtime_options(self))[1]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -524,66 +634,78 @@ class MLSTM:
     ``model(xs, state=None) -> hs, (h_n, c_n)``.
 
     The parameters (one canonical mapping per layer, in ``model.layers``) are the pytree's leaves, and
-    the options (``integration_mode``, ``unroll``) its static part, so a model passes through
-    ``jax.jit``, ``jax.grad``, ``jax.vmap`` and optax as it is. The equations, parameter table and
-    precision rules are in the module docstring.
+    the options (``integration_mode``, ``unroll`` and the run-time variants) its static part, so a model
+    passes through ``jax.jit``, ``jax.grad``, ``jax.vmap`` and optax as it is. The equations, parameter
+    table and precision rules are in the module docstring.
 
     Args:
         input_size: the number of features ``I`` of the input.
-        hidden_size: the number of features ``H`` of every layer's hidden state.
+        hidden_size: the number of features ``H`` of every layer's cell state (and of ``h`` without a
+            projection).
         num_layers: the number of stacked layers ``L`` (layer l > 0 reads layer l - 1's outputs).
         bias, recurrent_bias, multiplicative_bias: whether ``bias_ih``, ``bias_hh``, ``bias_mh`` exist.
         independent_recurrence: ``weight_hh`` is a vector ``(H,)`` applied element-wise.
         integration_mode: ``"addition"`` (default) or ``"multiplicative_integration"``.
         unroll: steps per ``lax.scan`` iteration; more can be faster at the price of compile time.
-        weight_init, forget_bias: as for :func:`init`.
+        weight_init, proj_size, peepholes, unit_forget_bias, forget_bias_init: the initial parameters,
+            as for :func:`init` (``proj_size=P``: every layer's ``h`` is P wide, and layer l > 0 reads P
+            features).
+        cell_clip, proj_clip, forget_bias: the run-time variants of :func:`mlstm`, for every layer.
         key: a ``jax.random`` key for the initial weights (``None``: ``jax.random.key(0)``); layer l
             draws from ``jax.random.split(key, L)[l]``.
         dtype: the parameters' dtype (float64 needs JAX's 64-bit mode).
 
     Inputs: ``xs, (h_0, c_0)``
         - ``xs``: ``(B, T, I)`` batch-major, or ``(T, I)`` unbatched, in the parameters' dtype.
-        - ``h_0``, ``c_0``: ``(L, B, H)`` (or ``(L, H)`` unbatched); ``None`` means zeros.
+        - ``h_0``, ``c_0``: ``(L, B, H)`` (or ``(L, H)`` unbatched; ``h_0`` P wide with a projection);
+          ``None`` means zeros.
 
     Outputs: ``hs, (h_n, c_n)``
-        - ``hs``: ``(B, T, H)`` (or ``(T, H)``): the last layer's ``h_t`` for every step.
-        - ``h_n``, ``c_n``: ``(L, B, H)`` (or ``(L, H)``): every layer's final state.
+        - ``hs``: ``(B, T, H)`` (or ``(T, H)``; P wide with a projection): the last layer's ``h_t``.
+        - ``h_n``, ``c_n``: ``(L, B, H)`` (or ``(L, H)``; ``h_n`` P wide): every layer's final state.
 
     Attributes:
         layers: list of canonical mappings of JAX arrays, first layer first: ``weight_ih``
-            ``(5H, I)`` (``(5H, H)`` for l > 0), row blocks ``m, i, o, f, z``; ``weight_hh``
-            ``(H, H)`` or ``(H,)``; ``weight_mh`` ``(4H, H)``, row blocks ``i, o, f, z``; and the
-            biases that are switched on.
+            ``(5H, I)`` (``(5H, H)`` or ``(5H, P)`` for l > 0), row blocks ``m, i, o, f, z``;
+            ``weight_hh`` ``(H, H)``, ``(H,)`` or ``(H, P)``; ``weight_mh`` ``(4H, H)``, row blocks
+            ``i, o, f, z``; and the biases, ``weight_hr`` and peephole weights that are switched on.
     """
 
     def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, recurrent_bias=True,
                  multiplicative_bias=True, independent_recurrence=False, integration_mode="addition",
-                 unroll=1, weight_init="glorot_uniform", forget_bias=0.0, key=None, dtype=jnp.float32):
+                 unroll=1, weight_init="glorot_uniform", proj_size=0, peepholes=False, unit_forget_bias=False,
+                 forget_bias_init=0.0, cell_clip=None, proj_clip=None, forget_bias=0.0, key=None,
+                 dtype=jnp.float32):
         check_layer_options(input_size, hidden_size, num_layers=num_layers, integration_mode=integration_mode)
-        self.unroll = _check_unroll(unroll)
-        self.integration_mode = integration_mode
+        unroll = _check_unroll(unroll)
         keys = jax.random.split(_default_key(key), num_layers)
         options = dict(dtype=dtype, bias=bias, recurrent_bias=recurrent_bias,
                        multiplicative_bias=multiplicative_bias, independent_recurrence=independent_recurrence,
-                       weight_init=weight_init, forget_bias=forget_bias)
-        self.layers = [init(keys[layer], input_size if layer == 0 else hidden_size, hidden_size, **options)
-                       for layer in range(num_layers)]
+                       weight_init=weight_init, proj_size=proj_size, peepholes=peepholes,
+                       unit_forget_bias=unit_forget_bias, forget_bias_init=forget_bias_init)
+        output_size = proj_size or hidden_size
+        layers = [init(keys[layer], input_size if layer == 0 else output_size, hidden_size, **options)
+                  for layer in range(num_layers)]
+        runtime = _check_runtime(CHECKS.params(layers[0]), cell_clip, proj_clip, forget_bias)
+        self._set(layers, integration_mode, unroll, **runtime)
 
     def __call__(self, xs, state=None):
-        return mlstm_stack(self.layers, xs, state, integration_mode=self.integration_mode, unroll=self.unroll)
+        return mlstm_stack(self.layers, xs, state, integration_mode=self.integration_mode, unroll=self.unroll,
+                           **_runtime_options(self))
 
     @classmethod
     def from_canonical(cls, params, *, unroll=1, **options):
         """Build from one canonical mapping, a list of them (a stack), or what :func:`mlstm_spec.load`
         returns (whose options are used), copying values and dtype exactly; the values may be any
-        backend's arrays. The bias options, ``independent_recurrence`` and ``num_layers`` may be given
-        but must agree with the parameters."""
+        backend's arrays. The bias options, ``independent_recurrence``, ``proj_size``, ``peepholes`` and
+        ``num_layers`` may be given but must agree with the parameters; ``cell_clip``, ``proj_clip``
+        and ``forget_bias`` are the run-time variants (a weight file's own must not be contradicted)."""
         unroll = _check_unroll(unroll)
         _unknown_options(options, [*LAYER_OPTIONS, "num_layers", *VARIANT_OPTIONS])
-        layers, options = _from_canonical(params, options)
+        layers, options, runtime = _from_canonical(params, options)
         integration_mode = options.get("integration_mode", "addition")
         check_integration_mode(integration_mode)
-        return cls._build(layers, integration_mode, unroll)
+        return cls._build(layers, integration_mode, unroll, *runtime.values())
 
     def to_canonical(self) -> list[dict]:
         """One mapping of NumPy arrays per layer, first layer first (bfloat16 as ml_dtypes.bfloat16)."""
@@ -601,14 +723,23 @@ class MLSTM:
     def hidden_size(self) -> int:
         return self.layers[0]["weight_ih"].shape[0] // 5
 
+    @property
+    def proj_size(self) -> int:
+        """P, the width of ``h`` (0 without a projection)."""
+        return self.layers[0]["weight_hr"].shape[0] if "weight_hr" in self.layers[0] else 0
+
+    def _set(self, layers, integration_mode, unroll, cell_clip=None, proj_clip=None, forget_bias=0.0):
+        self.layers, self.integration_mode, self.unroll = layers, integration_mode, unroll
+        self.cell_clip, self.proj_clip, self.forget_bias = cell_clip, proj_clip, forget_bias
+
     @classmethod
-    def _build(cls, layers, integration_mode, unroll):
+    def _build(cls, layers, *static):
         obj = object.__new__(cls)
-        obj.layers, obj.integration_mode, obj.unroll = layers, integration_mode, unroll
+        obj._set(layers, *static)
         return obj
 
     def tree_flatten(self):
-        return (self.layers,), (self.integration_mode, self.unroll)
+        return (self.layers,), (self.integration_mode, self.unroll, self.cell_clip, self.proj_clip, self.forget_bias)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -618,8 +749,26 @@ class MLSTM:
         first = self.layers[0]
         return (f"MLSTM(input_size={self.input_size}, hidden_size={self.hidden_size}, "
                 f"num_layers={self.num_layers}, params={sorted(first)}, "
-                f"integration_mode={self.integration_mode!r}, unroll={self.unroll}, "
+                f"integration_mode={self.integration_mode!r}, unroll={self.unroll}{_runtime_repr(self)}, "
                 f"dtype={first['weight_ih'].dtype})")
+
+
+def _stack_in_param_dtype(layers, xs, state, **options):
+    """:func:`mlstm_stack` with ``xs`` and ``state`` cast to the parameters' dtype first, as Flax's
+    layers promote their inputs (the linen and nnx stacks call it)."""
+    dtype = layers[0]["weight_ih"].dtype
+    if state is not None:
+        state = (state[0].astype(dtype), state[1].astype(dtype))
+    return mlstm_stack(layers, xs.astype(dtype), state, **options)
+
+
+def _cell_in_param_dtype(params, carry, x, **options):
+    """One step of :func:`cell` on a Flax-style carry ``(c, h)``, cast to the parameters' dtype first:
+    returns ``(c, h), h`` (the linen and nnx cells call it)."""
+    dtype = params["weight_ih"].dtype
+    c, h = carry
+    h, (h, c) = cell(params, x.astype(dtype), (h.astype(dtype), c.astype(dtype)), **options)
+    return (c, h), h
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -704,6 +853,7 @@ class ConformanceAdapter(AdapterBase):
     """
 
     name = "jax"
+    variants = frozenset(VARIANT_OPTIONS)
 
     def __init__(self, device: str = "cpu"):
         jax.config.update("jax_enable_x64", True)
@@ -738,8 +888,8 @@ class ConformanceAdapter(AdapterBase):
     def _put(self, tree):
         return jax.device_put(tree, self._device)
 
-    def build(self, layers, integration_mode):
-        return self._put(MLSTM.from_canonical(layers, integration_mode=integration_mode))
+    def build(self, layers, integration_mode, **runtime):
+        return self._put(MLSTM.from_canonical(layers, integration_mode=integration_mode, **runtime))
 
     def run(self, model, xs, state):
         xs, state = self._put(jnp.asarray(xs)), self._put(state)

@@ -87,17 +87,7 @@ def init_params(
     dtype_str = check_dtype(dtype, "dtype")
     if weight_init not in WEIGHT_INITS:
         raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
-    if isinstance(proj_size, bool) or not isinstance(proj_size, (int, np.integer)):
-        raise TypeError(f"proj_size must be an int (0 for no projection), got {type(proj_size).__name__} "
-                        f"{proj_size!r}")
-    if not 0 <= proj_size < hidden_size:
-        raise ValueError(f"proj_size must be 0 (no projection) or in 1..hidden_size-1 = 1..{hidden_size - 1}, "
-                         f"got {proj_size}")
-    if proj_size and independent_recurrence:
-        raise ValueError(
-            f"proj_size={proj_size} cannot be combined with independent_recurrence=True: the vector "
-            "weight_hh multiplies h element-wise, which needs h to be hidden_size wide"
-        )
+    _check_proj_size(proj_size, hidden_size, independent_recurrence)
     forget_value = _initial_forget_bias(unit_forget_bias, forget_bias_init, bias)
     generator = _rng(rng)
     shapes = expected_shapes(input_size, hidden_size, independent_recurrence, proj_size)
@@ -119,6 +109,21 @@ def init_params(
     if forget_value:
         block(params["bias_ih"], "f")[:] = forget_value
     return {name: value.astype(dtype_str) for name, value in params.items()}
+
+
+def _check_proj_size(proj_size, hidden_size, independent_recurrence) -> None:
+    """``proj_size``: 0 (no projection) or 1 <= P < hidden_size, and not with a vector weight_hh."""
+    if isinstance(proj_size, bool) or not isinstance(proj_size, (int, np.integer)):
+        raise TypeError(f"proj_size must be an int (0 for no projection), got {type(proj_size).__name__} "
+                        f"{proj_size!r}")
+    if not 0 <= proj_size < hidden_size:
+        raise ValueError(f"proj_size must be 0 (no projection) or in 1..hidden_size-1 = 1..{hidden_size - 1}, "
+                         f"got {proj_size}")
+    if proj_size and independent_recurrence:
+        raise ValueError(
+            f"proj_size={proj_size} cannot be combined with independent_recurrence=True: the vector "
+            "weight_hh multiplies h element-wise, which needs h to be hidden_size wide"
+        )
 
 
 def _initial_forget_bias(unit_forget_bias, forget_bias_init, bias) -> float:

@@ -18,7 +18,7 @@ from helpers import random_params, require_backend
 import backends
 import fourth_backend
 import mlstm_spec
-from mlstm_spec.conformance import check
+from mlstm_spec.conformance import check, relative_error, tolerance
 from backends._common import AdapterBase
 
 NAMES = [*backends.BACKENDS, "fourth"]
@@ -169,6 +169,10 @@ def test_bad_parameters_get_the_same_errors_everywhere(name):
         build(name, params, independent_recurrence=True)
 
 
+def declared_variants(name) -> frozenset:
+    return frozenset(getattr(backend(name).ConformanceAdapter, "variants", ()))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_variants_of_the_spec_are_refused_until_implemented(name):
     """A projection, peepholes, or a run-time variant (as a weight file may carry) that the backend's
@@ -187,6 +191,34 @@ def test_variants_of_the_spec_are_refused_until_implemented(name):
     else:
         with pytest.raises(NotImplementedError, match=re.escape("{'cell_clip': 3.0} asks for variants")):
             build(name, params, cell_clip=3.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_variants_equal_the_spec(name):
+    """A backend whose adapter declares every variant computes them: a projected, peepholed stack with
+    every run-time option, built through the adapter (from_canonical with the options), forward and
+    gradients against the spec in float64, and the parameters back out unchanged."""
+    if not declared_variants(name) >= set(mlstm_spec.equations.VARIANT_FLAGS.values()) | {
+            "cell_clip", "proj_clip", "forget_bias"}:
+        pytest.skip(f"{name}'s adapter does not declare every variant")
+    rng = np.random.default_rng(8)
+    params = random_params(rng, 3, 4, proj_size=2, peepholes=True)
+    runtime = dict(cell_clip=0.6, proj_clip=0.4, forget_bias=-0.5)
+    xs, d_hs = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 2))
+    state = (rng.standard_normal((2, 2)), rng.standard_normal((2, 4)))
+    d_state = (rng.standard_normal((2, 2)), rng.standard_normal((2, 4)))
+    adapter = backend(name).ConformanceAdapter("cpu")
+    hs, (h, c) = adapter.forward(params, xs, state, integration_mode="addition", **runtime)
+    want_hs, (want_h, want_c) = mlstm_spec.forward(params, xs, state, **runtime)
+    for got, want in ((hs, want_hs), (h, want_h), (c, want_c)):
+        assert relative_error(got, want)[0] <= tolerance("float64")
+    grads = adapter.gradients(params, xs, state, d_hs, d_state, integration_mode="addition", **runtime)
+    want = mlstm_spec.backward(params, xs, state, d_hs, d_state, **runtime)
+    assert sorted(grads) == sorted(want)
+    for key in want:
+        assert relative_error(grads[key], want[key])[0] <= tolerance("float64"), key
+    model = build(name, params, **runtime)
+    assert_bit_identical(model.to_canonical(), [params])
 
 
 # ---- calling the layers, through the adapters ----

@@ -209,3 +209,76 @@ def test_the_jax_page_examples_run(tmp_path):
                           cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "mlstm.safetensors").exists()
+
+
+# ---- the spec's variants: projection, peepholes, run-time options ----
+
+VARIANT_OPTIONS = dict(cell_clip=0.5, proj_clip=0.3, forget_bias=1.0)
+
+
+def _variant_layer(rng, inputs=3, hidden=5, proj_size=2):
+    """A projected, peepholed layer with every bias and peephole weight random, so each term matters."""
+    params = mlstm_spec.init_params(inputs, hidden, rng=rng, dtype=np.float64, proj_size=proj_size, peepholes=True)
+    for name in ("bias_ih", "bias_hh", "bias_mh", "weight_ci", "weight_cf", "weight_co"):
+        params[name] = rng.uniform(-1, 1, params[name].shape)
+    return params
+
+
+@pytest.mark.parametrize("module", [bf, bn], ids=["linen", "nnx"])
+def test_variant_cell_in_rnn_with_seq_lengths_equals_the_spec(x64, module):
+    rng = np.random.default_rng(6)
+    params = _variant_layer(rng)
+    xs, lengths = rng.standard_normal((3, 6, 3)), np.array([6, 2, 4])
+    cell = module.MLSTMCell.from_canonical(params, **VARIANT_OPTIONS)
+    if module is bf:
+        unbound, variables = cell.unbind()
+        carry, outputs = nn.RNN(unbound, return_carry=True).apply(
+            {"params": {"cell": variables["params"]}}, jnp.asarray(xs), seq_lengths=jnp.asarray(lengths))
+        zeros = unbound.initialize_carry(None, xs[:, 0].shape)
+    else:
+        carry, outputs = nnx.RNN(cell, return_carry=True)(jnp.asarray(xs), seq_lengths=jnp.asarray(lengths))
+        zeros = cell.initialize_carry(xs[:, 0].shape)
+    assert [z.shape for z in zeros] == [(3, 5), (3, 2)]  # (c, h): h is P wide
+    rows = []
+    for row, n in zip(xs, lengths):
+        hs, (h, c) = mlstm_spec.forward(params, row[:n], **VARIANT_OPTIONS)
+        rows.append((hs, h, c))
+    _check_rows(outputs, carry, rows)
+
+
+@pytest.mark.parametrize("module", [bf, bn], ids=["linen", "nnx"])
+def test_variant_stack_equals_the_spec_and_round_trips(x64, module):
+    rng = np.random.default_rng(7)
+    layers = [_variant_layer(rng), _variant_layer(rng, inputs=2)]
+    model = module.MLSTM.from_canonical(layers, **VARIANT_OPTIONS)
+    xs = rng.standard_normal((2, 5, 3))
+    hs, (h_n, c_n) = model(jnp.asarray(xs))
+    assert hs.shape == (2, 5, 2) and h_n.shape == (2, 2, 2) and c_n.shape == (2, 2, 5)
+    want = xs
+    for k, params in enumerate(layers):
+        want, (h, c) = mlstm_spec.forward(params, want, **VARIANT_OPTIONS)
+        np.testing.assert_allclose(h_n[k], h, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(c_n[k], c, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(hs, want, rtol=1e-12, atol=1e-13)
+    for got, original in zip(model.to_canonical(), layers):
+        assert sorted(got) == sorted(original)
+        assert all(got[k].tobytes() == original[k].tobytes() for k in original)
+
+
+def test_variant_options_draw_the_specs_parameters():
+    xs = jnp.ones((2, 4, 3), jnp.float32)
+    variables = bf.MLSTM(5, num_layers=2, proj_size=2, peepholes=True, unit_forget_bias=True).init(
+        jax.random.key(0), xs)
+    linen = bf.MLSTM(5).to_canonical(variables)
+    model = bn.MLSTM(3, 5, num_layers=2, proj_size=2, peepholes=True, unit_forget_bias=True, rngs=nnx.Rngs(0))
+    assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) == 20  # 10 per layer, every one an nnx.Param
+    for layers in (linen, model.to_canonical()):
+        assert layers[1]["weight_ih"].shape == (25, 2) and layers[1]["weight_hr"].shape == (2, 5)
+        assert sorted(layers[0]) == sorted(mlstm_spec.init_params(3, 5, proj_size=2, peepholes=True))
+        np.testing.assert_array_equal(layers[0]["bias_ih"][15:20], 1.0)  # block f: unit_forget_bias
+    cell = bf.MLSTMCell(5, proj_size=2, peepholes=True)
+    carry = cell.initialize_carry(None, (2, 3))
+    (c, h), out = cell.apply(cell.init(jax.random.key(1), carry, xs[:, 0]), carry, xs[:, 0])
+    assert c.shape == (2, 5) and h.shape == out.shape == (2, 2)
+    with pytest.raises(ValueError, match="proj_clip=0.5 clips the projected output"):
+        bn.MLSTM(3, 5, proj_clip=0.5)

@@ -337,7 +337,7 @@ def test_init_draws_glorot_uniform_with_the_spec_bounds():
 
 
 def test_init_orthogonal_and_forget_bias():
-    params = bj.init(jax.random.key(3), 6, 4, weight_init="orthogonal", forget_bias=3.0)
+    params = bj.init(jax.random.key(3), 6, 4, weight_init="orthogonal", forget_bias_init=3.0)
     w_mh = np.asarray(params["weight_mh"], np.float64)
     for k in range(4):
         gate = w_mh[4 * k : 4 * (k + 1)]
@@ -449,14 +449,6 @@ def test_errors_are_raised_at_trace_time_under_jit(layer):
     model = bj.MLSTM.from_canonical(layer)
     with raises(TypeError, "xs has dtype bfloat16 but the parameters are float32"):
         jax.jit(lambda m, x: m(x))(model, _xs(2, 5, 3, dtype=jnp.bfloat16))
-
-
-def test_the_spec_variants_are_refused_until_implemented():
-    for variant in (dict(peepholes=True), dict(proj_size=2)):
-        params = {k: jnp.asarray(v) for k, v in mlstm_spec.init_params(3, 4, rng=0, **variant).items()}
-        for call in (lambda: bj.mlstm(params, jnp.ones((2, 5, 3))), lambda: bj.MLSTM.from_canonical(params)):
-            with pytest.raises(NotImplementedError, match="does not implement yet"):
-                call()
 
 
 def test_bad_stacks_and_constructor_arguments(layer):
