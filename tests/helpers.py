@@ -90,3 +90,14 @@ def random_params(rng, input_size, hidden_size, dtype="float64", scale=1.0, **op
 
         dtype = ml_dtypes.bfloat16
     return {k: (rng.uniform(-1, 1, v.shape) * scale).astype(dtype) for k, v in shapes.items()}
+
+
+def jaxprs(jaxpr):
+    """A jaxpr and every sub-jaxpr inside it (scan bodies, jit calls), depth first."""
+    yield jaxpr
+    for eqn in jaxpr.eqns:
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from jaxprs(inner)

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import conformance_params, random_params, require_backend, run_conformance
+from helpers import conformance_params, jaxprs, random_params, require_backend, run_conformance
 
 bj = require_backend("jax")
 
@@ -49,21 +49,10 @@ def test_conformance(device, dtype):
 
 # ---- float64 really is float64 ----
 
-def _jaxprs(jaxpr):
-    """A jaxpr and every sub-jaxpr inside it (scan bodies, jit calls), depth first."""
-    yield jaxpr
-    for eqn in jaxpr.eqns:
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _jaxprs(inner)
-
-
 def _float_dtypes_in_jaxpr(closed_jaxpr) -> set[str]:
     """Every floating dtype of every value in a jaxpr, sub-jaxprs (scan bodies, jit) included."""
     found = set()
-    for jaxpr in _jaxprs(closed_jaxpr.jaxpr):
+    for jaxpr in jaxprs(closed_jaxpr.jaxpr):
         for var in list(jaxpr.invars) + list(jaxpr.outvars) + list(jaxpr.constvars):
             aval = getattr(var, "aval", None)
             if aval is not None and jnp.issubdtype(aval.dtype, jnp.floating):
@@ -289,7 +278,7 @@ def _lowered_lines(function, *args) -> int:
 
 
 def _scan_unrolls(closed_jaxpr) -> list:
-    return [eqn.params["unroll"] for jaxpr in _jaxprs(closed_jaxpr.jaxpr) for eqn in jaxpr.eqns
+    return [eqn.params["unroll"] for jaxpr in jaxprs(closed_jaxpr.jaxpr) for eqn in jaxpr.eqns
             if eqn.primitive.name == "scan"]
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from helpers import require_backend
+from helpers import jaxprs, require_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from spec_strategies import VariantCase, cases
@@ -207,24 +207,14 @@ def test_clip_gradient_is_the_specs_at_the_bounds():
 
 # ---- without variants, the program is the one traced before they existed ----
 
-def _jaxprs(jaxpr):
-    yield jaxpr
-    for eqn in jaxpr.eqns:
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _jaxprs(inner)
-
-
 def _scan_body(closed):
-    (body,) = [eqn.params["jaxpr"].jaxpr for j in _jaxprs(closed.jaxpr) for eqn in j.eqns
+    (body,) = [eqn.params["jaxpr"].jaxpr for j in jaxprs(closed.jaxpr) for eqn in j.eqns
                if eqn.primitive.name == "scan"]
     return [eqn.primitive.name for eqn in body.eqns]
 
 
 def _all_primitives(closed) -> Counter:
-    return Counter(eqn.primitive.name for j in _jaxprs(closed.jaxpr) for eqn in j.eqns)
+    return Counter(eqn.primitive.name for j in jaxprs(closed.jaxpr) for eqn in j.eqns)
 
 
 #: Recorded from the code before the variants (commit c6b0e4c, jax 0.10.2; the whole jaxpr text was the
