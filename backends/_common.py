@@ -50,8 +50,9 @@ LAYER_OPTIONS = dict(
 #: The options a canonical mapping implies by the keys it holds and the shape of weight_hh.
 STRUCTURAL_OPTIONS = ("bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence")
 #: The spec's variants (docs/equations.md): structural ones, read from the parameters, and run-time ones,
-#: which a weight file may carry. A backend refuses those it does not implement (see refuse_variants)
-#: rather than compute without them.
+#: which a weight file may carry. A backend names those it computes (``variants`` of InputChecks,
+#: canonical_import and AdapterBase) and refuses the others (see refuse_variants) rather than compute
+#: without them.
 VARIANT_OPTIONS = ("proj_size", "peepholes", "cell_clip", "proj_clip", "forget_bias")
 
 
