@@ -334,3 +334,21 @@ def test_canonical_and_weight_file_round_trips(tmp_path):
         bj.MLSTM.from_canonical(weights, cell_clip=1.0)
     cell = bj.MLSTMCell.from_canonical(mlstm_spec.load(path).layers[0], peepholes=True, proj_size=2)
     assert cell.to_canonical()[0]["weight_hr"].tobytes() == layers[0]["weight_hr"].tobytes()
+
+
+def test_variant_constants_do_not_widen_float32_or_half_precision():
+    """In 64-bit mode a float32 call with every variant computes in float32 only (no clip bound or
+    forget_bias turns a value into float64), and storage dtypes stay what they are."""
+    layer = mlstm_spec.init_params(3, 5, rng=5, proj_size=2, peepholes=True)
+    xs = np.random.default_rng(6).standard_normal((2, 4, 3)).astype(np.float32)
+    with jax.enable_x64(True):
+        params = {k: jnp.asarray(v) for k, v in layer.items()}
+        loss = lambda p, x: jnp.sum(bj.mlstm(p, x, **ALL_ON)[0])  # noqa: E731
+        program = jax.make_jaxpr(jax.value_and_grad(loss))(params, jnp.asarray(xs))
+        floats = {v.aval.dtype.name for j in jaxprs(program.jaxpr) for eqn in j.eqns for v in eqn.outvars
+                  if jnp.issubdtype(v.aval.dtype, jnp.floating)}
+        assert floats == {"float32"}
+        for dtype in ("bfloat16", "float16"):
+            half = {k: v.astype(dtype) for k, v in params.items()}
+            hs, (h, c) = bj.mlstm(half, jnp.asarray(xs, dtype), **ALL_ON)
+            assert hs.dtype == h.dtype == c.dtype == jnp.dtype(dtype)
