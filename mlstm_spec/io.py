@@ -292,12 +292,14 @@ _HOST_ROUTES = (
 
 def _carried_options(item) -> dict:
     """The options a layer object carries that its tensors do not show: a backend layer's
-    ``integration_mode``; all of a loaded :class:`WeightFile`'s."""
+    ``integration_mode`` and run-time variants (attributes of the spec's names); all of a loaded
+    :class:`WeightFile`'s."""
     if isinstance(item, WeightFile):
         return {name: item.options.get(name, RUNTIME_DEFAULTS.get(name))
                 for name in ("integration_mode", *RUNTIME_DEFAULTS)}
     mode = getattr(item, "integration_mode", None)
-    return {"integration_mode": mode} if isinstance(mode, str) else {}
+    carried = {"integration_mode": mode} if isinstance(mode, str) else {}
+    return {**carried, **{name: getattr(item, name) for name in RUNTIME_DEFAULTS if hasattr(item, name)}}
 
 
 def _gather_stack(layers) -> tuple[list, dict]:

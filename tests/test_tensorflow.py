@@ -475,15 +475,17 @@ for name, batch, options in json.loads(sys.argv[1]):
 """
 
 
-@pytest.mark.slow  # about 30 s: three TFLite conversions in a fresh process
+@pytest.mark.slow  # about 40 s: four TFLite conversions in a fresh process
 def test_tflite_stacked_model_converts_and_matches_or_is_refused():
     """A stacked model (return_sequences into a second layer) converted to TFLite: with a fixed batch
-    size and with unroll=True (dynamic batch) the interpreter's outputs equal
-    the model's; with a dynamic batch size and a graph loop the converter may refuse (TFLite needs
+    size (also with every variant of the spec on) and with unroll=True (dynamic batch) the interpreter's
+    outputs equal the model's; with a dynamic batch size and a graph loop the converter may refuse (TFLite needs
     static loop buffers there) but nothing may crash. Run in a child process so a crash is a failure
     here, naming the configuration, rather than a dead worker."""
     configs = [("fused, fixed batch", 2, {}), ("unrolled, dynamic batch", None, dict(unroll=True)),
-               ("fused, dynamic batch", None, {})]
+               ("fused, dynamic batch", None, {}),
+               ("projected and peepholed, fused, fixed batch", 2,
+                dict(num_proj=3, use_peepholes=True, cell_clip=0.5, proj_clip=0.2, forget_bias=1.0))]
     must_run = {name for name, batch, options in configs if batch or options.get("unroll")}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from backends._common import AdapterBase
+from backends._common import VARIANT_OPTIONS, AdapterBase
 
 from .layer import MLSTM
 
@@ -60,12 +60,14 @@ class ConformanceAdapter(AdapterBase):
     their variables in that dtype and compute in float32 (Keras's mixed-precision policies, whose
     variables are float32, are checked by the backend's own tests). Results are what the layer returns.
     Unbatched (T, I) inputs get a batch axis of one, because Keras layers take batched input only.
-    Stacks are not supported (a Keras ``MLSTM`` is one layer).
+    Stacks are not supported (a Keras ``MLSTM`` is one layer). Every variant of the spec is computed:
+    the run-time ones become the layer's constructor arguments of the same names.
     """
 
     name = "tensorflow"
     max_layers = 1
     batched_only = True
+    variants = frozenset(VARIANT_OPTIONS)
 
     def __init__(self, device: str = "cpu", *, use_fused="auto", jit_compile=False):
         super().__init__(device)
@@ -75,10 +77,11 @@ class ConformanceAdapter(AdapterBase):
     def precision(self):
         return full_float32()
 
-    def build(self, layers, integration_mode):
+    def build(self, layers, integration_mode, **runtime):
         with tf.device(self._tf_device):
             return MLSTM.from_canonical(layers[0], integration_mode=integration_mode, return_sequences=True,
-                                        return_state=True, use_fused=self.use_fused, jit_compile=self.jit_compile)
+                                        return_state=True, use_fused=self.use_fused, jit_compile=self.jit_compile,
+                                        **runtime)
 
     def run(self, model, xs, state):
         with tf.device(self._tf_device):

@@ -3,6 +3,8 @@ used like ``keras.layers.LSTM``, running the fused recurrence of ``recurrence.py
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 import keras
@@ -10,6 +12,7 @@ import keras
 from backends._common import (
     DTYPES,
     LAYER_OPTIONS,
+    VARIANT_OPTIONS,
     as_numpy,
     canonical_import,
     check_layer_options,
@@ -18,10 +21,11 @@ from backends._common import (
     set_layer_options,
     work_dtype,
 )
-from mlstm_spec.equations import BIAS_FLAGS, IH_BLOCKS
-from mlstm_spec.validation import LayerInfo, check_sequence, check_state, dtype_name, expected_shapes
+from mlstm_spec.equations import BIAS_FLAGS, IH_BLOCKS, PEEPHOLE_WEIGHTS
+from mlstm_spec.validation import (LayerInfo, check_runtime_options, check_sequence, check_state, dtype_name,
+                                   expected_shapes)
 
-from .recurrence import FusedConfig, fused_function, step, transposed
+from .recurrence import FusedConfig, StepVariants, fused_function, step, transposed
 
 try:  # the mix-in through which keras.layers.RNN makes, shares and resets a cell's dropout masks
     from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
@@ -31,6 +35,9 @@ except ImportError:  # pragma: no cover - moved in a later Keras
 _FUSED_CHOICES = ("auto", True, False)
 _WEIGHTS = ("weight_ih", "weight_hh", "weight_mh")
 _BIASES = tuple(BIAS_FLAGS)  # bias_ih, bias_hh, bias_mh
+_VARIANT_WEIGHTS = ("weight_hr",) + PEEPHOLE_WEIGHTS  # present with num_proj / use_peepholes
+#: The constructor arguments of the spec's variants, with their defaults (all off).
+VARIANT_ARGUMENTS = dict(num_proj=None, use_peepholes=False, cell_clip=None, proj_clip=None, forget_bias=0.0)
 
 
 def _vector_initializer(initializer):
@@ -66,6 +73,10 @@ _NOT_HERE = {
     "num_layers": "an MLSTM is one layer: stack layers, all but the last with return_sequences=True",
     "bidirectional": "wrap the layer in keras.layers.Bidirectional",
     "time_major": "Keras layers take batch-major input (B, T, I) only",
+    "proj_size": "Keras layers take the projection size as num_proj (TensorFlow's LSTMCell name)",
+    "peepholes": "use use_peepholes=True (TensorFlow's LSTMCell name)",
+    "forget_bias_init": "the forget block of bias_ih starts at bias_initializer's value, or at one with "
+                        "unit_forget_bias=True (forget_bias is a constant added at every step)",
 }
 _FIXED_ACTIVATIONS = {"activation": "tanh", "recurrent_activation": "sigmoid"}
 
@@ -104,8 +115,32 @@ def _check_rate(name, value):
     return float(value)
 
 
+def _check_variants(units, independent_recurrence, num_proj, use_peepholes, cell_clip, proj_clip,
+                    forget_bias) -> dict:
+    """The variant arguments, checked; returns them with the run-time ones as Python floats."""
+    if num_proj is not None:
+        if isinstance(num_proj, (bool, np.bool_)) or not isinstance(num_proj, (int, np.integer)):
+            raise TypeError(f"num_proj must be None (no projection) or an int, got {type(num_proj).__name__} "
+                            f"{num_proj!r}")
+        if not 1 <= num_proj < units:
+            raise ValueError(f"num_proj must be None (no projection) or an int in 1..units-1 = 1..{units - 1} "
+                             f"(the projection makes h narrower than the cell state), got {num_proj}")
+        if independent_recurrence:
+            raise ValueError(f"num_proj={num_proj} cannot be combined with independent_recurrence=True: the "
+                             "vector weight_hh multiplies h element-wise, which needs h to be units wide")
+        num_proj = int(num_proj)
+    if not isinstance(use_peepholes, (bool, np.bool_)):
+        raise TypeError(f"use_peepholes must be a bool, got {type(use_peepholes).__name__} {use_peepholes!r}")
+    runtime = check_runtime_options(None, cell_clip=cell_clip, proj_clip=proj_clip, forget_bias=forget_bias)
+    if runtime["proj_clip"] is not None and num_proj is None:
+        raise ValueError(f"proj_clip={proj_clip!r} clips the projected output, which needs a projection: pass "
+                         "num_proj too, or leave proj_clip=None")
+    return dict(num_proj=num_proj, use_peepholes=bool(use_peepholes), **runtime)
+
+
 def _options_info(cell, input_size, dtype) -> LayerInfo:
-    return layer_info(input_size, cell.units, dtype, **cell.options)
+    return dataclasses.replace(layer_info(input_size, cell.units, dtype, **cell.options),
+                               proj_size=cell.num_proj or 0, peepholes=cell.use_peepholes)
 
 
 @keras.saving.register_keras_serializable(package="mlstm")
@@ -136,10 +171,26 @@ class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
         dropout: fraction of the input features dropped during training, one mask (B, I) per call
             shared by every step, as ``keras.layers.LSTM``.
         recurrent_dropout: fraction of the previous output ``h`` dropped during training, one mask
-            (B, H) per call. ``h`` enters a step only through ``weight_hh`` (``r = W_hh h + b_hh``, the
-            factor that multiplies the input to form ``m``, from which every gate reads the past), so
-            this drops the whole recurrent input of the step.
+            (B, H) per call ((B, P) with a projection). ``h`` enters a step only through ``weight_hh``
+            (``r = W_hh h + b_hh``, the factor that multiplies the input to form ``m``, from which every
+            gate reads the past), so this drops the whole recurrent input of the step.
         seed: seed of the dropout masks.
+        num_proj: the projection's size P (``1 <= P < units``), as TensorFlow's ``LSTMCell``; the
+            weight ``weight_hr`` (P, H) maps each step's output down to P, so ``h`` (the output and the
+            first half of the state) is P wide and ``weight_hh`` (H, P). None (default): no projection.
+            Not with ``independent_recurrence``.
+        use_peepholes: the diagonal peephole weights ``weight_ci``, ``weight_cf``, ``weight_co`` (each
+            (H,)): the input and forget gates see the previous cell state, the output gate the new one
+            (TensorFlow's ``use_peepholes``). Default False.
+        cell_clip: None (default) or a bound > 0: the cell state is clipped to ``[-cell_clip, cell_clip]``.
+        proj_clip: None (default) or a bound > 0 for the projected output (needs ``num_proj``).
+        forget_bias: a constant added to the forget gate's pre-activation at every step (TensorFlow's
+            run-time ``forget_bias``), default 0.0. Unlike ``unit_forget_bias``, which only sets the
+            initial value of a trained bias, it is not a weight and never changes.
+        projection_initializer, projection_regularizer, projection_constraint: for ``weight_hr``
+            (default ``"glorot_uniform"``, no regulariser, no constraint).
+        peephole_initializer, peephole_regularizer, peephole_constraint: for the three peephole
+            vectors, each drawn as an (H, 1) matrix like a vector ``weight_hh``.
         activation, recurrent_activation: accepted only as ``"tanh"`` and ``"sigmoid"``
             (``keras.layers.LSTM``'s defaults), which the mLSTM's equations fix.
         kernel_regularizer, recurrent_regularizer, multiplicative_regularizer, bias_regularizer: as for
@@ -149,10 +200,10 @@ class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
 
     Call arguments:
         inputs: (B, I), one step.
-        states: ``[h, c]``, each (B, H).
+        states: ``[h, c]``, each (B, H) (h (B, P) with a projection).
 
     Returns:
-        ``h, [h, c]``: the output (B, H) and the new state.
+        ``h, [h, c]``: the output (B, H) (or (B, P)) and the new state.
 
     Weights (canonical names, shapes and block order, so ``to_canonical`` is a plain copy):
         weight_ih: (5H, I), row blocks ``m, i, o, f, z``.
@@ -160,6 +211,8 @@ class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
         weight_mh: (4H, H), row blocks ``i, o, f, z``.
         bias_ih: (5H,) blocks ``m, i, o, f, z``; bias_hh: (H,); bias_mh: (4H,) blocks ``i, o, f, z``
             (each only when its option is on).
+        weight_hr: (P, H), with ``num_proj``; ``weight_hh`` is then (H, P).
+        weight_ci, weight_cf, weight_co: (H,) each, with ``use_peepholes``.
     """
 
     def __init__(
@@ -188,6 +241,17 @@ class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
         dropout=0.0,
         recurrent_dropout=0.0,
         seed=None,
+        num_proj=None,
+        use_peepholes=False,
+        cell_clip=None,
+        proj_clip=None,
+        forget_bias=0.0,
+        projection_initializer="glorot_uniform",
+        peephole_initializer="glorot_uniform",
+        projection_regularizer=None,
+        peephole_regularizer=None,
+        projection_constraint=None,
+        peephole_constraint=None,
         **kwargs,
     ):
         flags = _keras_arguments(type(self).__name__, kwargs, dict(
@@ -202,9 +266,14 @@ class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
         if unit_forget_bias and not bias:
             raise ValueError("unit_forget_bias=True sets the forget block of bias_ih, which bias=False "
                              "(or use_bias=False) removes")
+        variants = _check_variants(units, independent_recurrence, num_proj, use_peepholes, cell_clip, proj_clip,
+                                   forget_bias)
         self.dropout = _check_rate("dropout", dropout)
         self.recurrent_dropout = _check_rate("recurrent_dropout", recurrent_dropout)
         super().__init__(**kwargs)
+        self.num_proj, self.use_peepholes = variants["num_proj"], variants["use_peepholes"]
+        self.cell_clip, self.proj_clip = variants["cell_clip"], variants["proj_clip"]
+        self.forget_bias = variants["forget_bias"]
         self.unit_forget_bias = bool(unit_forget_bias)
         self.seed = seed
         if self.dropout or self.recurrent_dropout:
@@ -219,21 +288,28 @@ class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
             "weight_hh": keras.initializers.get(recurrent_initializer),
             "weight_mh": keras.initializers.get(multiplicative_initializer),
             "bias": keras.initializers.get(bias_initializer),
+            "weight_hr": keras.initializers.get(projection_initializer),
+            "peephole": keras.initializers.get(peephole_initializer),
         }
         self.regularizers = {
             "weight_ih": keras.regularizers.get(kernel_regularizer),
             "weight_hh": keras.regularizers.get(recurrent_regularizer),
             "weight_mh": keras.regularizers.get(multiplicative_regularizer),
             "bias": keras.regularizers.get(bias_regularizer),
+            "weight_hr": keras.regularizers.get(projection_regularizer),
+            "peephole": keras.regularizers.get(peephole_regularizer),
         }
         self.constraints = {
             "weight_ih": keras.constraints.get(kernel_constraint),
             "weight_hh": keras.constraints.get(recurrent_constraint),
             "weight_mh": keras.constraints.get(multiplicative_constraint),
             "bias": keras.constraints.get(bias_constraint),
+            "weight_hr": keras.constraints.get(projection_constraint),
+            "peephole": keras.constraints.get(peephole_constraint),
         }
-        self.state_size = [self.units, self.units]
-        self.output_size = self.units
+        width = self.num_proj or self.units  # of h: the output and the first half of the state
+        self.state_size = [width, self.units]
+        self.output_size = width
         self.input_size = None
 
     @property
@@ -245,9 +321,17 @@ class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
                     integration_mode=self.integration_mode)
 
     @property
+    def variants(self) -> dict:
+        """The variant arguments that are switched on, by their names here."""
+        return {name: getattr(self, name) for name, default in VARIANT_ARGUMENTS.items()
+                if getattr(self, name) != default}
+
+    @property
     def param_names(self) -> list[str]:
-        """Canonical names of this cell's weights, in canonical order."""
-        return present_params(_options_info(self, 1, "float32"))
+        """Canonical names of this cell's weights: canonical order, then the variants' weights."""
+        names = present_params(_options_info(self, 1, "float32"))
+        names += ["weight_hr"] if self.num_proj else []
+        return names + (list(PEEPHOLE_WEIGHTS) if self.use_peepholes else [])
 
     def build(self, input_shape):
         input_size = input_shape[-1]
@@ -258,11 +342,11 @@ class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
             )
         self.input_size = int(input_size)
         H, I = self.units, self.input_size
-        shapes = expected_shapes(I, H, self.independent_recurrence)
+        shapes = expected_shapes(I, H, self.independent_recurrence, self.num_proj or 0)
         for name in self.param_names:
-            kind = "bias" if name.startswith("bias") else name
+            kind = "bias" if name.startswith("bias") else "peephole" if name in PEEPHOLE_WEIGHTS else name
             initializer = self.initializers[kind]
-            if name == "weight_hh" and self.independent_recurrence:
+            if name == "weight_hh" and self.independent_recurrence or kind == "peephole":
                 initializer = _vector_initializer(initializer)
             if name == "bias_ih" and self.unit_forget_bias:
                 initializer = _unit_forget_bias(initializer)
@@ -271,19 +355,27 @@ class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
                 regularizer=self.regularizers[kind], constraint=self.constraints[kind],
             )
             setattr(self, name, variable)
-        for name in _BIASES:
+        for name in _BIASES + _VARIANT_WEIGHTS:
             if name not in self.param_names:
                 setattr(self, name, None)
 
     def weights_in(self, dtype) -> dict:
-        """Every weight as a tensor of ``dtype``, absent biases as None.
+        """Every weight as a tensor of ``dtype``, absent biases and variant weights as None.
 
         Under a mixed policy the float32 variables are first rounded to the compute dtype (as Keras's
         autocasting rounds them), then widened to ``dtype`` when that is wider.
         """
         return {name: None if getattr(self, name) is None
                 else tf.cast(tf.cast(getattr(self, name).value, self.compute_dtype), dtype)
-                for name in _WEIGHTS + _BIASES}
+                for name in _WEIGHTS + _BIASES + _VARIANT_WEIGHTS}
+
+    def step_variants(self, w) -> StepVariants | None:
+        """The variants of a step, from :meth:`weights_in`'s ``w``; None when none is switched on."""
+        if not self.variants:
+            return None
+        w_hr = w["weight_hr"]
+        return StepVariants(None if w_hr is None else tf.transpose(w_hr), w["weight_ci"], w["weight_cf"],
+                            w["weight_co"], self.cell_clip, self.proj_clip, self.forget_bias)
 
     def call(self, inputs, states, training=False):
         if inputs.shape[-1] is not None and inputs.shape[-1] != self.input_size:
@@ -303,18 +395,21 @@ class MLSTMCell(keras.layers.Layer, DropoutRNNCell):
         if w["bias_ih"] is not None:
             p = p + w["bias_ih"]
         h, c, _ = step(p[:, : self.units], p[:, self.units :], h, c, transposed(w["weight_hh"]),
-                        tf.transpose(w["weight_mh"]), w["bias_hh"], w["bias_mh"], self.multiplicative, keep)
+                        tf.transpose(w["weight_mh"]), w["bias_hh"], w["bias_mh"], self.multiplicative, keep,
+                        self.step_variants(w))
         h, c = tf.cast(h, self.compute_dtype), tf.cast(c, self.compute_dtype)
         return h, [h, c]
 
     def get_initial_state(self, batch_size=None):
-        return [tf.zeros((batch_size, self.units), dtype=self.compute_dtype) for _ in range(2)]
+        return [tf.zeros((batch_size, width), dtype=self.compute_dtype) for width in self.state_size]
 
     def get_config(self):
         config = dict(units=self.units, **self.options, unit_forget_bias=self.unit_forget_bias,
-                      dropout=self.dropout, recurrent_dropout=self.recurrent_dropout, seed=self.seed)
+                      dropout=self.dropout, recurrent_dropout=self.recurrent_dropout, seed=self.seed,
+                      **{name: getattr(self, name) for name in VARIANT_ARGUMENTS})
         for kind, arg in (("weight_ih", "kernel"), ("weight_hh", "recurrent"),
-                          ("weight_mh", "multiplicative"), ("bias", "bias")):
+                          ("weight_mh", "multiplicative"), ("bias", "bias"), ("weight_hr", "projection"),
+                          ("peephole", "peephole")):
             config[f"{arg}_initializer"] = keras.initializers.serialize(self.initializers[kind])
             config[f"{arg}_regularizer"] = keras.regularizers.serialize(self.regularizers[kind])
             config[f"{arg}_constraint"] = keras.constraints.serialize(self.constraints[kind])
@@ -347,6 +442,10 @@ class MLSTM(keras.layers.RNN):
             ``recurrent_dropout``, ``seed``, ``activation``, ``recurrent_activation``: as for
             :class:`MLSTMCell`. The fused path applies both dropouts as the generic loop does
             (the same masks, given the seed).
+        num_proj, use_peepholes, cell_clip, proj_clip, forget_bias, and the ``projection_*`` and
+            ``peephole_*`` initializers, regularizers and constraints: the spec's variants, as for
+            :class:`MLSTMCell` (all off by default). With ``num_proj=P`` the outputs and ``h_T`` are P
+            wide, ``c_T`` stays H wide.
         return_sequences: return the output of every step (B, T, H) instead of the last (B, H).
         return_state: also return the final state ``h_T, c_T`` (each (B, H)), as ``keras.layers.LSTM``.
         go_backwards: process the sequence in reverse and return the reversed output sequence.
@@ -370,13 +469,14 @@ class MLSTM(keras.layers.RNN):
     Call arguments:
         sequences: (B, T, I), batch-major. Keras layers take batched input only: add a batch axis of
             one (``x[None]``) for a single sequence.
-        initial_state: ``[h_0, c_0]``, each (B, H); zeros when omitted.
+        initial_state: ``[h_0, c_0]``, each (B, H) (h_0 (B, P) with a projection); zeros when omitted.
         mask: (B, T) booleans; a masked step keeps the state and repeats the previous output.
         training: dropout and recurrent_dropout act only when True (``fit`` sets it).
 
     Returns:
         The last output (B, H), or every output (B, T, H) with ``return_sequences``; with
-        ``return_state``, ``[output, h_T, c_T]`` like ``keras.layers.LSTM``.
+        ``return_state``, ``[output, h_T, c_T]`` like ``keras.layers.LSTM``. (P instead of H for the
+        outputs and ``h_T`` with a projection.)
 
     Dtypes: as every Keras layer, the layer casts floating inputs and initial states to its compute
     dtype (a float64 NumPy array given to a float32 layer is rounded to float32); other dtypes raise
@@ -424,6 +524,17 @@ class MLSTM(keras.layers.RNN):
         dropout=0.0,
         recurrent_dropout=0.0,
         seed=None,
+        num_proj=None,
+        use_peepholes=False,
+        cell_clip=None,
+        proj_clip=None,
+        forget_bias=0.0,
+        projection_initializer="glorot_uniform",
+        peephole_initializer="glorot_uniform",
+        projection_regularizer=None,
+        peephole_regularizer=None,
+        projection_constraint=None,
+        peephole_constraint=None,
         return_sequences=False,
         return_state=False,
         go_backwards=False,
@@ -465,6 +576,17 @@ class MLSTM(keras.layers.RNN):
             dropout=dropout,
             recurrent_dropout=recurrent_dropout,
             seed=seed,
+            num_proj=num_proj,
+            use_peepholes=use_peepholes,
+            cell_clip=cell_clip,
+            proj_clip=proj_clip,
+            forget_bias=forget_bias,
+            projection_initializer=projection_initializer,
+            peephole_initializer=peephole_initializer,
+            projection_regularizer=projection_regularizer,
+            peephole_regularizer=peephole_regularizer,
+            projection_constraint=projection_constraint,
+            peephole_constraint=peephole_constraint,
             dtype=kwargs.get("dtype"),
             trainable=kwargs.get("trainable", True),
             name="mlstm_cell",
@@ -492,8 +614,9 @@ class MLSTM(keras.layers.RNN):
     def options(self) -> dict:
         return self.cell.options
 
-    # The weights (weight_ih, ..., bias_mh) and the option flags live on the cell; they are exposed
-    # here as read-only properties, defined below the class.
+    # The weights (weight_ih, ..., bias_mh, and the variants' weight_hr, ...), the option flags and the
+    # variant arguments live on the cell; they are exposed here as read-only properties, defined below
+    # the class.
 
     # ---- input checks: rank and feature size by the InputSpec, the rest once Keras has converted ----
 
@@ -534,9 +657,10 @@ class MLSTM(keras.layers.RNN):
     def fused_unavailable_reason(self) -> str | None:
         """Why the fused path cannot run this layer, or None when it can.
 
-        It covers every option of :class:`MLSTMCell`, masks, ``go_backwards``, ``stateful`` and mixed
-        precision; only a cell whose step was overridden (a subclass redefining ``call``) needs the
-        generic loop, because the fused path would not run that step.
+        It covers every option of :class:`MLSTMCell` (the spec's variants included), masks,
+        ``go_backwards``, ``stateful`` and mixed precision; only a cell whose step was overridden (a
+        subclass redefining ``call``) needs the generic loop, because the fused path would not run that
+        step.
         """
         if type(self.cell).call is not MLSTMCell.call:
             return f"the cell's step was overridden by {type(self.cell).__name__}.call"
@@ -563,7 +687,8 @@ class MLSTM(keras.layers.RNN):
             multiplicative_bias=cell.multiplicative_bias, masked=mask is not None,
             go_backwards=bool(self.go_backwards), zero_output_for_mask=bool(self.zero_output_for_mask),
             return_sequences=bool(self.return_sequences), jit_compile=self.jit_compile,
-            unroll=bool(self.unroll),
+            unroll=bool(self.unroll), projection=cell.num_proj is not None, peepholes=cell.use_peepholes,
+            cell_clip=cell.cell_clip, proj_clip=cell.proj_clip, forget_bias=cell.forget_bias,
         )
         work = work_dtype(self.compute_dtype)
         w = cell.weights_in(work)
@@ -577,7 +702,7 @@ class MLSTM(keras.layers.RNN):
             args.append(tf.cast(mask, tf.bool))
         if keep is not None:
             args.append(tf.cast(keep, work))
-        args += [w[name] for name in _WEIGHTS + _BIASES if w[name] is not None]
+        args += [w[name] for name in _WEIGHTS + _BIASES + _VARIANT_WEIGHTS if w[name] is not None]
         compiled, plain = fused_function(config, work)
         # Called eagerly, the compiled function runs the loop as a graph. Inside a graph being built
         # (tf.function, model.fit) the plain body is traced in place instead: a nested function call
@@ -617,10 +742,12 @@ class MLSTM(keras.layers.RNN):
             params: one canonical mapping (``mlstm_spec.init_params``'s output), or a list holding
                 one. A Keras ``MLSTM`` is one layer: for a stack, build one layer per mapping and
                 chain them with ``return_sequences=True`` (a longer list raises ValueError).
-            **options: any constructor argument. The bias flags and ``independent_recurrence`` are read
+            **options: any constructor argument. The bias flags, ``independent_recurrence``,
+                ``num_proj`` (from ``weight_hr``) and ``use_peepholes`` (from ``weight_ci``, ...) are read
                 from ``params`` (passing a contradicting value raises ValueError); ``units`` is read from
-                the shapes. ``dtype`` defaults to the parameters' dtype, or to the global policy when
-                that is a mixed one.
+                the shapes. A weight file's run-time options (``cell_clip``, ``proj_clip``,
+                ``forget_bias``) are used like its ``integration_mode``. ``dtype`` defaults to the
+                parameters' dtype, or to the global policy when that is a mixed one.
 
         The values are copied exactly: the variable dtype must hold the parameters' dtype without
         rounding (float16 parameters into a ``mixed_float16`` layer's float32 variables are fine;
@@ -643,7 +770,7 @@ def _cell_property(name):
                     doc=f"The cell's ``{name}`` (see :class:`MLSTMCell`).")
 
 
-for _name in _WEIGHTS + _BIASES + tuple(LAYER_OPTIONS):
+for _name in _WEIGHTS + _BIASES + _VARIANT_WEIGHTS + tuple(LAYER_OPTIONS) + tuple(VARIANT_ARGUMENTS):
     setattr(MLSTM, _name, _cell_property(_name))
 del _name
 
@@ -653,11 +780,22 @@ def _canonical_options(cls, params, options):
     ``options``; ``units`` is read from the shapes."""
     units = options.pop("units", None)
     layers, infos, options = canonical_import(params, options, one_layer=True, owner=cls.__name__,
-                                                  backend="backends.tensorflow")
+                                              backend="backends.tensorflow", variants=frozenset(VARIANT_OPTIONS))
     del options["num_layers"]
     info = infos[0]
     if units is not None and units != info.hidden_size:
         raise ValueError(f"units={units!r} contradicts params, which imply units={info.hidden_size} (from the shapes)")
+    # The structural variants by their Keras names (a canonical name given by the caller and not implied
+    # by params stays in options, and the constructor says which name to use).
+    for name, keras_name, implied, source in (
+            ("proj_size", "num_proj", info.proj_size or None, "weight_hr, or its absence"),
+            ("peepholes", "use_peepholes", info.peepholes, "weight_ci, weight_cf, weight_co")):
+        if implied:
+            options.pop(name)
+        if keras_name in options and options[keras_name] != implied:
+            raise ValueError(f"{keras_name}={options[keras_name]!r} contradicts params, which imply "
+                             f"{keras_name}={implied!r} (from {source})")
+        options[keras_name] = implied
     if options.get("dtype") is None:
         policy = keras.config.dtype_policy()
         mixed = policy.compute_dtype != policy.variable_dtype
