@@ -80,16 +80,19 @@ def full_arrays(case):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda name: name.replace(" ", "_"))
-def test_each_variant_matches_the_spec_on_every_path(variant, mode):
+def test_each_variant_matches_the_spec(variant, mode):
     """Each variant alone and all together (spec_strategies.VARIANTS: clips that act, away from their
-    bounds), on the fused path, the generic loop over the cell and the unrolled step copies."""
+    bounds) on the fused path with its hand-written backward; all together also on the generic loop over
+    the cell and the unrolled step copies (which the drawn and masked tests below meet too)."""
     case = variant_case(mode, VARIANTS[variant])
     params, x, state, d_hs, d_state = full_arrays(case)
     for path, options in PATHS.items():
-        assert_matches_spec(params, x, state, d_hs, d_state, mode, case.runtime, f"{variant}, {path}", **options)
+        if path == "fused" or variant == "all":
+            assert_matches_spec(params, x, state, d_hs, d_state, mode, case.runtime, f"{variant}, {path}",
+                                **options)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases(max_size=5, max_steps=5, batched=True))
 def test_drawn_cases_match_the_spec(case):
     """Hypothesis-drawn sizes, options and variant combinations, fused path and generic loop."""
@@ -132,9 +135,9 @@ def test_second_derivatives_with_variants_match_the_generic_loop():
     """The variants' hand-written backward pass is built from differentiable ops: a Hessian-vector
     product through the fused path equals the one through the generic (autodiff) loop."""
     rng = np.random.default_rng(48)
-    params = random_params(rng, 2, 4, proj_size=3, peepholes=True)
-    x = tf.constant(rng.standard_normal((2, 4, 2)))
-    direction = tf.constant(rng.standard_normal((2, 4, 2)))
+    params = random_params(rng, 2, 3, proj_size=2, peepholes=True)
+    x = tf.constant(rng.standard_normal((2, 3, 2)))
+    direction = tf.constant(rng.standard_normal((2, 3, 2)))
     results = []
     for use_fused in ("auto", False):
         layer = btf.MLSTM.from_canonical(params, return_sequences=True, return_state=True, use_fused=use_fused,
