@@ -155,6 +155,23 @@ def test_second_derivatives_with_variants_match_the_generic_loop():
         assert_close(a.numpy(), b.numpy(), what="Hessian-vector product")
 
 
+def test_variants_under_xla_and_mixed_precision():
+    """jit_compile=True (the fused path with its backward, compiled by XLA) matches the spec in float64;
+    under mixed_float16 the layer returns float16 within the float16 tolerance of the spec."""
+    rng = np.random.default_rng(49)
+    case = variant_case("multiplicative_integration", VARIANTS["all"])
+    params, x, state, d_hs, d_state = full_arrays(case)
+    assert_matches_spec(params, x, state, d_hs, d_state, case.integration_mode, case.runtime, "XLA",
+                        jit_compile=True)
+    half = random_params(rng, 3, 4, dtype="float16", proj_size=2, peepholes=True)
+    x = rng.standard_normal((2, 5, 3)).astype("float16")
+    layer = btf.MLSTM.from_canonical(half, dtype="mixed_float16", return_sequences=True, **ALL_ON)
+    got = layer(x)
+    assert got.dtype == tf.float16
+    want, _ = mlstm_spec.forward({k: v.astype("float64") for k, v in half.items()}, x.astype("float64"), **ALL_ON)
+    assert_close(got.numpy(), want, tol=tolerance("float16"), what="mixed_float16 hs")
+
+
 def test_one_cell_step_is_the_spec_cell():
     """MLSTMCell, called on one step with every variant, is mlstm_spec.cell; its state is [h (B, P), c (B, H)]."""
     rng = np.random.default_rng(41)
