@@ -272,6 +272,20 @@ def test_projection_shapes_like_keras_lstm_with_known_time():
         layer(np.zeros((3, 7, 6), "float32"), initial_state=[np.zeros((3, 5), "float32")] * 2)
 
 
+@pytest.mark.parametrize("use_fused", ["auto", False])
+def test_stateful_projected_layer_carries_h_p_wide(use_fused):
+    """stateful=True with a projection: the carried state is (B, P) and (B, H), and two calls over the
+    halves of a sequence give the spec's outputs over the whole."""
+    rng = np.random.default_rng(50)
+    params = random_params(rng, 3, 4, proj_size=2, peepholes=True)
+    x = rng.standard_normal((2, 7, 3))
+    layer = btf.MLSTM.from_canonical(params, stateful=True, return_sequences=True, use_fused=use_fused, **ALL_ON)
+    first, second = layer(x[:, :4]).numpy(), layer(x[:, 4:]).numpy()
+    assert [tuple(s.shape) for s in layer.states] == [(2, 2), (2, 4)]
+    want, _ = mlstm_spec.forward(params, x, **ALL_ON)
+    assert_close(np.concatenate([first, second], axis=1), want)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_recurrent_dropout_acts_on_the_projected_h(masked):
     """In training, the recurrent mask is (B, P); the fused path and the generic loop draw the same masks
