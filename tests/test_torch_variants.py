@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 from helpers import require_backend
-from hypothesis import given
+from hypothesis import given, reject
 from spec_strategies import VARIANTS, assert_close, cases, variant_case
 
 bt = require_backend("torch")
@@ -21,6 +21,9 @@ from torch import nn  # noqa: E402
 import mlstm_spec  # noqa: E402
 from backends.torch import fused, plain, variants  # noqa: E402
 from backends.torch.adapter import ConformanceAdapter  # noqa: E402
+from mlstm_spec.conformance.calls import Caller  # noqa: E402
+from mlstm_spec.conformance.cases import with_clips  # noqa: E402
+from mlstm_spec.conformance.suite import _Unrepresentable as Unrepresentable, evaluate_case  # noqa: E402
 from mlstm_spec.conformance.tolerances import TOLERANCES  # noqa: E402
 
 MODES = ("addition", "multiplicative_integration")
@@ -65,8 +68,19 @@ def test_every_path_equals_the_spec_float64(configuration, case):
 @pytest.mark.parametrize("configuration", ["fused", "plain"])
 @given(case=cases(max_size=19, max_steps=5, dtype="float32"))
 def test_every_path_equals_the_spec_float32(configuration, case):
-    """float32 against the spec in float64 on the same (rounded) inputs, at the table's float32 entry."""
-    check_against_spec(case, ConformanceAdapter(**CONFIGURATIONS[configuration]), TOLERANCES[("float32", "cpu")])
+    """float32 against the spec, judged as the conformance suite judges a case: each check's tolerance is
+    k times the spec's own float32 rounding error on this very case (tolerances.py; a fixed 1e-3 is too
+    tight for a weight scale of 2 under multiplicative integration), and the clip bounds are placed as
+    the suite places them (``with_clips``: a value within float32 rounding of a bound may be clipped on
+    one side and not the other, which changes a gradient by O(1), not by rounding)."""
+    case = with_clips(case, cell=case.cell_clip is not None, proj=case.proj_clip is not None)
+    adapter = ConformanceAdapter(**CONFIGURATIONS[configuration])
+    try:
+        outcomes = evaluate_case(adapter, case, Caller(None), gradients=True)
+    except Unrepresentable:
+        reject()
+    failed = {name: outcome.message for name, outcome in outcomes.items() if outcome.status != "pass"}
+    assert not failed, failed
 
 
 @pytest.mark.parametrize("mode", MODES)

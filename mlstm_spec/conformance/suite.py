@@ -38,7 +38,7 @@ from ..equations import INTEGRATION_MODES
 from .calls import DEFAULT_TIMEOUT, Caller
 from .cases import (LARGE_SHAPES, RUNTIME_OPTIONS, VARIANT_OPTIONS, Case, large_case, reference_forward,
                     reference_gradients, rounded_reference, variants_on, with_clips)
-from .tolerances import case_tolerance, relative_error, tolerance, tolerance_rule
+from .tolerances import case_tolerance, judgeable, relative_error, tolerance, tolerance_rule
 
 if sys.version_info >= (3, 11):
     _ExceptionGroup = BaseExceptionGroup  # noqa: F821
@@ -411,7 +411,8 @@ def evaluate_case(adapter, case: Case, caller: Caller, gradients: bool) -> dict:
     """Every check of one case, each on its own: ``{check: Outcome}``.
 
     Raises :class:`_Unrepresentable` when the exact results do not fit the dtype (a float16 gradient
-    above 65504 says nothing about an implementation: every float16 implementation returns inf)."""
+    above 65504 says nothing about an implementation: every float16 implementation returns inf), or
+    when the case is too ill-conditioned in the dtype to judge (tolerances.JUDGEABLE_SHARE)."""
     arrays = case.arrays()
     context = _context(adapter, case)
     mode, layers, device = case.integration_mode, case.num_layers, adapter_device(adapter)
@@ -427,6 +428,10 @@ def evaluate_case(adapter, case: Case, caller: Caller, gradients: bool) -> dict:
     else:  # per case: k times the spec's own rounding in this dtype on this very case (tolerances.py)
         rounded = rounded_reference(arrays, mode, case.dtype, gradients, **runtime)
         spec_errors = _tensor_errors(rounded, (want_hs, want_final), layers, want_grads)
+        unjudgeable = {c: e for c, e in spec_errors.items() if not judgeable(case.dtype, device, e)}
+        if unjudgeable:
+            raise _Unrepresentable(f"{case!r}: the spec's own {case.dtype} rounding error ({unjudgeable}) is too "
+                                   f"close to the {case.dtype} tolerance to judge; nothing to check")
         tolerances = {c: case_tolerance(case.dtype, device, e) for c, e in spec_errors.items()}
     outcomes = {}
 

@@ -121,6 +121,22 @@ SHARPNESS = {
 }
 
 
+#: A case is judged below float64 only where the spec's own rounding error on it stays under this
+#: share of the fixed entry. Honest implementations err up to ~3x the spec's own error (95th
+#: percentile, above), so beyond a quarter of the ceiling an honest implementation can exceed the
+#: ceiling and the case cannot tell rounding from a bug: it is set aside like a case whose results
+#: overflow the dtype (not counted, never a pass). Found with the variants: at weight scale 2 with
+#: multiplicative integration, peepholes, a projection and forget_bias 1 (B=3, T=5, I=9, H=12), the
+#: spec's own float32 gradients erred by 1.1e-3, above the ceiling itself, and torch, JAX and
+#: TensorFlow by 1.1e-3, 8.8e-4 and 1.5e-4.
+JUDGEABLE_SHARE = 0.25
+
+
+def judgeable(dtype: str, device: str, spec_error: float) -> bool:
+    """Whether a check whose spec computes with ``spec_error`` in ``dtype`` can be judged at the ceiling."""
+    return dtype == "float64" or spec_error <= JUDGEABLE_SHARE * tolerance(dtype, device)
+
+
 def case_tolerance(dtype: str, device: str, spec_error: float) -> float:
     """The tolerance of one example: ``k`` times the error of the spec's own computation in ``dtype``
     on that example (``spec_error``), at least ``floor``, at most the fixed table entry."""
