@@ -230,6 +230,8 @@ def canonical_import(params, options: dict, *, one_layer: bool = False, owner: s
     """
     options = dict(options)
     if isinstance(params, WeightFile):
+        if params.directions != directions:
+            raise ValueError(_directions_message(params.directions, directions, owner, backend))
         implied = dict(params.options)
         params = params.layers
     else:
@@ -261,6 +263,15 @@ def canonical_import(params, options: dict, *, one_layer: bool = False, owner: s
                              "(read from the keys present, the shape of weight_hh and the number of layers)")
         options[name] = value
     return layers, infos, options
+
+
+def _directions_message(found: int, wanted: int, owner: str, backend: str) -> str:
+    if wanted == 1:
+        return (f"params is a weight file with {found} directions (a bidirectional stack), but this {owner} "
+                f"({backend}) runs one direction; load it into backends.torch.MLSTM (bidirectional=True), "
+                f"or take the forward layers alone: from_canonical(w.layers[0::{found}])")
+    return (f"params is a weight file with {found} direction, but bidirectional=True asks for {wanted}; "
+            "leave bidirectional out to build the layer the file holds")
 
 
 def _check_directional_stack(layers: list[dict], directions: int) -> list[LayerInfo]:

@@ -4,8 +4,8 @@
 moves its weights through it with ``to_canonical`` / ``from_canonical``; RecurrentLayers.jl reads the
 same file with SafeTensors.jl (see ``docs/interop.md``).
 
-File layout (format ``mlstm-spec.weights``, versions 1 and 2)
---------------------------------------------------------------
+File layout (format ``mlstm-spec.weights``, versions 1, 2 and 3)
+-------------------------------------------------------------------
 
 A standard safetensors file (an 8-byte little-endian header length, a JSON header, then the raw
 tensor bytes). Tensors are stored by *logical index*, row-major (C order), little-endian, in the
@@ -35,6 +35,11 @@ tensor                      shape         present when
 
 ``l`` runs over ``0 .. num_layers - 1``; layer 0 has ``I`` = the input size, later layers ``I = H``
 (``I = P`` with a projection).
+
+Version 3 holds a bidirectional stack (``directions`` = 2, as ``torch.nn.LSTM(bidirectional=True)``):
+every layer has a second set of the tensors above, ``layers.{l}.reverse.<name>``, for its reverse
+direction, which runs over the time-reversed sequence; layers after the first take both directions'
+outputs concatenated (forward first), so their ``I`` is ``2H`` (``2P`` with a projection).
 All tensors share one dtype: float16, float32 or float64 (``save`` stores bfloat16 values as float32,
 which holds every bfloat16 value exactly).
 
@@ -44,16 +49,17 @@ The header's ``__metadata__`` (string to string) holds:
 key                    value
 =====================  ========================================================================
 ``format``             ``"mlstm-spec.weights"``
-``format_version``     ``"1"``, or ``"2"`` for a model that uses a variant
-``formulation``        :data:`FORMULATION` (version 2: :data:`FORMULATION_V2`), the equations
-``layout``             :data:`LAYOUT` (version 2: :data:`LAYOUT_V2`), orientation and blocks
-``num_layers``         decimal, e.g. ``"2"``
+``format_version``     ``"1"``, ``"2"`` for a model that uses a variant, ``"3"`` for two directions
+``formulation``        :data:`FORMULATION` (versions 2 and 3: :data:`FORMULATION_V2`), the equations
+``layout``             :data:`LAYOUT` (version 2: :data:`LAYOUT_V2`, 3: :data:`LAYOUT_V3`)
+``num_layers``         decimal, e.g. ``"2"`` (layers, not directions)
+``directions``         version 3 only: ``"2"``; a file without it has one direction
 ``input_size``         decimal, ``I`` of layer 0
 ``hidden_size``        decimal, ``H``
 ``dtype``              ``"float16"``, ``"float32"`` or ``"float64"``
 ``options``            JSON object: ``bias``, ``recurrent_bias``, ``multiplicative_bias``,
-                       ``independent_recurrence`` (booleans) and ``integration_mode``; version 2
-                       also ``proj_size`` (int, 0: none), ``peepholes`` (boolean), ``cell_clip``
+                       ``independent_recurrence`` (booleans) and ``integration_mode``; versions 2
+                       and 3 also ``proj_size`` (int, 0: none), ``peepholes`` (boolean), ``cell_clip``
                        and ``proj_clip`` (number or null) and ``forget_bias`` (number)
 ``library``            ``"mlstm_spec <version>"`` that wrote the file (informative)
 ``user.<key>``         the caller's own ``metadata`` entries
@@ -69,9 +75,10 @@ different weights.
 
 Versions. :func:`save` writes version 1 whenever it can hold the model -- no projection, no peepholes,
 run-time options at their defaults -- so such a file holds exactly the tensors and metadata earlier
-releases wrote, and they still read it; it writes version 2 only for a model that needs it. :func:`load` reads both. A
-reader that knows only version 1 refuses a version-2 file on its ``format_version`` ("not one this
-library reads (1); it was written by a newer mlstm-spec"), never reads it without its variants.
+releases wrote, and they still read it; it writes version 2 only for a model that needs it, and version
+3 only for a bidirectional one. :func:`load` reads all three. A reader that knows only version 1 (or
+1 and 2) refuses a newer file on its ``format_version`` ("not one this library reads (1); it was
+written by a newer mlstm-spec"), never reads it without its variants or as a one-direction stack.
 
 Guarantees (details in ``docs/interop.md``)
 -------------------------------------------
@@ -110,21 +117,26 @@ from .equations import (BIAS_FLAGS, INTEGRATION_MODES, PARAM_SHAPES, PEEPHOLE_WE
 from .validation import (SPEC_DTYPES, LayerInfo, check_integration_mode, check_ndarray, check_runtime_options,
                          check_stack, dtype_name)
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FORMULATION", "FORMULATION_V2", "LAYOUT", "LAYOUT_V2",
+__all__ = ["DIRECTIONS", "FORMAT_NAME", "FORMAT_VERSION", "FORMULATION", "FORMULATION_V2", "LAYOUT", "LAYOUT_V2",
+           "LAYOUT_V3",
            "MAX_HEADER_BYTES", "MAX_HEADER_ENTRIES", "READ_VERSIONS", "WeightFile", "WeightFileError",
            "checksum", "load", "load_bytes", "read_raw", "save"]
 
 FORMAT_NAME = "mlstm-spec.weights"
 #: The newest format version, written for models that use a variant; see "Versions" above.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: The versions :func:`load` reads.
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)
 FORMULATION = "RecurrentLayers.jl 0.3.4 MultiplicativeLSTMCell (its code): h' = o * tanh(c')"
 LAYOUT = ("logical row-major; weight_ih (5H, I) row blocks m,i,o,f,z; weight_hh (H, H) or (H,); "
           "weight_mh (4H, H) row blocks i,o,f,z; bias_ih (5H,); bias_hh (H,); bias_mh (4H,)")
 FORMULATION_V2 = FORMULATION + (", with mlstm_spec's optional projection, peepholes, cell_clip, proj_clip "
                                  "and forget_bias (docs/equations.md, Variants)")
 LAYOUT_V2 = LAYOUT + "; weight_hr (P, H) with weight_hh (H, P); weight_ci, weight_cf, weight_co (H,)"
+LAYOUT_V3 = LAYOUT_V2 + ("; directions 2: layers.{l}.reverse.<name> is layer l's reverse direction (over the "
+                         "reversed sequence); layer l > 0 takes both directions' outputs, forward first")
+#: The number of directions a file may hold: 1, or 2 for a bidirectional stack (version 3).
+DIRECTIONS = (1, 2)
 #: Layer options recorded in the ``options`` metadata entry, in this order.
 OPTION_NAMES = ("bias", "recurrent_bias", "multiplicative_bias", "independent_recurrence", "integration_mode")
 #: What version 2 adds to them: the structural variants, then the run-time options.
@@ -155,6 +167,7 @@ _JSON_STRING = re.compile(rb'"[^"]*"')
 _CODES = {"F16": "float16", "F32": "float32", "F64": "float64"}
 _NAMES = {name: code for code, name in _CODES.items()}
 _CHECKSUM_TAG = b"mlstm-spec.weights checksum v1\n"
+_LAYOUTS = {1: LAYOUT, 2: LAYOUT_V2, 3: LAYOUT_V3}
 _REQUIRED_KEYS = ("format", "format_version", "formulation", "layout", "num_layers", "input_size",
                   "hidden_size", "dtype", "options")
 
@@ -171,15 +184,20 @@ class WeightFile:
     """What :func:`load` returns.
 
     Attributes:
-        layers: one canonical mapping of NumPy arrays per layer, first layer first (writable copies).
+        layers: one canonical mapping of NumPy arrays per layer, first layer first (writable copies);
+            with two directions, two per layer in ``torch.nn.LSTM``'s order (layer 0 forward, layer 0
+            reverse, layer 1 forward, ...), as a bidirectional layer's ``to_canonical()`` gives them.
         options: ``bias``, ``recurrent_bias``, ``multiplicative_bias``, ``independent_recurrence``
             and ``integration_mode``, plus those of ``proj_size``, ``peepholes``, ``cell_clip``,
-            ``proj_clip``, ``forget_bias`` that are switched on (version 2): every backend's
-            ``MLSTM.from_canonical(layers, **options)`` takes them.
+            ``proj_clip``, ``forget_bias`` that are switched on (version 2), and ``bidirectional=True``
+            with two directions: ``MLSTM.from_canonical(layers, **options)`` takes them (a
+            unidirectional backend refuses a bidirectional file).
         dtype: the parameters' dtype name.
-        input_size, hidden_size, num_layers: the stack's sizes.
+        input_size, hidden_size, num_layers: the stack's sizes (``num_layers`` counts layers, not
+            directions).
         metadata: the caller's own entries given to :func:`save` (without the ``user.`` prefix).
         library: the ``library`` entry of the writer, e.g. ``"mlstm_spec 0.1.0"``.
+        directions: 1, or 2 for a bidirectional stack.
     """
 
     layers: list
@@ -190,6 +208,7 @@ class WeightFile:
     num_layers: int
     metadata: dict = field(default_factory=dict)
     library: str = ""
+    directions: int = 1
 
     @property
     def integration_mode(self) -> str:
@@ -233,6 +252,12 @@ def checksum(tensors: Mapping, metadata: Mapping) -> str:
 
 def _layer_names(info: LayerInfo) -> list[str]:
     return _tensor_names(dict(info.options, proj_size=info.proj_size, peepholes=info.peepholes))
+
+
+def _tensor_prefix(layer: int, direction: int) -> str:
+    """What the names of a layer's tensors start with: ``layers.{l}.``, ``layers.{l}.reverse.`` for the
+    reverse direction of a bidirectional stack."""
+    return f"layers.{layer}." + ("reverse." if direction else "")
 
 
 def _tensor_names(options) -> list[str]:
@@ -302,20 +327,25 @@ def _carried_options(item) -> dict:
     return {**carried, **{name: getattr(item, name) for name in RUNTIME_DEFAULTS if hasattr(item, name)}}
 
 
-def _gather_stack(layers) -> tuple[list, dict]:
-    """The mappings ``layers`` stands for, first layer first, and for each option the layer objects
-    among them carry, the values they give it."""
+def _carried_directions(item) -> int:
+    """How many directions a layer object's ``to_canonical()`` interleaves: 2 for a bidirectional
+    layer (``bidirectional=True``, as ``torch.nn.LSTM``) or weight file, else 1."""
+    if isinstance(item, WeightFile):
+        return item.directions
+    return 2 if getattr(item, "bidirectional", False) is True else 1
+
+
+def _gather_stack(layers) -> tuple[list, dict, list]:
+    """The mappings ``layers`` stands for, first layer first; for each option the layer objects
+    among them carry, the values they give it; and the number of directions of each item of
+    ``layers`` (None for a plain mapping, whose directions the caller says)."""
     def expand(item, where):
         to_canonical = getattr(item, "to_canonical", None)
         if isinstance(item, Mapping):
+            directions.append(None)
             return [item]
         if callable(to_canonical):
-            if getattr(item, "bidirectional", False) is True:
-                # its to_canonical() interleaves the directions, which would chain as a deeper stack
-                raise ValueError(
-                    f"{where} is a bidirectional {type(item).__name__}, which a weight file cannot hold (it "
-                    "holds one direction per layer); save each direction's layers on their own, e.g. "
-                    "layers.to_canonical()[0::2] and [1::2] for the forward and reverse directions")
+            directions.append(_carried_directions(item))
             for name, value in _carried_options(item).items():
                 carried.setdefault(name, []).append(value)
             out = to_canonical()
@@ -324,6 +354,7 @@ def _gather_stack(layers) -> tuple[list, dict]:
                         f"got {type(item).__name__}")
 
     carried: dict = {}
+    directions: list = []
     if isinstance(layers, (list, tuple)):
         stack = [m for i, item in enumerate(layers) for m in expand(item, f"layers[{i}]")]
     elif isinstance(layers, Mapping) or callable(getattr(layers, "to_canonical", None)):
@@ -334,7 +365,44 @@ def _gather_stack(layers) -> tuple[list, dict]:
     if not stack:
         raise TypeError("layers must be a non-empty list of canonical mappings (one per layer), got "
                         f"{type(layers).__name__} of length 0")
-    return stack, carried
+    return stack, carried, directions
+
+
+def _resolve_directions(given, carried: list) -> int:
+    """The file's number of directions: ``given`` (None: not given), checked against the layer objects'.
+    A bidirectional layer object must come alone: its mappings interleave the two directions."""
+    if given is not None and (isinstance(given, bool) or given not in DIRECTIONS):
+        raise ValueError(f"directions must be one of {DIRECTIONS} (2: a bidirectional stack), got {given!r}")
+    if 2 in carried and len(carried) > 1:
+        raise ValueError("layers mixes a bidirectional layer with other items; save a bidirectional layer on "
+                         "its own (or its to_canonical() list with directions=2)")
+    known = [d for d in carried if d is not None]
+    if given is None:
+        return known[0] if known else 1
+    if known and known[0] != given:
+        raise ValueError(f"directions={given} contradicts the layers, which have {known[0]} "
+                         f"direction{'s' if known[0] > 1 else ''}; leave it out to use theirs")
+    return given
+
+
+def _check_directional_stack(stack: list, directions: int, allowed) -> list[LayerInfo]:
+    """:func:`check_stack` for ``directions`` mappings per layer in ``torch.nn.LSTM``'s order: each
+    layer after the first takes the directions' outputs concatenated."""
+    if len(stack) % directions:
+        raise ValueError(f"layers holds {len(stack)} mappings; {directions} directions need a multiple of "
+                         f"{directions} (layer 0 forward, layer 0 reverse, layer 1 forward, ...)")
+    infos = [check_stack([layer], argument=f"layers[{k}]", allowed=allowed)[0] for k, layer in enumerate(stack)]
+    first = infos[0]
+    for k, info in enumerate(infos):
+        want_input = first.input_size if k < directions else directions * first.output_size
+        if info.options != first.options or info.dtype != first.dtype:
+            raise ValueError(f"layers[{k}] has options {info.options} and dtype {info.dtype}, but layers[0] "
+                             f"has {first.options} and {first.dtype}; a stack shares one set")
+        if info.input_size != want_input or info.hidden_size != first.hidden_size:
+            raise ValueError(f"layers[{k}] (layer {k // directions}, direction {k % directions}) must have "
+                             f"I={want_input} and H={first.hidden_size}, got I={info.input_size}, "
+                             f"H={info.hidden_size}")
+    return infos
 
 
 def _merge_options(given: dict, carried: dict) -> dict:
@@ -373,7 +441,7 @@ def _numpy_stack(stack: list) -> list:
 
 
 def save(path, layers, *, integration_mode: str | None = None, metadata: Mapping | None = None,
-         cell_clip=None, proj_clip=None, forget_bias=0.0) -> Path:
+         cell_clip=None, proj_clip=None, forget_bias=0.0, directions: int | None = None) -> Path:
     """Write a stack of canonical layers to ``path`` (a safetensors file; see the module docstring).
 
     Args:
@@ -390,8 +458,8 @@ def save(path, layers, *, integration_mode: str | None = None, metadata: Mapping
             framework's arrays (torch tensors, also with ``requires_grad`` or on a GPU; JAX arrays;
             TensorFlow tensors and variables). bfloat16 values are stored as float32, which holds
             them exactly. The bias flags and independent recurrence are read from the tensors
-            present; a stack must share them and one dtype. A bidirectional layer is refused (a file
-            holds one direction per layer).
+            present; a stack must share them and one dtype. A bidirectional layer (e.g.
+            ``backends.torch.MLSTM(..., bidirectional=True)``) is saved with both directions.
         integration_mode: ``"addition"`` or ``"multiplicative_integration"``: how the layers combine
             the input and multiplicative projections (not visible in the tensors). ``None`` (the
             default) takes it from the layer objects given, and is ``"addition"`` for plain mappings;
@@ -401,9 +469,14 @@ def save(path, layers, *, integration_mode: str | None = None, metadata: Mapping
         cell_clip, proj_clip, forget_bias: the run-time options the model was trained with (see
             :func:`mlstm_spec.forward`); like ``integration_mode`` they are not visible in the
             tensors. A loaded :class:`WeightFile` given as ``layers`` brings its own.
+        directions: 2 when ``layers`` is a list of mappings of a bidirectional stack, two per layer in
+            ``torch.nn.LSTM``'s order (layer 0 forward, layer 0 reverse, layer 1 forward, ...). ``None``
+            (the default) takes it from the layer object given (2 for ``bidirectional=True``), and is 1
+            for plain mappings; a value contradicting the layer's is a ValueError.
 
-    A projection or peepholes (read from the tensors) or a run-time option away from its default make
-    the file version 2; otherwise it is version 1, the same content as before the variants existed.
+    Two directions make the file version 3; otherwise a projection or peepholes (read from the
+    tensors) or a run-time option away from its default make it version 2, and anything else version
+    1, the same content as before the variants existed.
 
     Returns:
         The path given, as a :class:`pathlib.Path`.
@@ -415,11 +488,14 @@ def save(path, layers, *, integration_mode: str | None = None, metadata: Mapping
         OSError: the file cannot be written; nothing is left behind, and ``path`` is unchanged.
     """
     safetensors = _safetensors()
-    stack, carried = _gather_stack(layers)
+    stack, carried, carried_directions = _gather_stack(layers)
+    directions = _resolve_directions(directions, carried_directions)
     given = _merge_options(dict(integration_mode=integration_mode, cell_clip=cell_clip, proj_clip=proj_clip,
                                 forget_bias=forget_bias), carried)
     stack = _numpy_stack(stack)
-    infos = check_stack(stack, argument="layers", allowed=SPEC_DTYPES + ("bfloat16",))
+    allowed = SPEC_DTYPES + ("bfloat16",)
+    infos = (check_stack(stack, argument="layers", allowed=allowed) if directions == 1
+             else _check_directional_stack(stack, directions, allowed))
     user = {} if metadata is None else metadata
     if not isinstance(user, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
         raise TypeError(f"metadata must be a mapping of str to str, got {metadata!r}")
@@ -428,25 +504,31 @@ def save(path, layers, *, integration_mode: str | None = None, metadata: Mapping
     runtime = check_runtime_options(first, **{name: given[name] for name in RUNTIME_DEFAULTS})
     options = dict(first.options, integration_mode=given["integration_mode"], proj_size=first.proj_size,
                    peepholes=first.peepholes, **runtime)
-    version = 2 if any(options[name] != _VARIANT_DEFAULTS[name] for name in VARIANT_OPTION_NAMES) else 1
-    names = OPTION_NAMES + (VARIANT_OPTION_NAMES if version == 2 else ())
+    if directions == 2:
+        version = 3
+    else:
+        version = 2 if any(options[name] != _VARIANT_DEFAULTS[name] for name in VARIANT_OPTION_NAMES) else 1
+    names = OPTION_NAMES + (VARIANT_OPTION_NAMES if version >= 2 else ())
     header = {
         "format": FORMAT_NAME,
         "format_version": str(version),
         "formulation": FORMULATION if version == 1 else FORMULATION_V2,
-        "layout": LAYOUT if version == 1 else LAYOUT_V2,
-        "num_layers": str(len(stack)),
+        "layout": _LAYOUTS[version],
+        "num_layers": str(len(stack) // directions),
         "input_size": str(first.input_size),
         "hidden_size": str(first.hidden_size),
         "dtype": dtype,
         "options": json.dumps({name: options[name] for name in names}),
         "library": f"mlstm_spec {_version()}",
     }
+    if directions != 1:
+        header["directions"] = str(directions)
     header.update({f"user.{key}": value for key, value in user.items()})
     tensors = {}
     for index, (layer, info) in enumerate(zip(stack, infos)):
+        prefix = _tensor_prefix(*divmod(index, directions))
         for name in _layer_names(info):
-            tensors[f"layers.{index}.{name}"] = np.ascontiguousarray(
+            tensors[prefix + name] = np.ascontiguousarray(
                 layer[name], dtype=np.dtype(dtype).newbyteorder("<"))
     header["checksum"] = checksum(
         {name: (_NAMES[a.dtype.name], a.shape, a.tobytes()) for name, a in tensors.items()}, header
@@ -722,7 +804,7 @@ def _parse_options(path, text, version=1) -> dict:
         raise WeightFileError(
             f"{path}: metadata 'options' is not valid JSON ({_cut(str(exc))}): {_show(text)}"
         ) from None
-    names = OPTION_NAMES + (VARIANT_OPTION_NAMES if version == 2 else ())
+    names = OPTION_NAMES + (VARIANT_OPTION_NAMES if version >= 2 else ())
     if not isinstance(options, dict) or sorted(options) != sorted(names):
         raise WeightFileError(
             f"{path}: metadata 'options' must be a JSON object with exactly the keys "
@@ -736,7 +818,7 @@ def _parse_options(path, text, version=1) -> dict:
             f"{path}: option integration_mode must be one of {INTEGRATION_MODES}, "
             f"got {_show(options['integration_mode'])}"
         )
-    if version == 2:
+    if version >= 2:
         size = options["proj_size"]
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise WeightFileError(f"{path}: option proj_size must be an integer >= 0, got {_show(size)}")
@@ -747,6 +829,20 @@ def _parse_options(path, text, version=1) -> dict:
         except (TypeError, ValueError) as exc:
             raise WeightFileError(f"{path}: option {_cut(str(exc))}") from exc
     return {name: options[name] for name in names}
+
+
+def _parse_directions(path, metadata, version: int) -> int:
+    """The ``directions`` entry: required ("2") in version 3, absent (one direction) before it."""
+    text = metadata.get("directions")
+    if version < 3:
+        if text is not None:
+            raise WeightFileError(f"{path}: metadata 'directions' ({_show(text)}) needs format_version 3, "
+                                  f"but the file says {version}")
+        return 1
+    if text != "2":
+        raise WeightFileError(f"{path}: metadata 'directions' must be \"2\" in format_version 3 (a "
+                              f"bidirectional stack), got {_show(text)}")
+    return 2
 
 
 def _names(names: list, limit: int = 12) -> str:
@@ -824,8 +920,7 @@ def _load(data: bytes, parsed, path, verify_checksum: bool) -> WeightFile:
                 f"{path}: checksum mismatch (stored {_show(stored, 90)}, computed {actual}): the file is "
                 "corrupt or was edited after it was written"
             )
-    expected_text = dict(formulation=FORMULATION, layout=LAYOUT) if version == 1 else dict(
-        formulation=FORMULATION_V2, layout=LAYOUT_V2)
+    expected_text = dict(formulation=FORMULATION if version == 1 else FORMULATION_V2, layout=_LAYOUTS[version])
     for key, expected in expected_text.items():
         if metadata[key] != expected:
             raise WeightFileError(
@@ -837,16 +932,18 @@ def _load(data: bytes, parsed, path, verify_checksum: bool) -> WeightFile:
     input_size = _parse_positive_int(path, metadata, "input_size")
     hidden_size = _parse_positive_int(path, metadata, "hidden_size")
     options = _parse_options(path, metadata["options"], version)
+    directions = _parse_directions(path, metadata, version)
 
     names = _tensor_names(options)
     # Each layer holds at least three tensors: a count beyond what the file holds is refused before
     # anything is sized by it, so the expected names below number at most twice the tensors present.
-    if 3 * num_layers > len(tensors):
+    if 3 * num_layers * directions > len(tensors):
         raise WeightFileError(
-            f"{path}: metadata num_layers={num_layers} needs at least {3 * num_layers} tensors "
-            f"(weight_ih, weight_hh and weight_mh per layer), but the file holds {len(tensors)}"
+            f"{path}: metadata num_layers={num_layers} needs at least {3 * num_layers * directions} tensors "
+            f"(weight_ih, weight_hh and weight_mh per layer and direction), but the file holds {len(tensors)}"
         )
-    expected_names = {f"layers.{index}.{name}" for index in range(num_layers) for name in names}
+    prefixes = [_tensor_prefix(layer, direction) for layer in range(num_layers) for direction in range(directions)]
+    expected_names = {prefix + name for prefix in prefixes for name in names}
     missing = sorted(expected_names - set(tensors))
     unexpected = sorted(set(tensors) - expected_names)
     if missing or unexpected:
@@ -863,16 +960,17 @@ def _load(data: bytes, parsed, path, verify_checksum: bool) -> WeightFile:
             f"{shown} differ" + (f" (and {len(wrong_dtype) - 12} more)" if len(wrong_dtype) > 12 else "")
         )
     layers = []
-    for index in range(num_layers):
+    for prefix in prefixes:
         layer = {}
         for name in (*PARAM_SHAPES, *VARIANT_PARAM_SHAPES):
-            key = f"layers.{index}.{name}"
+            key = prefix + name
             if key in tensors:
                 _, shape, raw = tensors[key]
                 layer[name] = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
         layers.append(layer)
     try:
-        infos = check_stack(layers, argument="layers")
+        infos = (check_stack(layers, argument="layers") if directions == 1
+                 else _check_directional_stack(layers, directions, SPEC_DTYPES))
     except (TypeError, ValueError) as exc:
         raise WeightFileError(f"{path}: the tensors do not form a valid stack: {exc}") from exc
     found = infos[0].options
@@ -881,7 +979,7 @@ def _load(data: bytes, parsed, path, verify_checksum: bool) -> WeightFile:
             f"{path}: option independent_recurrence={options['independent_recurrence']} contradicts "
             f"layers.0.weight_hh of shape {layers[0]['weight_hh'].shape}"
         )
-    if version == 2:
+    if version >= 2:
         if infos[0].proj_size != options["proj_size"]:
             raise WeightFileError(
                 f"{path}: option proj_size={options['proj_size']} contradicts layers.0.weight_hr of shape "
@@ -893,6 +991,8 @@ def _load(data: bytes, parsed, path, verify_checksum: bool) -> WeightFile:
             raise WeightFileError(f"{path}: option {_cut(str(exc))}") from exc
         options = {name: value for name, value in options.items()
                    if name in OPTION_NAMES or value != _VARIANT_DEFAULTS[name]}
+    if directions == 2:
+        options["bidirectional"] = True
     for key, value, actual in (("input_size", input_size, infos[0].input_size),
                                ("hidden_size", hidden_size, infos[0].hidden_size)):
         if value != actual:
@@ -903,4 +1003,4 @@ def _load(data: bytes, parsed, path, verify_checksum: bool) -> WeightFile:
     user = {key[len("user."):]: value for key, value in metadata.items() if key.startswith("user.")}
     return WeightFile(layers=layers, options=options, dtype=dtype, input_size=input_size,
                       hidden_size=hidden_size, num_layers=num_layers, metadata=user,
-                      library=metadata.get("library", ""))
+                      library=metadata.get("library", ""), directions=directions)

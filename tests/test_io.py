@@ -458,9 +458,16 @@ def test_save_takes_layers_and_their_integration_mode(tmp_path):
     with pytest.raises(ValueError, match=r"integration_mode='addition' contradicts the layers' own "
                                          r"integration_mode 'multiplicative_integration'"):
         mlstm_spec.save(path, FakeLayer([first], "multiplicative_integration"), integration_mode="addition")
-    # a bidirectional layer's mappings (forward, reverse) would chain as a deeper stack when I = H
-    with pytest.raises(ValueError, match=r"layers is a bidirectional FakeLayer, which a weight file cannot"):
-        mlstm_spec.save(path, FakeLayer([second, second], "addition", bidirectional=True))
+    # a bidirectional layer's mappings (forward, reverse) are saved as two directions, never chained as a
+    # deeper stack (with I = H they would chain)
+    mlstm_spec.save(path, FakeLayer([second, second], "addition", bidirectional=True))
+    loaded = mlstm_spec.load(path)
+    assert (loaded.directions, loaded.num_layers, loaded.options["bidirectional"]) == (2, 1, True)
+    assert_bit_identical(loaded.layers, [second, second])
+    with pytest.raises(ValueError, match=r"directions=1 contradicts the layers, which have 2 directions"):
+        mlstm_spec.save(path, FakeLayer([second, second], "addition", bidirectional=True), directions=1)
+    with pytest.raises(ValueError, match=r"save a bidirectional layer on its own"):
+        mlstm_spec.save(path, [FakeLayer([second, second], "addition", bidirectional=True), second])
     with pytest.raises(ValueError, match=r"layers mix integration_mode values \[.addition., .multiplicative_int"):
         mlstm_spec.save(path, [FakeLayer([first], "addition"), FakeLayer([second], "multiplicative_integration")])
 
@@ -501,8 +508,9 @@ def test_save_takes_torch_modules_and_tensors(tmp_path, device):
     # a mapping of the module's own parameters (requires_grad, maybe on a GPU)
     mlstm_spec.save(path, model.layer_parameters(0))
     assert_bit_identical(mlstm_spec.load(path).layers, model.to_canonical()[:1])
-    with pytest.raises(ValueError, match="bidirectional MLSTM, which a weight file cannot hold"):
-        mlstm_spec.save(path, bt.MLSTM(4, 4, bidirectional=True))  # I = H: it would chain as two layers
+    # a bidirectional layer is saved with both directions (round trips: tests/test_torch_speed.py)
+    mlstm_spec.save(path, bt.MLSTM(4, 4, bidirectional=True))  # I = H: never read as two chained layers
+    assert (mlstm_spec.load(path).num_layers, mlstm_spec.load(path).directions) == (1, 2)
     # bfloat16 tensors, which export to no NumPy type: stored as float32, exactly
     narrow = {name: p.detach().to(torch.bfloat16) for name, p in model.layer_parameters(1).items()}
     mlstm_spec.save(path, narrow)
@@ -699,8 +707,8 @@ HAND_EDITS = {
     "num_layers not a number": (
         dict(metadata=edit_meta(num_layers="two")), r"'num_layers' must be a positive integer, got 'two'"),
     "newer format version": (
-        dict(metadata=edit_meta(format_version="3")),
-        r"format_version '3' is not one this library reads \(1, 2\); .*newer"),
+        dict(metadata=edit_meta(format_version="4")),
+        r"format_version '4' is not one this library reads \(1, 2, 3\); .*newer"),
     "unknown format version": (
         dict(metadata=edit_meta(format_version="one")), r"format_version 'one' is not one this library reads"),
     "another format": (

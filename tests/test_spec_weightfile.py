@@ -113,11 +113,13 @@ def variant_file(tmp_path):
                                                  if k != "proj_clip"})),
      r"exactly the keys .*'proj_clip', 'forget_bias'\] \(format version 2\)"),
     (lambda meta: dict(meta, format_version="1"), r"metadata 'formulation' is .*Variants\)\", expected"),
-    (lambda meta: dict(meta, format_version="3"),
-     r"format_version '3' is not one this library reads \(1, 2\); it was written by a newer mlstm-spec"),
+    (lambda meta: dict(meta, format_version="4"),
+     r"format_version '4' is not one this library reads \(1, 2, 3\); it was written by a newer mlstm-spec"),
+    (lambda meta: dict(meta, directions="2"), r"metadata 'directions' \('2'\) needs format_version 3, but the file "
+                                              r"says 2"),
 ], ids=["proj_size contradicts", "projection not declared", "peepholes not declared", "proj_size a bool",
         "peepholes not a bool", "negative cell_clip", "forget_bias null", "an option missing",
-        "version 2 content labelled 1", "version 3"])
+        "version 2 content labelled 1", "version 4", "directions in version 2"])
 def test_a_version_2_file_that_contradicts_itself_is_refused(variant_file, edit, message):
     rewrite(variant_file, edit)
     with pytest.raises(weight_io.WeightFileError, match=message):

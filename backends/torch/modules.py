@@ -26,6 +26,7 @@ from backends._common import (
     work_dtype,
 )
 from mlstm_spec.equations import PEEPHOLE_WEIGHTS, RUNTIME_DEFAULTS
+from mlstm_spec.io import WeightFile
 from mlstm_spec.validation import LayerInfo, check_runtime_options, dtype_name, expected_shapes
 
 from . import cuda_graph as graphs
@@ -191,7 +192,8 @@ class _MLSTMBase(nn.Module):
                 options are used). Values may be any backend's arrays (float16, float32, float64 or
                 bfloat16). With ``bidirectional=True``: two mappings per layer, in nn.LSTM's order
                 (layer 0 forward, layer 0 reverse, layer 1 forward, ...), as :meth:`to_canonical`
-                returns them.
+                returns them; a bidirectional weight file (``mlstm_spec.load``, ``directions`` 2)
+                builds a bidirectional layer without being told.
             device: where to put the parameters (default: CPU).
             dtype: convert the values to this dtype (an explicit cast); default: keep theirs.
             **options: the remaining constructor options (``integration_mode``, ``batch_first``,
@@ -200,7 +202,10 @@ class _MLSTMBase(nn.Module):
                 allowed only when they agree.
         """
         single = cls is MLSTMCell
-        directions = 2 if options.get("bidirectional") else 1
+        if single or "bidirectional" in options:
+            directions = 2 if options.get("bidirectional") else 1
+        else:  # a weight file says how many directions it holds
+            directions = getattr(params, "directions", 1) if isinstance(params, WeightFile) else 1
         layers, infos, options = canonical_import(params, options, one_layer=single, owner=cls.__name__,
                                                   backend="backends.torch", directions=directions,
                                                   variants=VARIANT_OPTIONS)
