@@ -1,4 +1,5 @@
-"""Building the C++ time loops (``cpu_loops.cpp``) on first use, and loading them.
+"""Building the C++ time loops (``cpu_loops.cpp``, with the cell's one-step kernel ``cpu_step.cpp``) on
+first use, and loading them.
 
 The extension is compiled by ``torch.utils.cpp_extension`` in a child process, whose environment (not
 this process's) gets the ``ninja`` of the ``ninja`` pip package on its ``PATH``. It lands in a directory
@@ -34,6 +35,8 @@ import torch
 #: Set to "python" to keep the fused layer's time loops in Python on CPU (they are compiled otherwise).
 CPU_LOOPS_VARIABLE = "MLSTM_TORCH_CPU_LOOPS"
 SOURCE = Path(__file__).with_name("cpu_loops.cpp")
+#: Every source of the extension: the loops, and the one-step kernel of the cell (its ``cell_step``).
+SOURCES = (SOURCE, Path(__file__).with_name("cpu_step.cpp"))
 #: torch.backends.cpu.get_cpu_capability() -> compiler flags for ATen's vector types at that level
 CAPABILITY_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
@@ -52,7 +55,7 @@ _lock = threading.Lock()
 
 
 def cpu_loops() -> ModuleType | None:
-    """The compiled module (functions ``layer_forward`` and ``layer_backward``), or None where it cannot
+    """The compiled module (functions ``layer_forward``, ``layer_backward`` and ``cell_step``), or None where it cannot
     be built; the first call builds it (about 20 s, once per machine, source and torch version)."""
     return _loaded()["module"]
 
@@ -116,7 +119,7 @@ def _flags(capability: str) -> list:
 def build_name() -> str:
     """The extension's name (and build directory): a hash of the source, flags and versions."""
     capability = torch.backends.cpu.get_cpu_capability()
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((_flags(capability), torch.__version__, sys.version)).encode())
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + repr((_flags(capability), torch.__version__, sys.version)).encode())
     return f"mlstm_cpu_loops_{capability.lower()}_{key.hexdigest()[:12]}"
 
 
@@ -216,11 +219,14 @@ def _compile(name: str, flags: list, directory: Path) -> None:
         "import logging, sys\n"
         "logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)\n"  # "c++ is not g++"
         "from torch.utils import cpp_extension\n"
-        "name, source, directory, *flags = sys.argv[1:]\n"
-        "cpp_extension.load(name=name, sources=[source], extra_cflags=flags, build_directory=directory,\n"
+        "import os\n"
+        "name, sources, directory, *flags = sys.argv[1:]\n"
+        "cpp_extension.load(name=name, sources=sources.split(os.pathsep), extra_cflags=flags,\n"
+        "                   build_directory=directory,\n"
         "                   is_python_module=True, verbose=False)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, name, str(SOURCE), str(directory), *flags], env=env,
+    sources = os.pathsep.join(str(source) for source in SOURCES)
+    done = subprocess.run([sys.executable, "-c", script, name, sources, str(directory), *flags], env=env,
                           capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if "error" in line.lower()] or done.stderr.splitlines()

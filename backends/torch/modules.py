@@ -29,6 +29,7 @@ from mlstm_spec.equations import PEEPHOLE_WEIGHTS, RUNTIME_DEFAULTS
 from mlstm_spec.io import WeightFile
 from mlstm_spec.validation import LayerInfo, check_runtime_options, dtype_name, expected_shapes
 
+from . import build
 from . import cuda_graph as graphs
 from .fused import fused_layer
 from .plain import functorch_active, plain_layer, plain_step, scan_layer, variant_step
@@ -367,6 +368,10 @@ class MLSTMCell(_MLSTMBase):
         if self._variant_free and self._plain_call(input, hx):  # the common case, in a few attribute reads
             params = self._parameters
             h, c = (input.new_zeros(input.shape[0], self.hidden_size),) * 2 if hx is None else hx
+            step = compiled_step(input, h, c, params)
+            if step is not None:
+                return step(input, h, c, params["weight_ih"], params["weight_hh"], params["weight_mh"],
+                            params.get("bias_ih"), params.get("bias_hh"), params.get("bias_mh"), self.multiplicative)
             p = F.linear(input, params["weight_ih"], params.get("bias_ih"))
             return plain_step(p, h, c, params["weight_hh"], params["weight_mh"], params.get("bias_hh"),
                               params.get("bias_mh"), self.multiplicative)
@@ -731,6 +736,12 @@ class MLSTM(_MLSTMBase):
             if path == "scan":
                 return scan_layer(x, h0, c0, params, self.multiplicative, self._runtime)
             return plain_layer(x, h0, c0, params, self.multiplicative, self._runtime)
+        if path == "plain" and x.shape[0] == 1 and self.fused and self.cpu_loops == "compiled":
+            step = compiled_step(x, h0, c0, params)
+            if step is not None:  # one step without autograd (generation): the cell's C++ kernel
+                h, c = step(x[0], h0, c0, params["weight_ih"], params["weight_hh"], params["weight_mh"],
+                            params.get("bias_ih"), params.get("bias_hh"), params.get("bias_mh"), self.multiplicative)
+                return h.unsqueeze(0), h.clone(), c
         if path == "fused":
             return fused_layer(x.contiguous(), h0, c0, params, self.multiplicative, self.cpu_loops == "python")
         if path == "scan":
@@ -746,6 +757,25 @@ def plain_is_cheaper(steps: int, batch: int, hidden: int, device_type: str) -> b
     CPU (benchmarks/bench_torch.py --generation): at B=1, H=512 the fused layer is slower up to ~16
     steps; at B=32, H=64 from 2 steps on it is faster."""
     return steps == 1 or steps * batch <= hidden // 32
+
+
+def compiled_step(x: Tensor, h: Tensor, c: Tensor, params: dict):
+    """The compiled one-step kernel (``cpu_step.cpp``) when it may run this step, else None (then the
+    plain step runs). It may when nothing records a gradient (``torch.no_grad()``,
+    ``torch.inference_mode()``, or no tensor requiring one), on CPU in float32/float64, outside
+    ``torch.compile``, ``torch.jit.trace``, ONNX export and ``torch.func`` transforms (which must see
+    torch operations), and where the C++ loops could be built. It computes what the plain step does
+    (the tests hold it to 1e-12 in float64) without its per-operation overhead: one step at batch 1 is
+    what text generation runs, where nn.LSTMCell's per-call cost is the yardstick."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or type(x) is not Tensor:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or h.requires_grad or c.requires_grad
+                                    or any(p.requires_grad for p in params.values())):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active() or torch.onnx.is_in_onnx_export():
+        return None
+    loops = build.cpu_loops()
+    return None if loops is None else loops.cell_step
 
 
 def _reverse_index(lengths: Tensor, x: Tensor) -> Tensor:

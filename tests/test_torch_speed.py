@@ -1,0 +1,168 @@
+"""The one-step C++ kernel (``cpu_step.cpp``) that MLSTMCell, and MLSTM on a one-step sequence, run when
+nothing records a gradient: it must compute what the plain step computes, and step aside wherever
+autograd or a tracer must see torch operations. Its speed is shown by
+``benchmarks/bench_torch.py --generation``, not here."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import require_backend
+
+bt = require_backend("torch")
+
+import torch  # noqa: E402
+
+from backends.torch import modules  # noqa: E402
+from mlstm_spec.conformance import relative_error  # noqa: E402
+
+# float64: the kernel and the plain step differ only in rounding (another BLAS call, SLEEF's tanh and
+# exp against MKL's), ~1e-16 relative per step; 1e-12 leaves room for that and none for a wrong term.
+BOUND = 1e-12
+
+OPTIONS = {
+    "addition": dict(),
+    "multiplicative": dict(integration_mode="multiplicative_integration"),
+    "no biases": dict(bias=False),
+    "independent": dict(independent_recurrence=True),
+    "multiplicative, only bias_mh": dict(integration_mode="multiplicative_integration", bias=False,
+                                         multiplicative_bias=True),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    built, reason = bt.compiled_cpu_loops()
+    if not built:
+        pytest.skip(f"the C++ loops (and the one-step kernel with them) are not built here: {reason}")
+
+
+def assert_close(got, want):
+    __tracebackhide__ = True
+    assert got.shape == want.shape and got.dtype == want.dtype
+    error, where = relative_error(got.detach().numpy(), want.detach().numpy())
+    assert error <= BOUND, f"relative error {error:.2e} at {where} > {BOUND:.0e}"
+
+
+def reference_step(cell, x, state):
+    """The plain step, run with autograd recording (the parameters require grad), detached."""
+    with torch.enable_grad():
+        h, c = cell(x, state)
+    assert h.grad_fn is not None  # the plain path ran
+    return h.detach(), c.detach()
+
+
+@pytest.fixture
+def no_plain_step(monkeypatch):
+    """Fails a test in which the plain step runs where the kernel should."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plain step ran instead of the compiled one")
+
+    monkeypatch.setattr(modules, "plain_step", refuse)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cell_kernel_equals_the_plain_step(options, batch, mode):
+    torch.manual_seed(0)
+    cell = bt.MLSTMCell(5, 7, dtype=torch.float64, **options)
+    with torch.no_grad():
+        for p in cell.parameters():  # biases away from their zero start, so that each one counts
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(batch, 5, dtype=torch.float64)
+    state = (torch.randn(batch, 7, dtype=torch.float64), torch.randn(batch, 7, dtype=torch.float64))
+    want = reference_step(cell, x, state)
+    with mode():
+        got = cell(x, state)
+        zero_state = cell(x)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+        assert not g.requires_grad
+    for g, w in zip(zero_state, reference_step(cell, x, None)):
+        assert_close(g, w)
+
+
+def test_cell_kernel_runs_without_autograd_only(no_plain_step):
+    torch.manual_seed(1)
+    cell = bt.MLSTMCell(4, 6, dtype=torch.float64)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    with torch.no_grad():
+        cell(x)  # the kernel (no_plain_step fails the test otherwise)
+    cell.requires_grad_(False)
+    cell(x)  # nothing requires a gradient: the kernel too
+    with pytest.raises(AssertionError, match="the plain step ran"):
+        cell(x.requires_grad_())  # the input requires one: the plain step, for autograd
+
+
+def test_cell_gradients_unchanged_beside_the_kernel():
+    torch.manual_seed(2)
+    cell = bt.MLSTMCell(4, 6, dtype=torch.float64)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    state = (torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))
+    with torch.no_grad():
+        values = cell(x, state)
+    h, c = cell(x, state)
+    for g, w in zip((h, c), values):
+        assert_close(g, w)
+    (h.sum() + c.sum()).backward()
+    grads = [x.grad] + [p.grad for p in cell.parameters()]
+    # against the plain step written out from torch operations
+    want_x = x.detach().clone().requires_grad_()
+    params = {name: p.detach().clone().requires_grad_() for name, p in cell.named_parameters()}
+    p = torch.nn.functional.linear(want_x, params["weight_ih"], params["bias_ih"])
+    h2, c2 = modules.plain_step(p, *state, params["weight_hh"], params["weight_mh"], params["bias_hh"],
+                                params["bias_mh"], False)
+    (h2.sum() + c2.sum()).backward()
+    for got, want in zip(grads, [want_x.grad] + [q.grad for q in params.values()]):
+        assert_close(got, want)
+
+
+def test_a_weight_changed_in_place_between_calls_is_used():
+    torch.manual_seed(3)
+    cell = bt.MLSTMCell(4, 6, dtype=torch.float64)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    state = (torch.randn(1, 6, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64))  # h = 0 hides W_hh
+    with torch.no_grad():
+        before = cell(x, state)[0]
+        for name in ("weight_ih", "weight_hh", "weight_mh", "bias_ih", "bias_hh", "bias_mh"):
+            getattr(cell, name).add_(0.25)  # in place: the same tensor, a new _version
+            after = cell(x, state)[0]
+            assert not torch.equal(after, before), name
+            assert_close(after, reference_step(cell, x, state)[0])
+            before = after
+
+
+def test_float32_and_non_contiguous_inputs():
+    torch.manual_seed(4)
+    cell = bt.MLSTMCell(5, 8)
+    xs = torch.randn(3, 4, 5)[:, 1]  # a strided (3, 5) view
+    state = tuple(torch.randn(8, 3).t() for _ in range(2))  # transposed views
+    with torch.no_grad():
+        h, c = cell(xs, state)
+    want = reference_step(cell, xs, state)
+    assert h.dtype == torch.float32
+    assert torch.allclose(h, want[0], rtol=1e-5, atol=1e-6) and torch.allclose(c, want[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_on_one_step_equals_its_plain_path(bidirectional, batch_first, monkeypatch):
+    torch.manual_seed(5)
+    layer = bt.MLSTM(3, 5, num_layers=2, bidirectional=bidirectional, batch_first=batch_first, dtype=torch.float64)
+    plain = bt.MLSTM.from_canonical(layer.to_canonical(), bidirectional=bidirectional, batch_first=batch_first,
+                                    fused=False)
+    x = torch.randn((2, 1, 3) if batch_first else (1, 2, 3), dtype=torch.float64)  # one step, batch 2
+    count = 4 if bidirectional else 2
+    state = (torch.randn(count, 2, 5, dtype=torch.float64), torch.randn(count, 2, 5, dtype=torch.float64))
+    with monkeypatch.context() as patch, torch.no_grad():
+        def refuse(*args, **kwargs):
+            raise AssertionError("the plain layer ran instead of the compiled step")
+
+        patch.setattr(modules, "plain_layer", refuse)
+        got_output, (got_h, got_c) = layer(x, state)
+    with torch.no_grad():
+        want_output, (want_h, want_c) = plain(x, state)  # fused=False: the plain path, as asked
+    for got, want in ((got_output, want_output), (got_h, want_h), (got_c, want_c)):
+        assert_close(got, want)
+    # the output's last step and h_n are separate tensors, as nn.LSTM's
+    assert got_output.untyped_storage().data_ptr() != got_h.untyped_storage().data_ptr()
