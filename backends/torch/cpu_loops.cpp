@@ -16,7 +16,14 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <chrono>
+#include <functional>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -76,15 +83,77 @@ void gemm(int64_t rows, int64_t n, int64_t k, const scalar_t* A, int64_t lda, co
 #endif
 }
 
+// Whether a float product of this shape runs on a weight packed into MKL's internal layout
+// (cblas_sgemm_pack/compute) or on plain sgemm. On the Intel Xeon this was tuned on, packed is 18-27%
+// faster per step at the benchmark sizes (2 threads); MKL takes other code paths on other vendors'
+// processors, where that is not known to hold. So the choice is measured, once per process for each
+// shape and thread count: the faster of the two over a few products (packing included), kept for every
+// later call. MLSTM_TORCH_STEP_GEMM=packed or =plain fixes it instead; step_gemm_choices() reports them.
+using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int>;
+std::mutex choices_mutex;
+std::map<ShapeKey, bool> packed_choices;  // (rows, n, k, threads) -> packed is faster
+
+#if AT_MKL_ENABLED()
+double best_seconds(const std::function<void()>& product) {
+  product();  // warm-up: first touch of the buffers, MKL's own set-up
+  double best = 1e30;
+  for (int repeat = 0; repeat < 5; ++repeat) {
+    const auto start = std::chrono::steady_clock::now();
+    product();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+bool packed_is_faster(const float* w, int64_t rows, int64_t n, int64_t k) {
+  const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM");
+  if (fixed && std::string(fixed) == "packed") return true;
+  if (fixed && std::string(fixed) == "plain") return false;
+  const ShapeKey key{rows, n, k, at::get_num_threads()};
+  {
+    std::lock_guard<std::mutex> guard(choices_mutex);
+    auto found = packed_choices.find(key);
+    if (found != packed_choices.end()) return found->second;
+  }
+  // A stand-in left operand of ones (the products' time does not depend on the values, short of
+  // denormals), and a step count of 8 products per packing: a call packs once and runs T products.
+  std::vector<float> a(static_cast<size_t>(rows * k), 1.f), c(static_cast<size_t>(rows * n));
+  std::vector<float> packed(cblas_sgemm_pack_get_size(kBMatrix, rows, n, k) / sizeof(float) + 1);
+  const double packed_time = best_seconds([&] {
+    cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, rows, n, k, 1.f, w, n, packed.data());
+    for (int step = 0; step < 8; ++step)
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows, n, k, a.data(), k, packed.data(), n, 0.f, c.data(), n);
+  });
+  const double plain_time = best_seconds([&] {
+    for (int step = 0; step < 8; ++step) gemm<float>(rows, n, k, a.data(), k, w, n, false, c.data(), n);
+  });
+  const bool faster = packed_time < plain_time;
+  std::lock_guard<std::mutex> guard(choices_mutex);
+  packed_choices.emplace(key, faster);
+  return faster;
+}
+#endif
+
+// The measured choices so far: a list of (rows, n, k, threads, "packed" or "plain").
+std::vector<std::tuple<int64_t, int64_t, int64_t, int, std::string>> step_gemm_choices() {
+  std::lock_guard<std::mutex> guard(choices_mutex);
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int, std::string>> out;
+  for (const auto& [key, packed] : packed_choices)
+    out.emplace_back(std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key),
+                     packed ? "packed" : "plain");
+  return out;
+}
+
 // The right-hand operand of every step's product, W (k x n, row-major, contiguous), for products with
-// `rows` rows. In float with MKL it is packed once into MKL's internal layout, which saves the per-call
-// packing of plain sgemm: measured 18-27% faster per step at the benchmark sizes (2 threads).
+// `rows` rows. In float with MKL it is packed once into MKL's internal layout where that measured
+// faster for this shape (see packed_is_faster), which saves the per-call packing of plain sgemm.
 template <typename scalar_t>
 class StepWeight {
  public:
   StepWeight(const Tensor& w, int64_t rows) : w_(w), k_(w.size(0)), n_(w.size(1)), rows_(rows) {
 #if AT_MKL_ENABLED()
     if constexpr (std::is_same_v<scalar_t, float>) {
+      if (!packed_is_faster(w.data_ptr<float>(), rows, n_, k_)) return;
       const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_);
       packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
       cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, rows, n_, k_, 1.f, w.data_ptr<float>(), n_,
@@ -96,9 +165,11 @@ class StepWeight {
   void multiply(const scalar_t* A, int64_t lda, bool accumulate, scalar_t* C, int64_t ldc) const {
 #if AT_MKL_ENABLED()
     if constexpr (std::is_same_v<scalar_t, float>) {
-      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows_, n_, k_, A, lda, packed_.data_ptr<float>(), n_,
-                          accumulate ? 1.f : 0.f, C, ldc);
-      return;
+      if (packed_.defined()) {
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows_, n_, k_, A, lda, packed_.data_ptr<float>(), n_,
+                            accumulate ? 1.f : 0.f, C, ldc);
+        return;
+      }
     }
 #endif
     gemm<scalar_t>(rows_, n_, k_, A, lda, w_.data_ptr<scalar_t>(), n_, accumulate, C, ldc);
@@ -532,7 +603,12 @@ std::vector<Tensor> layer_backward(const std::optional<Tensor>& d_hs_given, cons
 
 // The returned lists are (hs, h_T, c_T, *tape) and the nine gradients (d_x, d_h0, d_c0, d_w_ih, d_w_hh,
 // d_w_mh, d_b_ih, d_b_hh, d_b_mh); the tape's fields are in the order of Tape in backends/torch/fused.py.
+void define_cell_step(pybind11::module& m);  // cpu_step.cpp: one step without autograd
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_forward", &layer_forward, "the fused forward loop");
   m.def("layer_backward", &layer_backward, "the fused backward loop");
+  define_cell_step(m);
+  m.def("step_gemm_choices", &step_gemm_choices,
+        "the per-step products' measured choices: (rows, n, k, threads, 'packed' or 'plain')");
 }
