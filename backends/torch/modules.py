@@ -741,7 +741,7 @@ class MLSTM(_MLSTMBase):
             if step is not None:  # one step without autograd (generation): the cell's C++ kernel
                 h, c = step(x[0], h0, c0, params["weight_ih"], params["weight_hh"], params["weight_mh"],
                             params.get("bias_ih"), params.get("bias_hh"), params.get("bias_mh"), self.multiplicative)
-                return h.unsqueeze(0), h.clone(), c
+                return h.unsqueeze(0), h, c  # h_n is stacked (copied) from h by the caller
         if path == "fused":
             return fused_layer(x.contiguous(), h0, c0, params, self.multiplicative, self.cpu_loops == "python")
         if path == "scan":
