@@ -164,3 +164,42 @@ def test_layer_on_one_step_equals_its_plain_path(bidirectional, batch_first, mon
         want_output, (want_h, want_c) = plain(x, state)  # fused=False: the plain path, as asked
     for got, want in ((got_output, want_output), (got_h, want_h), (got_c, want_c)):
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", ["packed", "plain"])
+def test_both_kinds_of_step_product_compute_the_layer(kind, monkeypatch):
+    """The per-step products run on an MKL-packed weight or on plain sgemm, whichever measured faster
+    for the shape (cpu_loops.cpp); MLSTM_TORCH_STEP_GEMM fixes the kind. Either must give the layer's
+    float32 results, forward and backward, against the same layer in float64 (no packing there)."""
+    from mlstm_spec.conformance.tolerances import tolerance
+
+    torch.manual_seed(6)
+    wide = bt.MLSTM(5, 8, batch_first=True, dtype=torch.float64, integration_mode="multiplicative_integration")
+    narrow = bt.MLSTM.from_canonical(wide.to_canonical(), batch_first=True, dtype=torch.float32,
+                                     integration_mode="multiplicative_integration")
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    results = {}
+    for name, model in (("float64", wide), (kind, narrow)):
+        if name == kind:
+            monkeypatch.setenv("MLSTM_TORCH_STEP_GEMM", kind)
+        inputs = x.to(model.weight_ih_l0.dtype).clone().requires_grad_()
+        output, (h_n, c_n) = model(inputs)
+        (output.sum() + c_n.sum()).backward()
+        results[name] = [output, h_n, c_n, inputs.grad] + [p.grad for p in model.parameters()]
+    bound = tolerance("float32", "cpu")
+    for got, want in zip(results[kind], results["float64"]):
+        error, where = relative_error(got.detach().double().numpy(), want.detach().numpy())
+        assert error <= bound, f"relative error {error:.2e} at {where} > {bound:.0e}"
+
+
+def test_the_measured_choices_are_reported(monkeypatch):
+    monkeypatch.delenv("MLSTM_TORCH_STEP_GEMM", raising=False)
+    from backends.torch import build
+
+    model = bt.MLSTM(3, 24, num_layers=1)  # a hidden size no other test uses: shapes not measured yet
+    with torch.no_grad():
+        model(torch.randn(5, 7, 3))
+    choices = {(rows, n, k): kind for rows, n, k, threads, kind in build.cpu_loops().step_gemm_choices()
+               if threads == torch.get_num_threads()}
+    # r = h W_hh^T: (7 x 24) by (24 x 24); a = m W_mh^T: (7 x 24) by (24 x 96)
+    assert choices.get((7, 24, 24)) in ("packed", "plain") and choices.get((7, 96, 24)) in ("packed", "plain")
