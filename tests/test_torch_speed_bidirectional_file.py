@@ -100,14 +100,16 @@ def test_a_two_direction_file_that_contradicts_itself_is_refused(tmp_path, edit,
 
 # ---- the torch layer ----
 
-@pytest.mark.parametrize("input_size, num_layers", [(3, 2), (4, 1)], ids=["I!=H, 2 layers", "I=H, 1 layer"])
-def test_torch_bidirectional_layer_round_trips_bit_exactly(tmp_path, input_size, num_layers):
+@pytest.mark.parametrize("input_size, num_layers, variants", [(3, 2, {}), (4, 1, {}),
+                                                                (3, 2, dict(proj_size=2, peepholes=True))],
+                         ids=["I!=H, 2 layers", "I=H, 1 layer", "projection and peepholes"])
+def test_torch_bidirectional_layer_round_trips_bit_exactly(tmp_path, input_size, num_layers, variants):
     bt = require_backend("torch")
     import torch
 
     torch.manual_seed(0)
     model = bt.MLSTM(input_size, 4, num_layers, bidirectional=True, dtype=torch.float64,
-                     integration_mode="multiplicative_integration")
+                     integration_mode="multiplicative_integration", **variants)
     path = mlstm_spec.save(tmp_path / "bi.safetensors", model)
     loaded = mlstm_spec.load(path)
     assert (loaded.directions, loaded.num_layers) == (2, num_layers)
