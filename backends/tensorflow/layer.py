@@ -442,10 +442,10 @@ class MLSTM(keras.layers.RNN):
             ``recurrent_dropout``, ``seed``, ``activation``, ``recurrent_activation``: as for
             :class:`MLSTMCell`. The fused path applies both dropouts as the generic loop does
             (the same masks, given the seed).
-        num_proj, use_peepholes, cell_clip, proj_clip, forget_bias, and the ``projection_*`` and
-            ``peephole_*`` initializers, regularizers and constraints: the spec's variants, as for
-            :class:`MLSTMCell` (all off by default). With ``num_proj=P`` the outputs and ``h_T`` are P
-            wide, ``c_T`` stays H wide.
+        num_proj: the projection size P (the spec's variants, as for :class:`MLSTMCell`, all off by
+            default; so are ``use_peepholes``, ``cell_clip``, ``proj_clip``, ``forget_bias`` and the
+            ``projection_*`` and ``peephole_*`` initializers, regularizers and constraints). With
+            ``num_proj=P`` the outputs and ``h_T`` are P wide, ``c_T`` stays H wide.
         return_sequences: return the output of every step (B, T, H) instead of the last (B, H).
         return_state: also return the final state ``h_T, c_T`` (each (B, H)), as ``keras.layers.LSTM``.
         go_backwards: process the sequence in reverse and return the reversed output sequence.
