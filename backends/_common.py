@@ -25,6 +25,7 @@ from mlstm_spec.io import WeightFile
 from mlstm_spec.params import init_params
 from mlstm_spec.validation import (
     LayerInfo,
+    check_directional_stack,
     check_dtype,
     check_integration_mode,
     check_sequence,
@@ -254,7 +255,8 @@ def canonical_import(params, options: dict, *, one_layer: bool = False, owner: s
     if directions == 1:
         infos = check_stack(layers, shape_of=_NUMPY.shape_of, dtype_of=_NUMPY.dtype_of, allowed=DTYPES)
     else:
-        infos = _check_directional_stack(layers, directions)
+        infos = check_directional_stack(layers, directions, shape_of=_NUMPY.shape_of, dtype_of=_NUMPY.dtype_of,
+                                        allowed=DTYPES)
     refuse_variants(infos, {**implied, **options}, "params", backend, variants)
     implied.update(infos[0].options, num_layers=len(layers) // directions)
     for name, value in implied.items():
@@ -273,28 +275,6 @@ def _directions_message(found: int, wanted: int, owner: str, backend: str) -> st
     return (f"params is a weight file with {found} direction, but bidirectional=True asks for {wanted}; "
             "leave bidirectional out to build the layer the file holds")
 
-
-def _check_directional_stack(layers: list[dict], directions: int) -> list[LayerInfo]:
-    """The checks of :func:`check_stack` for a stack of ``directions`` mappings per layer."""
-    if len(layers) % directions:
-        raise ValueError(f"params holds {len(layers)} mappings; a stack with {directions} directions needs "
-                         f"a multiple of {directions} (layer 0 forward, layer 0 reverse, layer 1 forward, ...)")
-    infos = [check_stack([layer], shape_of=_NUMPY.shape_of, dtype_of=_NUMPY.dtype_of, argument=f"params[{k}]",
-                         allowed=DTYPES)[0] for k, layer in enumerate(layers)]
-    first = infos[0]
-    for k, info in enumerate(infos):
-        want_input = first.input_size if k < directions else directions * first.output_size
-        if info.options != first.options or info.dtype != first.dtype:
-            raise ValueError(f"params[{k}] has options {info.options} and dtype {info.dtype}, but params[0] "
-                             f"has {first.options} and {first.dtype}; a stack shares one set")
-        if info.input_size != want_input or info.hidden_size != first.hidden_size:
-            raise ValueError(f"params[{k}] (layer {k // directions}, direction {k % directions}) must have "
-                             f"I={want_input} and H={first.hidden_size}, got I={info.input_size}, "
-                             f"H={info.hidden_size}")
-    return infos
-
-
-# ---- initial parameters ----
 
 def init_layers(input_size, hidden_size, *, num_layers=1, rng=None, dtype="float32", **options) -> list[dict]:
     """Initial canonical parameters of a stack (NumPy), drawn by :func:`mlstm_spec.init_params`

@@ -114,7 +114,8 @@ import numpy as np
 
 from .equations import (BIAS_FLAGS, INTEGRATION_MODES, PARAM_SHAPES, PEEPHOLE_WEIGHTS, RUNTIME_DEFAULTS,
                         VARIANT_PARAM_SHAPES)
-from .validation import (SPEC_DTYPES, LayerInfo, check_integration_mode, check_ndarray, check_runtime_options,
+from .validation import (SPEC_DTYPES, LayerInfo, check_directional_stack, check_integration_mode, check_ndarray,
+                         check_runtime_options,
                          check_stack, dtype_name)
 
 __all__ = ["DIRECTIONS", "FORMAT_NAME", "FORMAT_VERSION", "FORMULATION", "FORMULATION_V2", "LAYOUT", "LAYOUT_V2",
@@ -385,26 +386,6 @@ def _resolve_directions(given, carried: list) -> int:
     return given
 
 
-def _check_directional_stack(stack: list, directions: int, allowed) -> list[LayerInfo]:
-    """:func:`check_stack` for ``directions`` mappings per layer in ``torch.nn.LSTM``'s order: each
-    layer after the first takes the directions' outputs concatenated."""
-    if len(stack) % directions:
-        raise ValueError(f"layers holds {len(stack)} mappings; {directions} directions need a multiple of "
-                         f"{directions} (layer 0 forward, layer 0 reverse, layer 1 forward, ...)")
-    infos = [check_stack([layer], argument=f"layers[{k}]", allowed=allowed)[0] for k, layer in enumerate(stack)]
-    first = infos[0]
-    for k, info in enumerate(infos):
-        want_input = first.input_size if k < directions else directions * first.output_size
-        if info.options != first.options or info.dtype != first.dtype:
-            raise ValueError(f"layers[{k}] has options {info.options} and dtype {info.dtype}, but layers[0] "
-                             f"has {first.options} and {first.dtype}; a stack shares one set")
-        if info.input_size != want_input or info.hidden_size != first.hidden_size:
-            raise ValueError(f"layers[{k}] (layer {k // directions}, direction {k % directions}) must have "
-                             f"I={want_input} and H={first.hidden_size}, got I={info.input_size}, "
-                             f"H={info.hidden_size}")
-    return infos
-
-
 def _merge_options(given: dict, carried: dict) -> dict:
     """``given`` (``integration_mode`` None: not given) completed with the options the layers carry;
     a given value other than the default must agree with theirs."""
@@ -495,7 +476,7 @@ def save(path, layers, *, integration_mode: str | None = None, metadata: Mapping
     stack = _numpy_stack(stack)
     allowed = SPEC_DTYPES + ("bfloat16",)
     infos = (check_stack(stack, argument="layers", allowed=allowed) if directions == 1
-             else _check_directional_stack(stack, directions, allowed))
+             else check_directional_stack(stack, directions, argument="layers", allowed=allowed))
     user = {} if metadata is None else metadata
     if not isinstance(user, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
         raise TypeError(f"metadata must be a mapping of str to str, got {metadata!r}")
@@ -970,7 +951,7 @@ def _load(data: bytes, parsed, path, verify_checksum: bool) -> WeightFile:
         layers.append(layer)
     try:
         infos = (check_stack(layers, argument="layers") if directions == 1
-                 else _check_directional_stack(layers, directions, SPEC_DTYPES))
+                 else check_directional_stack(layers, directions, argument="layers", allowed=SPEC_DTYPES))
     except (TypeError, ValueError) as exc:
         raise WeightFileError(f"{path}: the tensors do not form a valid stack: {exc}") from exc
     found = infos[0].options

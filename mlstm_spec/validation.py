@@ -258,6 +258,29 @@ def check_stack(layers, *, shape_of=None, dtype_of=None, argument="params",
     return infos
 
 
+
+def check_directional_stack(layers, directions: int, *, shape_of=None, dtype_of=None, argument="params",
+                            allowed=SPEC_DTYPES) -> list[LayerInfo]:
+    """:func:`check_stack` for ``directions`` mappings per layer in ``torch.nn.LSTM``'s order (layer 0
+    forward, layer 0 reverse, layer 1 forward, ...): each layer after the first takes the directions'
+    outputs concatenated. Errors name the mapping as ``{argument}[k]``."""
+    if len(layers) % directions:
+        raise ValueError(f"{argument} holds {len(layers)} mappings; a stack with {directions} directions needs "
+                         f"a multiple of {directions} (layer 0 forward, layer 0 reverse, layer 1 forward, ...)")
+    infos = [check_stack([layer], shape_of=shape_of, dtype_of=dtype_of, argument=f"{argument}[{k}]",
+                         allowed=allowed)[0] for k, layer in enumerate(layers)]
+    first = infos[0]
+    for k, info in enumerate(infos):
+        want_input = first.input_size if k < directions else directions * first.output_size
+        if info.options != first.options or info.dtype != first.dtype:
+            raise ValueError(f"{argument}[{k}] has options {info.options} and dtype {info.dtype}, but "
+                             f"{argument}[0] has {first.options} and {first.dtype}; a stack shares one set")
+        if info.input_size != want_input or info.hidden_size != first.hidden_size:
+            raise ValueError(f"{argument}[{k}] (layer {k // directions}, direction {k % directions}) must have "
+                             f"I={want_input} and H={first.hidden_size}, got I={info.input_size}, "
+                             f"H={info.hidden_size}")
+    return infos
+
 def check_ndarray(value, argument) -> None:
     """``value`` must be a NumPy array, and not an ``np.matrix``: that stays 2-D under indexing and
     reductions, which breaks the equations' shapes far from the argument that caused it."""

@@ -72,7 +72,7 @@ def test_one_direction_stays_the_old_file(tmp_path):
 def test_save_refuses_a_stack_that_is_not_two_directions(tmp_path):
     layers = bidirectional_stack(np.random.default_rng(2), 3, 4, 2)
     path = tmp_path / "w.safetensors"
-    with pytest.raises(ValueError, match=r"layers holds 3 mappings; 2 directions need a multiple of 2"):
+    with pytest.raises(ValueError, match=r"layers holds 3 mappings; a stack with 2 directions needs a multiple of 2"):
         mlstm_spec.save(path, layers[:3], directions=2)
     with pytest.raises(ValueError, match=r"layers\[2\] \(layer 1, direction 0\) must have I=8 and H=4, got I=4"):
         mlstm_spec.save(path, [layers[0], layers[1], *bidirectional_stack(np.random.default_rng(3), 4, 4, 1)],
