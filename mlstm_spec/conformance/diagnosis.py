@@ -183,6 +183,10 @@ VARIANTS = (
             "time-major code (nn.LSTM's default) given batch-major input", _batch_time_swapped),
     Variant("float64-computed-in-float32", "float64 computed in float32 and cast back",
             "JAX without jax_enable_x64", _float32),
+    Variant("forget-bias-1", "forget_bias = 1 added to the forget gate's pre-activation at run time",
+            "TensorFlow's LSTM cells and the TF 0.12 MultiplicativeLSTMCell, whose forget_bias defaults to 1.0",
+            lambda params, xs, state, mode: reference.forward(params, xs, state, integration_mode=mode,
+                                                              forget_bias=1.0)),
 )
 
 #: Agreement needed to name a variant, by dtype: far below the differences between variants (of
