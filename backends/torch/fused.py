@@ -145,10 +145,17 @@ def _differentiable_backward(ctx, output_grads, inputs, multiplicative):
     names = ("weight_ih", "weight_hh", "weight_mh", "bias_ih", "bias_hh", "bias_mh")
     params = {name: t for name, t in zip(names, inputs[3:]) if t is not None}
     outputs = plain_layer(inputs[0], inputs[1], inputs[2], params, multiplicative)
+    return gradients_with_graph(outputs, output_grads, inputs, wanted, 12)
+
+
+def gradients_with_graph(outputs, output_grads, inputs, wanted, size: int) -> tuple:
+    """The gradients of ``outputs`` against ``output_grads`` (None: that output unused) with respect to
+    ``inputs[k]`` for each k in ``wanted``, differentiable themselves (``create_graph=True``), placed
+    in a tuple of ``size`` entries (None elsewhere), as an operator's registered backward returns them."""
     pairs = [(out, grad) for out, grad in zip(outputs, output_grads) if grad is not None]
     grads = torch.autograd.grad([out for out, _ in pairs], [inputs[k] for k in wanted],
                                 [grad for _, grad in pairs], create_graph=True, allow_unused=True)
-    result = [None] * 12
+    result = [None] * size
     for k, grad in zip(wanted, grads):
         result[k] = grad
     return tuple(result)

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .fused import NAMESPACE
+from .fused import NAMESPACE, gradients_with_graph
 from .plain import plain_layer
 
 # Change when what the operators compute or return changes without a change of schema (see fused.py).
@@ -307,13 +307,7 @@ def _differentiable_backward(ctx, output_grads, inputs, multiplicative, runtime)
     params = {_CANONICAL[name]: t for name, t in zip(_WEIGHTS, inputs[3:]) if t is not None}
     runtime = {name: value for name, value in runtime.items() if value not in (None, 0.0)}
     outputs = plain_layer(inputs[0], inputs[1], inputs[2], params, multiplicative, runtime)
-    pairs = [(out, grad) for out, grad in zip(outputs, output_grads) if grad is not None]
-    grads = torch.autograd.grad([out for out, _ in pairs], [inputs[k] for k in wanted],
-                                [grad for _, grad in pairs], create_graph=True, allow_unused=True)
-    result = [None] * (len(inputs) + 4)
-    for k, grad in zip(wanted, grads):
-        result[k] = grad
-    return tuple(result)
+    return gradients_with_graph(outputs, output_grads, inputs, wanted, len(inputs) + 4)
 
 
 layer_forward.register_autograd(_backward, setup_context=_setup_context)
