@@ -77,6 +77,7 @@ import atexit
 import contextlib
 import shutil
 import tempfile
+import warnings
 from functools import partial
 
 import jax
@@ -138,6 +139,18 @@ def _check_stack(layers, argument: str = "params") -> list[LayerInfo]:
     _check_x64(infos[0].dtype, argument)
     return infos
 
+
+
+def _warn_meaning_changed(owner: str, forget_bias) -> None:
+    """``forget_bias=`` on the JAX constructors set the initial forget block until 0.1.0; it is now the
+    run-time constant, as in every other backend. Code written for the old meaning still runs, so it is
+    told, for one release, rather than left to compute something else in silence."""
+    if forget_bias:
+        warnings.warn(
+            f"{owner}(forget_bias={forget_bias!r}) adds {forget_bias!r} to the forget gate's pre-activation at "
+            "every step (TensorFlow's meaning, as in every backend here). Before version 0.1.0 it set the "
+            f"initial forget block of bias_ih; for that, pass forget_bias_init={forget_bias!r} instead. This "
+            "warning is removed in the next release.", FutureWarning, stacklevel=3)
 
 def _check_runtime(info: LayerInfo | None, cell_clip, proj_clip, forget_bias) -> dict:
     """The run-time variants as Python floats (``None`` / ``0.0`` when off), checked by the spec's rules:
@@ -569,6 +582,7 @@ class MLSTMCell:
                  proj_size=0, peepholes=False, unit_forget_bias=False, forget_bias_init=0.0, cell_clip=None,
                  proj_clip=None, forget_bias=0.0, key=None, dtype=jnp.float32):
         check_layer_options(input_size, hidden_size, integration_mode=integration_mode)
+        _warn_meaning_changed(type(self).__name__, forget_bias)
         params = init(_default_key(key), input_size, hidden_size, dtype=dtype, bias=bias,
                       recurrent_bias=recurrent_bias, multiplicative_bias=multiplicative_bias,
                       independent_recurrence=independent_recurrence, weight_init=weight_init, proj_size=proj_size,
@@ -676,6 +690,7 @@ class MLSTM:
                  unroll=1, weight_init="glorot_uniform", proj_size=0, peepholes=False, unit_forget_bias=False,
                  forget_bias_init=0.0, cell_clip=None, proj_clip=None, forget_bias=0.0, key=None,
                  dtype=jnp.float32):
+        _warn_meaning_changed(type(self).__name__, forget_bias)
         check_layer_options(input_size, hidden_size, num_layers=num_layers, integration_mode=integration_mode)
         unroll = _check_unroll(unroll)
         keys = jax.random.split(_default_key(key), num_layers)

@@ -7,6 +7,7 @@ the errors for bad options."""
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -163,8 +164,9 @@ def test_jit_of_grad_through_the_module_with_every_variant(x64):
 def test_projected_stack_and_cells_equal_the_spec(x64):
     """Layer 1 of a projected stack reads P features; cells (MLSTMCell, EqxMLSTMCell, cell) step as the
     spec's cell does, from a zero state P and H wide when none is given."""
-    model = bj.MLSTM(3, 5, num_layers=2, proj_size=2, peepholes=True, cell_clip=0.5, forget_bias=1.0,
-                     key=jax.random.key(1), dtype=jnp.float64)
+    with pytest.warns(FutureWarning, match="forget_bias_init=1.0"):
+        model = bj.MLSTM(3, 5, num_layers=2, proj_size=2, peepholes=True, cell_clip=0.5, forget_bias=1.0,
+                         key=jax.random.key(1), dtype=jnp.float64)
     layers = model.to_canonical()
     assert layers[1]["weight_ih"].shape == (25, 2) and layers[1]["weight_hh"].shape == (5, 2)
     assert layers[1]["weight_hr"].shape == (2, 5) and layers[1]["weight_co"].shape == (5,)
@@ -273,6 +275,23 @@ def test_init_options_are_the_specs():
 
 def raises(error, message):
     return pytest.raises(error, match=re.escape(message))
+
+
+def test_constructors_warn_that_forget_bias_changed_meaning():
+    """The constructors' forget_bias set the initial forget block before 0.1.0; old code still runs, so
+    it is warned, once per call site; the run-time value is what the layer then uses."""
+    for make in (lambda: bj.MLSTM(3, 4, forget_bias=2.0), lambda: bj.MLSTMCell(3, 4, forget_bias=2.0)):
+        with pytest.warns(FutureWarning, match=re.escape("pass forget_bias_init=2.0 instead")) as caught:
+            layer = make()
+        assert caught[0].filename == __file__  # points at the caller's line, not at backends/jax.py
+        assert layer.forget_bias == 2.0
+    params = mlstm_spec.init_params(3, 4, rng=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bj.MLSTM(3, 4)
+        bj.MLSTMCell(3, 4, forget_bias_init=2.0)
+        bj.MLSTM.from_canonical(params, forget_bias=2.0)
+        bj.MLSTMCell.from_canonical(params, forget_bias=2.0)
 
 
 def test_init_errors_and_the_renamed_keyword():
