@@ -21,7 +21,8 @@ from mlstm_spec import reference
 from mlstm_spec.conformance import (VARIANTS, Case, ConformanceError, assert_conforms, check, defects,
                                     diagnose, reproduce)
 from mlstm_spec.conformance.calls import Caller
-from mlstm_spec.conformance.cases import reference_forward, rounded_reference
+from mlstm_spec.conformance.cases import VARIANT_OPTIONS, reference_forward, rounded_reference
+from mlstm_spec.conformance.diagnosis import DIAGNOSTIC_CASES, VARIANT_DIAGNOSTIC_CASES
 from mlstm_spec.conformance.runner import suite_settings
 from mlstm_spec.conformance.tolerances import SHARPNESS, case_tolerance, tolerance
 
@@ -190,23 +191,39 @@ def test_the_rounded_reference_is_what_the_spec_computes_in_that_dtype():
 # ---- the diagnosis ----
 
 class VariantAdapter:
-    """An implementation that computes one variant of the table."""
+    """An implementation that computes one variant of the table, declaring the spec's variants
+    ``declared`` (the suite's attribute)."""
 
     dtypes = ("float64",)
 
-    def __init__(self, variant):
-        self.variant, self.name = variant, f"variant:{variant.key}"
+    def __init__(self, variant, declared=frozenset()):
+        self.variant, self.name, self.variants = variant, f"variant:{variant.key}", frozenset(declared)
 
-    def forward(self, params, xs, state, *, integration_mode):
-        out = self.variant.forward(params, xs, state, integration_mode)
+    def forward(self, params, xs, state, *, integration_mode, **runtime):
+        if self.variant.with_variants:
+            out = self.variant.forward(params, xs, state, integration_mode, **runtime)
+        else:
+            out = self.variant.forward(params, xs, state, integration_mode)
         if out is None:
             raise ValueError("the input does not fit this implementation's layout")
         return out
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.key)
-def test_the_diagnosis_names_each_known_variant_and_only_it(variant):
-    found = diagnose(VariantAdapter(variant))
+def _declarations():
+    """Each entry with no variants declared, and each that takes variants also with all of them and
+    with only those it needs (a clip of the projection needs the projection)."""
+    for variant in VARIANTS:
+        needed = variant.needs | ({"proj_size"} if "proj_clip" in variant.needs else set())
+        choices = {"none": frozenset(needed)} if not needed else {"its own": frozenset(needed)}
+        if variant.with_variants:
+            choices["all"] = frozenset(VARIANT_OPTIONS)
+        for label, declared in choices.items():
+            yield pytest.param(variant, declared, id=f"{variant.key}-declaring-{label}")
+
+
+@pytest.mark.parametrize("variant, declared", list(_declarations()))
+def test_the_diagnosis_names_each_known_variant_and_only_it(variant, declared):
+    found = diagnose(VariantAdapter(variant, declared))
     assert found.matches == [variant.key], found.describe()
     assert variant.title in found.describe()
 
@@ -268,6 +285,62 @@ def test_the_diagnosis_names_implementations_written_independently_of_its_table(
     """The variants of the table are what such implementations compute (the real torchrecurrent is
     checked in test_runner.py): each of these, written on its own, is named."""
     assert diagnose(adapter).matches == [key]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("defect, key", [
+    (defects.PeepholeOutputReadsPreviousCell, "peephole-o-reads-previous-c"),
+    (defects.PeepholeInputForgetSwapped, "peephole-i-f-swapped"),
+    (defects.CellClipAfterOutput, "cell-clip-after-output"),
+    (defects.ProjClipBeforeProjection, "proj-clip-before-projection"),
+    (defects.ProjClipIgnored, "proj-clip-ignored"),
+    (defects.ForgetBiasIgnored, "forget-bias-ignored"),
+    (defects.ForgetBiasInsideProduct, "forget-bias-inside-product"),
+    (defects.Tf012Output, "tf012-output"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_the_diagnosis_names_each_planted_variant_defect(defect, key, dtype):
+    """The planted defects are written independently of the table (defects.variant_forward): each is
+    named, and named alone, in float64 and in float32, on every diagnostic case."""
+    found = diagnose(defect(), dtype=dtype)
+    assert found.matches == [key], found.describe()
+    assert found.cases_run == len(DIAGNOSTIC_CASES) + len(VARIANT_DIAGNOSTIC_CASES)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("adapter", [defects.SpecAdapter(), defects.CorrectVariantRewrite(),
+                                     defects.WeightHrGradientDropped()], ids=lambda a: a.name)
+def test_the_diagnosis_names_nothing_for_a_correct_forward_with_every_variant(adapter, dtype):
+    found = diagnose(adapter, dtype=dtype)
+    assert found.cases_run == len(DIAGNOSTIC_CASES) + len(VARIANT_DIAGNOSTIC_CASES)
+    assert found.matches == [] and "agrees with the spec" in found.describe()
+
+
+def test_the_variant_cases_run_only_for_the_variants_an_adapter_declares():
+    class PeepholesOnly(defects.PeepholeOutputReadsPreviousCell):
+        variants = frozenset({"peepholes"})
+
+    found = diagnose(PeepholesOnly())
+    assert found.matches == ["peephole-o-reads-previous-c"]
+    assert found.cases_run == len(DIAGNOSTIC_CASES) + 1
+    assert "forget-bias-ignored" not in found.errors and "cell-clip-after-output" not in found.errors
+
+    class AdditionOnly(defects.PeepholeOutputReadsPreviousCell):  # every variant, but declines some cases
+        def supports(self, options):
+            return options["integration_mode"] == "addition" and options["num_layers"] == 1
+
+    found = diagnose(AdditionOnly())
+    assert found.matches == ["peephole-o-reads-previous-c"]
+    # the clip and forget-bias cases are under multiplicative integration: nothing said about those
+    assert "forget-bias-ignored" not in found.errors and "cell-clip-after-output" not in found.errors
+    assert "proj-clip-ignored" in found.errors
+
+    class NoVariants(defects.ForgetBiasIgnored):
+        variants = frozenset()
+
+    found = diagnose(NoVariants())  # its defect needs a forget bias, which no case it is given has
+    assert found.cases_run == len(DIAGNOSTIC_CASES) and found.matches == []
+    assert "agrees with the spec" in found.describe()
+    assert not {v.key for v in VARIANTS if v.needs} & set(found.errors)
 
 
 def test_the_diagnosis_of_a_correct_forward_says_the_failure_is_elsewhere():

@@ -52,6 +52,7 @@ EXPECTED_CHECK = {
     "StateNotCarried": "outputs",
     "FinalStateOfRowZero": "final_state",
     "H0GradientDropped": "gradients",
+    "Tf012Output": "outputs",
     "HiddenTailGatesSwapped": "outputs",
     "InputTileDropped": "outputs",
     "TimeChunkRestartsState": "outputs",
@@ -65,6 +66,8 @@ EXPECTED_CHECK = {
     "ProjClipBeforeProjection": "outputs",
     "ForgetBiasInsideProduct": "outputs",
     "WeightHrGradientDropped": "gradients",
+    "ForgetBiasIgnored": "outputs",
+    "ProjClipIgnored": "outputs",
 }
 
 #: what the smallest failing example must look like for defects that hide in some shapes/options
@@ -96,6 +99,8 @@ VARIANT_NEEDS = {
     "ProjClipBeforeProjection": lambda case: case.proj_clip is not None,
     "ForgetBiasInsideProduct": lambda case: case.forget_bias != 0 and case.integration_mode != "addition",
     "WeightHrGradientDropped": lambda case: case.proj_size > 0,
+    "ForgetBiasIgnored": lambda case: case.forget_bias != 0,
+    "ProjClipIgnored": lambda case: case.proj_clip is not None,
 }
 
 #: float64 computed in float32 is, in float32, no defect at all

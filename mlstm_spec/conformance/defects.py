@@ -398,7 +398,7 @@ def variant_forward(params, xs, state, integration_mode, *, cell_clip=None, proj
             if gate == "f" and bug == "forget-bias-inside-product":
                 p = p + forget_bias
             pre[gate] = p * q if integration_mode != "addition" else p + q
-        if bug != "forget-bias-inside-product":
+        if bug not in ("forget-bias-inside-product", "forget-bias-ignored"):
             pre["f"] = pre["f"] + forget_bias
         if peepholes:
             w_i, w_f = params["weight_ci"], params["weight_cf"]
@@ -409,7 +409,12 @@ def variant_forward(params, xs, state, integration_mode, *, cell_clip=None, proj
         c_new = clip(raw, cell_clip)
         if peepholes:
             pre["o"] = pre["o"] + params["weight_co"] * (c if bug == "peephole-o-reads-previous-c" else c_new)
-        k = sigmoid(pre["o"]) * np.tanh(raw if bug == "cell-clip-after-output" else c_new)
+        if bug == "tf012-output":  # the gate's pre-activation, peephole included, inside the tanh
+            k = np.tanh(c_new * pre["o"]) * (sigmoid(pre["o"]) if peepholes else 1.0)
+        else:
+            k = sigmoid(pre["o"]) * np.tanh(raw if bug == "cell-clip-after-output" else c_new)
+        if bug == "proj-clip-ignored":
+            proj_clip = None
         if "weight_hr" in params:
             if bug == "proj-clip-before-projection":
                 h = clip(k, proj_clip) @ params["weight_hr"].T
@@ -431,6 +436,10 @@ VARIANT_BUGS = {
     "proj-clip-before-projection": "proj_clip clips o * tanh(c) before the projection instead of its result",
     "forget-bias-inside-product": "forget_bias added to the input projection p_f inside the product p_f * q_f "
                                   "(the same as the spec under addition, wrong under multiplicative integration)",
+    "forget-bias-ignored": "the run-time forget_bias is accepted and never added",
+    "proj-clip-ignored": "proj_clip is accepted and never applied",
+    "tf012-output": "the TF 0.12 MultiplicativeLSTMCell's output, tanh(c * a_o) (a_o the output gate's "
+                    "pre-activation), with peepholes sigmoid(a_o) * tanh(c * a_o)",
 }
 
 
@@ -471,6 +480,24 @@ class ForgetBiasInsideProduct(_VariantDefect):
     bug = "forget-bias-inside-product"
 
 
+class ForgetBiasIgnored(_VariantDefect):
+    name = "defect:forget-bias-ignored"
+    bug = "forget-bias-ignored"
+
+
+class ProjClipIgnored(_VariantDefect):
+    name = "defect:proj-clip-ignored"
+    bug = "proj-clip-ignored"
+
+
+class Tf012Output(_VariantDefect):
+    """The TF 0.12 cell's output formula: wrong with or without the variants (a small-tier defect),
+    with its own form when the peepholes are on."""
+
+    name = "defect:tf012-output"
+    bug = "tf012-output"
+
+
 class WeightHrGradientDropped(SpecAdapter):
     """The projection's weight gets no gradient (a backward written before the projection was)."""
 
@@ -492,7 +519,7 @@ class CorrectVariantRewrite(_VariantDefect):
 SMALL_DEFECTS = (
     IhBlocksPermuted, MhBlocksPermuted, BiasHhIgnored, BiasMhTwice, SigmoidCandidate,
     OutputTanhOfCTimesO, OutputTanhTanhZ, StateSwapped, TransposedWeights, Float64AsFloat32,
-    StateNotCarried, FinalStateOfRowZero, H0GradientDropped,
+    StateNotCarried, FinalStateOfRowZero, H0GradientDropped, Tf012Output,
 )
 #: Defects only the large tier can catch (invisible at the small tier's sizes).
 SIZE_DEFECTS = (HiddenTailGatesSwapped, InputTileDropped, TimeChunkRestartsState, BatchTailTileShifted,
@@ -501,5 +528,6 @@ SIZE_DEFECTS = (HiddenTailGatesSwapped, InputTileDropped, TimeChunkRestartsState
 FLOAT32_DEFECTS = (ApproximateTanhFloat32, TF32Matmul)
 #: Defects in the spec's variants (only examples with the variant on can catch them).
 VARIANT_DEFECTS = (PeepholeOutputReadsPreviousCell, PeepholeInputForgetSwapped, CellClipAfterOutput,
-                   ProjClipBeforeProjection, ForgetBiasInsideProduct, WeightHrGradientDropped)
+                   ProjClipBeforeProjection, ForgetBiasInsideProduct, WeightHrGradientDropped, ForgetBiasIgnored,
+                   ProjClipIgnored)
 DEFECTS = SMALL_DEFECTS + SIZE_DEFECTS + FLOAT32_DEFECTS + VARIANT_DEFECTS

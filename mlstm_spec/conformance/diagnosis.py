@@ -25,22 +25,37 @@ from .tolerances import relative_error
 
 
 def numpy_forward(params, xs, state, integration_mode, *, tanh=np.tanh, matmul=np.matmul,
-                  candidate=None, output=None, bias_hh_on_m=False):
+                  candidate=None, output=None, bias_hh_on_m=False, cell_clip=None, proj_clip=None,
+                  forget_bias=0.0, output_of_preactivation=None, o_peephole_reads_previous_c=False,
+                  output_reads_unclipped_c=False, proj_clip_before_projection=False):
     """A forward pass written independently of :mod:`mlstm_spec.equations`, computing in the dtype of
-    ``xs``. ``tanh(a)`` and ``matmul(a, b)`` are the elementary operations; ``candidate(a_z)`` and
+    ``xs``, with the spec's variants (a projection and peepholes read from ``params``; ``cell_clip``,
+    ``proj_clip``, ``forget_bias`` as the spec takes them).
+
+    ``tanh(a)`` and ``matmul(a, b)`` are the elementary operations; ``candidate(a_z)`` and
     ``output(o, c, z)`` replace ``tanh(a_z)`` and ``o * tanh(c)``; ``bias_hh_on_m`` adds ``bias_hh``
-    to ``m`` instead of to ``weight_hh h``."""
+    to ``m`` instead of to ``weight_hh h``. The hooks of the variants' misformulations:
+    ``output_of_preactivation(a_o, c)`` replaces ``sigmoid(a_o) * tanh(c)`` (``a_o`` with its
+    peephole term); ``o_peephole_reads_previous_c`` gives the output gate's peephole the previous
+    cell state; ``output_reads_unclipped_c`` feeds the output gate's peephole and the output the cell state
+    before ``cell_clip`` (only the carried state is clipped); ``proj_clip_before_projection`` clips
+    the output before the projection instead of after it."""
     def gate_bias(key, gate, blocks):
         return block(params[key], gate, blocks) if key in params else 0.0
+
+    def clip(value, bound):
+        return value if bound is None else np.minimum(np.maximum(value, -bound), bound)
 
     batched = xs.ndim == 3
     xs_b = xs if batched else xs[None]
     B, H = xs_b.shape[0], params["weight_mh"].shape[1]
+    P = params["weight_hr"].shape[0] if "weight_hr" in params else H
     if state is None:
-        h = c = np.zeros((B, H), xs.dtype)
+        h, c = np.zeros((B, P), xs.dtype), np.zeros((B, H), xs.dtype)
     else:
-        h, c = np.reshape(state[0], (B, H)), np.reshape(state[1], (B, H))
+        h, c = np.reshape(state[0], (B, P)), np.reshape(state[1], (B, H))
     w_hh = params["weight_hh"]
+    peepholes = "weight_ci" in params
     outputs = []
     for x in np.moveaxis(xs_b, 1, 0):
         def projection(gate):
@@ -55,10 +70,28 @@ def numpy_forward(params, xs, state, integration_mode, *, tanh=np.tanh, matmul=n
         for gate in MH_BLOCKS:
             q = matmul(m, block(params["weight_mh"], gate, MH_BLOCKS).T) + gate_bias("bias_mh", gate, MH_BLOCKS)
             pre[gate] = projection(gate) * q if integration_mode != "addition" else projection(gate) + q
+        if forget_bias:
+            pre["f"] = pre["f"] + forget_bias
+        if peepholes:
+            pre["i"] = pre["i"] + params["weight_ci"] * c
+            pre["f"] = pre["f"] + params["weight_cf"] * c
         z = tanh(pre["z"]) if candidate is None else candidate(pre["z"])
-        o = sigmoid(pre["o"])
-        c = sigmoid(pre["f"]) * c + sigmoid(pre["i"]) * z
-        h = o * tanh(c) if output is None else output(o, c, z)
+        unclipped = sigmoid(pre["f"]) * c + sigmoid(pre["i"]) * z
+        c_previous, c = c, clip(unclipped, cell_clip)
+        c_out = unclipped if output_reads_unclipped_c else c
+        if peepholes:
+            pre["o"] = pre["o"] + params["weight_co"] * (c_previous if o_peephole_reads_previous_c else c_out)
+        if output_of_preactivation is not None:
+            h = output_of_preactivation(pre["o"], c_out)
+        elif output is None:
+            h = sigmoid(pre["o"]) * tanh(c_out)
+        else:
+            h = output(sigmoid(pre["o"]), c_out, z)
+        if "weight_hr" in params:
+            if proj_clip_before_projection:
+                h = matmul(clip(h, proj_clip), params["weight_hr"].T)
+            else:
+                h = clip(matmul(h, params["weight_hr"].T), proj_clip)
         outputs.append(h)
     hs = np.stack(outputs, axis=1)
     return (hs, (h, c)) if batched else (hs[0], (h[0], c[0]))
@@ -106,6 +139,12 @@ class Variant:
     title: str  # what the implementation computes, in a few words
     seen_in: str  # where it has been published, or why a port gets it
     forward: Callable  # (params, xs, state, integration_mode) -> hs, (h_T, c_T), like mlstm_spec.forward
+    #: The spec's variants (cases.VARIANT_OPTIONS) this misformulation is about: it is computed only for
+    #: an adapter that declares them all, and named only if a diagnostic case with them on was run.
+    needs: frozenset = frozenset()
+    #: Whether ``forward`` takes the cases with variants too (their parameters, and the run-time
+    #: options as keyword arguments); the others are computed on the cases without variants only.
+    with_variants: bool = False
 
 
 def _misread(misread):
@@ -130,15 +169,55 @@ def _batch_time_swapped(params, xs, state, mode):
     return np.swapaxes(hs, 0, 1), (h, c)
 
 
-def _float32(params, xs, state, mode):
+def _float32(params, xs, state, mode, **runtime):
     down = lambda a: np.asarray(a, np.float32)  # noqa: E731
     hs, (h, c) = reference.forward({k: down(v) for k, v in params.items()}, down(xs),
-                                   None if state is None else tuple(map(down, state)), integration_mode=mode)
+                                   None if state is None else tuple(map(down, state)), integration_mode=mode,
+                                   **runtime)
     return hs.astype(xs.dtype), (h.astype(xs.dtype), c.astype(xs.dtype))
 
 
 def _equation(**hooks):
     return lambda params, xs, state, mode: numpy_forward(params, xs, state, mode, **hooks)
+
+
+def _variant_equation(**hooks):
+    return lambda params, xs, state, mode, **runtime: numpy_forward(params, xs, state, mode, **hooks, **runtime)
+
+
+def _variant_misread(misread):
+    """The spec on what an implementation makes of ``(params, runtime)``: ``misread`` returns both."""
+    def forward(params, xs, state, mode, **runtime):
+        params, runtime = misread(dict(params), dict(runtime))
+        return reference.forward(params, xs, state, integration_mode=mode, **runtime)
+    return forward
+
+
+def _peepholes_i_f_swapped(params, runtime):
+    if "weight_ci" in params:
+        params["weight_ci"], params["weight_cf"] = params["weight_cf"], params["weight_ci"]
+    return params, runtime
+
+
+def _forget_bias_in_bias_ih(params, runtime):
+    forget_bias = runtime.pop("forget_bias", 0.0)
+    if forget_bias:
+        H = params["weight_mh"].shape[1]
+        bias = np.array(params.get("bias_ih", np.zeros(5 * H, params["weight_ih"].dtype)))
+        start = IH_BLOCKS.index("f") * H
+        bias[start:start + H] += forget_bias
+        params["bias_ih"] = bias
+    return params, runtime
+
+
+def _tf012_forward(params, xs, state, mode, **runtime):
+    """The TF 0.12 cell's output from the output gate's pre-activation ``a`` (its peephole term
+    included): ``tanh(c * a)`` without peepholes, ``sigmoid(a) * tanh(c * a)`` with them."""
+    if "weight_ci" in params:
+        output = lambda a, c: sigmoid(a) * np.tanh(c * a)  # noqa: E731
+    else:
+        output = lambda a, c: np.tanh(c * a)  # noqa: E731
+    return numpy_forward(params, xs, state, mode, output_of_preactivation=output, **runtime)
 
 
 TORCHRECURRENT_IH = ("m", "i", "f", "z", "o")
@@ -182,11 +261,44 @@ VARIANTS = (
     Variant("batch-time-swapped", "input read as (T, B, I) where it is (B, T, I)",
             "time-major code (nn.LSTM's default) given batch-major input", _batch_time_swapped),
     Variant("float64-computed-in-float32", "float64 computed in float32 and cast back",
-            "JAX without jax_enable_x64", _float32),
+            "JAX without jax_enable_x64", _float32, with_variants=True),
     Variant("forget-bias-1", "forget_bias = 1 added to the forget gate's pre-activation at run time",
             "TensorFlow's LSTM cells and the TF 0.12 MultiplicativeLSTMCell, whose forget_bias defaults to 1.0",
             lambda params, xs, state, mode: reference.forward(params, xs, state, integration_mode=mode,
                                                               forget_bias=1.0)),
+    # ---- misformulations of the spec's variants (docs/equations.md, "Variants") ----
+    Variant("tf012-output",
+            "the TF 0.12 MultiplicativeLSTMCell's output: h = tanh(c * a_o) with no sigmoid (a_o the output "
+            "gate's pre-activation); with peepholes sigmoid(a_o + w_co * c) * tanh(c * (a_o + w_co * c))",
+            "a port of A. Tamamori's TF 0.12 cell that keeps its output formula", _tf012_forward,
+            with_variants=True),
+    Variant("peephole-o-reads-previous-c", "the output gate's peephole reads the previous cell state, not the new one",
+            "all three peephole terms added in one pass before the cell update",
+            _variant_equation(o_peephole_reads_previous_c=True), frozenset({"peepholes"}), True),
+    Variant("peephole-i-f-swapped", "the input gate reads weight_cf and the forget gate weight_ci",
+            "TensorFlow's LSTMCell creates w_f_diag before w_i_diag: peepholes read in creation order",
+            _variant_misread(_peepholes_i_f_swapped), frozenset({"peepholes"}), True),
+    Variant("cell-clip-after-output",
+            "cell_clip applied to the carried cell state only, after the output (and o's peephole) read it unclipped",
+            "the clip placed where the state is stored, at the end of the step",
+            _variant_equation(output_reads_unclipped_c=True), frozenset({"cell_clip"}), True),
+    Variant("proj-clip-before-projection", "proj_clip applied to o * tanh(c) before the projection, not to h",
+            "the clip kept in the cell when the projection is a separate layer after it",
+            _variant_equation(proj_clip_before_projection=True), frozenset({"proj_clip"}), True),
+    Variant("proj-clip-ignored", "proj_clip accepted and never applied",
+            "a projection built on torch.nn.LSTM's proj_size, which has no clip",
+            _variant_misread(lambda params, runtime: (params, {**runtime, "proj_clip": None})),
+            frozenset({"proj_clip"}), True),
+    Variant("forget-bias-ignored", "the run-time forget_bias accepted and never added",
+            "a port from Keras or torch, which have no run-time forget bias (Keras's unit_forget_bias "
+            "only initialises the bias)",
+            _variant_misread(lambda params, runtime: (params, {**runtime, "forget_bias": 0.0})),
+            frozenset({"forget_bias"}), True),
+    Variant("forget-bias-inside-product",
+            "forget_bias added to the f block of bias_ih, inside p_f * q_f (right under addition, wrong "
+            "under multiplicative integration)",
+            "the run-time forget bias folded into the bias vector, where Keras's unit_forget_bias puts its 1",
+            _variant_misread(_forget_bias_in_bias_ih), frozenset({"forget_bias"}), True),
 )
 
 #: Agreement needed to name a variant, by dtype: far below the differences between variants (of
@@ -203,6 +315,19 @@ DIAGNOSTIC_CASES = (
     Case(batch=3, steps=2, input_size=3, hidden_size=5, seed=11),
     Case(batch=2, steps=2, input_size=4, hidden_size=3, integration_mode="multiplicative_integration", seed=12),
     Case(batch=3, steps=2, input_size=2, hidden_size=4, with_state=False, seed=13),
+)
+#: The diagnostic cases with the spec's variants on, one group of variants each, so that an adapter
+#: declaring only some of them gets the cases of those (a case is run only for an adapter that
+#: declares all its variants, as in the suite). Each differs from the spec for the misformulations of
+#: its variants: a given state for the peepholes, a clip that clips some values and not all (the
+#: bounds are those cases.with_clips chooses), a forget bias under multiplicative integration.
+VARIANT_DIAGNOSTIC_CASES = (
+    Case(batch=2, steps=2, input_size=3, hidden_size=4, peepholes=True, seed=14),
+    Case(batch=2, steps=2, input_size=3, hidden_size=4, integration_mode="multiplicative_integration",
+         cell_clip=0.613, seed=15),
+    Case(batch=3, steps=2, input_size=2, hidden_size=5, proj_size=3, proj_clip=0.52, seed=16),
+    Case(batch=3, steps=2, input_size=4, hidden_size=3, integration_mode="multiplicative_integration",
+         forget_bias=1.0, seed=17),
 )
 
 
@@ -223,7 +348,8 @@ class Diagnosis:
             return f"the implementation computes a known variant: {named}"
         ranked = sorted((e, k) for k, e in self.errors.items() if k != "spec")
         closest = ", ".join(f"{k} {e:.1e}" for e, k in ranked[:2])
-        return (f"none of the {len(VARIANTS)} known variants matches (error against the spec "
+        compared = sum(k != "spec" for k in self.errors)
+        return (f"none of the {compared} known variants matches (error against the spec "
                 f"{self.errors.get('spec', float('nan')):.1e}; closest: {closest})")
 
     def as_dict(self) -> dict:
@@ -244,24 +370,28 @@ def _worst(got, want) -> float:
 def diagnose(adapter, *, dtype: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
              variants=VARIANTS) -> Diagnosis:
     """Which variant of :data:`VARIANTS` the adapter's ``forward`` computes, on :data:`DIAGNOSTIC_CASES`
-    (in float64 when the adapter offers it, else float32)."""
-    from .suite import adapter_dtypes, supports
+    and, for the spec's variants the adapter declares (as the suite reads them), on those of
+    :data:`VARIANT_DIAGNOSTIC_CASES` (in float64 when the adapter offers it, else float32)."""
+    from .suite import adapter_dtypes, declared_variants, supports
 
     offered = adapter_dtypes(adapter)
     dtype = dtype or next((d for d in ("float64", "float32") if d in offered), None)
     if dtype not in MATCH_TOLERANCE:
         return Diagnosis([], {}, 0, "the diagnosis needs float64 or float32, which the adapter does not offer")
+    declared = declared_variants(adapter, dtype)
+    computed = [v for v in variants if v.needs <= declared]
+    shown = set()  # keys of the variants computed on a case with all the spec's variants they need
     caller = Caller(timeout)
     errors: dict = {}
     ran = 0
     try:
-        for case in DIAGNOSTIC_CASES:
+        for case in DIAGNOSTIC_CASES + VARIANT_DIAGNOSTIC_CASES:
             case = Case(**{**case.__dict__, "dtype": dtype})
-            if not supports(adapter, case.options):
+            if not supports(adapter, case.options, declared):
                 continue
-            arrays = case.arrays()
+            arrays, runtime = case.arrays(), case.runtime_on
             call = caller(adapter.forward, arrays.params, arrays.xs, arrays.state,
-                          integration_mode=case.integration_mode)
+                          integration_mode=case.integration_mode, **runtime)
             if not call.ok or not isinstance(call.value, (list, tuple)) or len(call.value) != 2:
                 continue
             wide = lambda a: np.asarray(a, np.float64)  # noqa: E731
@@ -274,18 +404,27 @@ def diagnose(adapter, *, dtype: str | None = None, timeout: float | None = DEFAU
             if len(got[1]) != 2:
                 continue
             errors["spec"] = max(errors.get("spec", 0.0), _worst(got, reference.forward(
-                params, xs, state, integration_mode=case.integration_mode)))
+                params, xs, state, integration_mode=case.integration_mode, **runtime)))
             ran += 1
-            for variant in variants:
-                want = variant.forward(params, xs, state, case.integration_mode)
+            for variant in computed:
+                if variant.with_variants:
+                    want = variant.forward(params, xs, state, case.integration_mode, **runtime)
+                elif case.variants:
+                    continue
+                else:
+                    want = variant.forward(params, xs, state, case.integration_mode)
                 if want is None:
                     continue
                 errors[variant.key] = max(errors.get(variant.key, 0.0), _worst(got, want))
+                if variant.needs <= case.variants:
+                    shown.add(variant.key)
     finally:
         caller.close()
     if not ran:
         return Diagnosis([], errors, 0, "forward() gave no usable result on any diagnostic case")
-    matches = [v.key for v in variants
+    # a misformulation of a variant no case ran with is the spec on the cases run: not a candidate
+    errors = {k: e for k, e in errors.items() if k == "spec" or k in shown}
+    matches = [v.key for v in computed
                if errors.get(v.key, np.inf) <= _LOOSE.get(v.key, MATCH_TOLERANCE[dtype])]
     if errors.get("spec", np.inf) <= MATCH_TOLERANCE[dtype]:
         matches = []  # it agrees with the spec on these cases: the failure is elsewhere
