@@ -374,6 +374,14 @@ def test_assert_conforms_fails_with_the_report_reproducer_and_diagnosis():
     assert "seed 2" in text
 
 
+def test_assert_conforms_names_a_variant_misformulation_in_its_diagnosis():
+    with pytest.raises(ConformanceError) as raised:
+        assert_conforms(defects.ForgetBiasIgnored(), ["float32"], max_examples=12, seed=0, large=())
+    text = str(raised.value)
+    assert "DIAGNOSIS: defect:forget-bias-ignored on cpu (float64)" in text  # float64 offered
+    assert "the run-time forget_bias accepted and never added [forget-bias-ignored;" in text
+
+
 def test_assert_conforms_returns_the_report_when_everything_passes():
     report = assert_conforms(defects.SpecAdapter(), ["float32"], max_examples=3, seed=2, large=())
     assert report.exit_status == 0 and {r.status for r in report.results} == {"pass"}

@@ -722,7 +722,9 @@ def test_docs_large_tier_variants_and_sharpness_match_the_code():
     table = {row[0]: row[1] for row in _doc_table("profile | shapes")}
     assert shapes(table["`default`, `ci`"]) == as_tuples["default"] == as_tuples["ci"]
     assert shapes(table["`thorough`"]) == as_tuples["thorough"][len(as_tuples["default"]):]
-    assert [row[0].strip("`") for row in _doc_table("variant | what it computes")] == [v.key for v in VARIANTS]
+    variants_table = _doc_table("variant | what it computes")
+    assert [row[0].strip("`") for row in variants_table] == [v.key for v in VARIANTS]
+    assert [tuple(row[1:]) for row in variants_table] == [(v.title, v.seen_in) for v in VARIANTS]
     for dtype, k, floor, _ in _doc_table("dtype | k | floor"):
         assert SHARPNESS[dtype][0] == float(k)
         assert SHARPNESS[dtype][1] == pytest.approx(float(re.search(r"\(([\d.e-]+)\)", floor).group(1)), rel=0.05)

@@ -2,9 +2,12 @@
 
 :data:`VARIANTS` is one table, one entry per variant that published implementations have shipped or
 that a port easily gets wrong (gate order, output formula, bias placement, weight layout, state
-order, axis order, integration mode, precision). When an implementation fails, :func:`diagnose` runs
-its ``forward`` on a few fixed cases chosen so that every variant gives different numbers, computes
-each variant on the same inputs, and names the variant(s) the implementation agrees with.
+order, axis order, integration mode, precision), and the misformulations of the spec's own variants
+(peepholes, clips, projection, forget bias) that ports of TensorFlow's and Keras's cells fall into.
+When an implementation fails, :func:`diagnose` runs its ``forward`` on a few fixed cases chosen so
+that every variant gives different numbers (with the spec's variants on only for an adapter that
+declares them), computes each variant on the same inputs, and names the variant(s) the
+implementation agrees with.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ def numpy_forward(params, xs, state, integration_mode, *, tanh=np.tanh, matmul=n
     to ``m`` instead of to ``weight_hh h``. The hooks of the variants' misformulations:
     ``output_of_preactivation(a_o, c)`` replaces ``sigmoid(a_o) * tanh(c)`` (``a_o`` with its
     peephole term); ``o_peephole_reads_previous_c`` gives the output gate's peephole the previous
-    cell state; ``output_reads_unclipped_c`` feeds the output gate's peephole and the output the cell state
-    before ``cell_clip`` (only the carried state is clipped); ``proj_clip_before_projection`` clips
-    the output before the projection instead of after it."""
+    cell state; ``output_reads_unclipped_c`` feeds the output gate's peephole and the output the cell
+    state before ``cell_clip`` (only the carried state is clipped); ``proj_clip_before_projection``
+    clips the output before the projection instead of after it."""
     def gate_bias(key, gate, blocks):
         return block(params[key], gate, blocks) if key in params else 0.0
 
@@ -268,35 +271,35 @@ VARIANTS = (
                                                               forget_bias=1.0)),
     # ---- misformulations of the spec's variants (docs/equations.md, "Variants") ----
     Variant("tf012-output",
-            "the TF 0.12 MultiplicativeLSTMCell's output: h = tanh(c * a_o) with no sigmoid (a_o the output "
-            "gate's pre-activation); with peepholes sigmoid(a_o + w_co * c) * tanh(c * (a_o + w_co * c))",
-            "a port of A. Tamamori's TF 0.12 cell that keeps its output formula", _tf012_forward,
+            "the TF 0.12 cell's output from the output gate's pre-activation a_o: tanh(c * a_o), no sigmoid; "
+            "with peepholes sigmoid(a_o + w_co * c) * tanh(c * (a_o + w_co * c))",
+            "a port of A. Tamamori's TF 0.12 MultiplicativeLSTMCell that keeps its output formula", _tf012_forward,
             with_variants=True),
     Variant("peephole-o-reads-previous-c", "the output gate's peephole reads the previous cell state, not the new one",
-            "all three peephole terms added in one pass before the cell update",
+            "all three peephole terms added in one pass over the gates, before the cell update",
             _variant_equation(o_peephole_reads_previous_c=True), frozenset({"peepholes"}), True),
     Variant("peephole-i-f-swapped", "the input gate reads weight_cf and the forget gate weight_ci",
-            "TensorFlow's LSTMCell creates w_f_diag before w_i_diag: peepholes read in creation order",
+            "TensorFlow's LSTMCell creates w_f_diag before w_i_diag: peepholes taken in creation order",
             _variant_misread(_peepholes_i_f_swapped), frozenset({"peepholes"}), True),
     Variant("cell-clip-after-output",
-            "cell_clip applied to the carried cell state only, after the output (and o's peephole) read it unclipped",
+            "cell_clip applied only to the carried state, after the output (and o's peephole) read c unclipped",
             "the clip placed where the state is stored, at the end of the step",
             _variant_equation(output_reads_unclipped_c=True), frozenset({"cell_clip"}), True),
     Variant("proj-clip-before-projection", "proj_clip applied to o * tanh(c) before the projection, not to h",
-            "the clip kept in the cell when the projection is a separate layer after it",
+            "the clip left in the cell when the projection is a separate layer after it",
             _variant_equation(proj_clip_before_projection=True), frozenset({"proj_clip"}), True),
     Variant("proj-clip-ignored", "proj_clip accepted and never applied",
             "a projection built on torch.nn.LSTM's proj_size, which has no clip",
             _variant_misread(lambda params, runtime: (params, {**runtime, "proj_clip": None})),
             frozenset({"proj_clip"}), True),
     Variant("forget-bias-ignored", "the run-time forget_bias accepted and never added",
-            "a port from Keras or torch, which have no run-time forget bias (Keras's unit_forget_bias "
+            "ports from Keras or torch, which have no run-time forget bias (Keras's unit_forget_bias "
             "only initialises the bias)",
             _variant_misread(lambda params, runtime: (params, {**runtime, "forget_bias": 0.0})),
             frozenset({"forget_bias"}), True),
     Variant("forget-bias-inside-product",
-            "forget_bias added to the f block of bias_ih, inside p_f * q_f (right under addition, wrong "
-            "under multiplicative integration)",
+            "forget_bias added to bias_ih's f block, inside p_f * q_f: right under addition, wrong under "
+            "multiplicative integration",
             "the run-time forget bias folded into the bias vector, where Keras's unit_forget_bias puts its 1",
             _variant_misread(_forget_bias_in_bias_ih), frozenset({"forget_bias"}), True),
 )
@@ -319,8 +322,10 @@ DIAGNOSTIC_CASES = (
 #: The diagnostic cases with the spec's variants on, one group of variants each, so that an adapter
 #: declaring only some of them gets the cases of those (a case is run only for an adapter that
 #: declares all its variants, as in the suite). Each differs from the spec for the misformulations of
-#: its variants: a given state for the peepholes, a clip that clips some values and not all (the
-#: bounds are those cases.with_clips chooses), a forget bias under multiplicative integration.
+#: its variants: a given state for the peepholes; a cell clip that clips some values and not all (the
+#: bound cases.with_clips chooses); a proj_clip that clips some of o * tanh(c) and some of h (chosen
+#: by hand: with_clips's bound, 0.97, leaves o * tanh(c) unclipped, so clipping it before the
+#: projection would look like not clipping at all); a forget bias under multiplicative integration.
 VARIANT_DIAGNOSTIC_CASES = (
     Case(batch=2, steps=2, input_size=3, hidden_size=4, peepholes=True, seed=14),
     Case(batch=2, steps=2, input_size=3, hidden_size=4, integration_mode="multiplicative_integration",
