@@ -230,6 +230,15 @@ class _MLSTMBase(nn.Module):
         return [{name: as_numpy(param) for name, param in self.layer_parameters(layer).items()}
                 for layer in range(self._canonical_count)]
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this (on every submodule) before compiling; without it the failure is
+        # TorchScript's "Unknown type annotation" about this class's attributes
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: its forward dispatches between custom "
+            "operators and plain Python paths that TorchScript does not support. Use torch.jit.trace(model, "
+            "example_inputs) (fixed sequence length), torch.export.export (any length) or "
+            "torch.compile instead (docs/torch.md)")
+
     # ---- input checks ----
 
     def _checked_dtypes(self, input: Tensor) -> tuple[Optional[torch.dtype], torch.dtype, LayerInfo]:
@@ -705,6 +714,9 @@ class MLSTM(_MLSTMBase):
         """Which implementation runs this call: "fused", "plain" or "scan" (plain steps in one
         ``scan``, whose length stays symbolic in an exported graph)."""
         if torch.onnx.is_in_onnx_export():
+            if torch.jit.is_tracing():  # the TorchScript-based exporter (dynamo=False) cannot trace a scan
+                _warn_fixed_length_export(x.shape[0])
+                return "plain"
             return "scan"
         if (not self.fused or functorch_active() or torch.jit.is_tracing() or x.shape[1] == 0
                 or plain_is_cheaper(x.shape[0], x.shape[1], self.hidden_size, x.device.type)):
@@ -747,6 +759,14 @@ class MLSTM(_MLSTMBase):
         if path == "scan":
             return scan_layer(x, h0, c0, params, self.multiplicative)
         return plain_layer(x, h0, c0, params, self.multiplicative)
+
+
+def _warn_fixed_length_export(steps: int) -> None:
+    warnings.warn(
+        f"torch.onnx.export(..., dynamo=False) records the mLSTM's time loop unrolled: the exported model "
+        f"takes sequences of exactly {steps} steps (ONNX Runtime refuses other lengths). The default "
+        "exporter (dynamo=True) writes the loop as an ONNX Scan that takes any length.",
+        UserWarning, stacklevel=4)
 
 
 def plain_is_cheaper(steps: int, batch: int, hidden: int, device_type: str) -> bool:
