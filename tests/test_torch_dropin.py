@@ -298,6 +298,24 @@ def test_onnx_torchscript_exporter_at_the_exported_length(variants, bidirectiona
         session.run(None, {"input": sequence(batch_first, steps=8, dtype=torch.float32).numpy()})
 
 
+@pytest.mark.parametrize("variants", [True, False], ids=["variants", "plain"])
+def test_cell_takes_a_batch_of_zero_like_nn_lstm_cell(variants):
+    """nn.LSTMCell takes a (0, input_size) input, with or without states, and returns (0, H) states; the
+    cell refused it ("input must have at least one step and one batch row")."""
+    cell = bt.MLSTMCell(INPUT, HIDDEN, proj_size=PROJ if variants else 0, **(VARIANTS if variants else {}))
+    lstm_cell = nn.LSTMCell(INPUT, HIDDEN)
+    x = torch.randn(0, INPUT, requires_grad=True)
+    h, c = cell(x)
+    want_h, want_c = lstm_cell(x)
+    assert h.shape == (0, PROJ) if variants else h.shape == want_h.shape
+    assert c.shape == want_c.shape
+    h, c = cell(x, (h, c))
+    (h.sum() + c.sum()).backward()
+    assert x.grad.shape == x.shape
+    with pytest.raises(ValueError, match="hx h must have shape"):
+        cell(x, (torch.zeros(1, cell.output_size), torch.zeros(1, HIDDEN)))
+
+
 # ---- the slower deployment paths, with every variant on ----
 
 @pytest.mark.slow  # the exporter takes ~20 s

@@ -391,7 +391,10 @@ class MLSTMCell(_MLSTMBase):
         batched = input.dim() == 2
         cast, dtype, info = self._checked_dtypes(input)
         # check_sequence reads a 2-d shape as (steps, features): the same checks a cell needs
-        self._check_input(input, tuple(input.shape) if batched else (1,) + tuple(input.shape), info, cast)
+        shape = tuple(input.shape) if batched else (1,) + tuple(input.shape)
+        if batched and shape[0] == 0:  # batch 0 is accepted, as by nn.LSTMCell
+            shape = (1, shape[1])
+        self._check_input(input, shape, info, cast)
         batch = (input.shape[0],) if batched else ()
         if hx is None:
             h = input.new_zeros(batch + (self.output_size,), dtype=dtype)
