@@ -102,6 +102,9 @@ def test_batch_of_zero_has_nn_lstm_shapes(variants, bidirectional, batch_first):
     assert [t.shape for t in got] == [t.shape for t in want]
     got[0].sum().backward()
     assert x.grad.shape == x.shape
+    wrong = torch.zeros((0, 5, INPUT + 1) if batch_first else (5, 0, INPUT + 1), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"I=4 features.*got shape \(5, 0, 5\)"):  # the shape given
+        model(wrong)
 
 
 def test_bidirectional_projection_and_variants_equal_the_spec():
@@ -314,6 +317,8 @@ def test_cell_takes_a_batch_of_zero_like_nn_lstm_cell(variants):
     assert x.grad.shape == x.shape
     with pytest.raises(ValueError, match="hx h must have shape"):
         cell(x, (torch.zeros(1, cell.output_size), torch.zeros(1, HIDDEN)))
+    with pytest.raises(ValueError, match=r"I=4 features.*got shape \(0, 5\)"):  # the shape given
+        cell(torch.zeros(0, INPUT + 1))
 
 
 # ---- the slower deployment paths, with every variant on ----

@@ -392,7 +392,7 @@ class MLSTMCell(_MLSTMBase):
         cast, dtype, info = self._checked_dtypes(input)
         # check_sequence reads a 2-d shape as (steps, features): the same checks a cell needs
         shape = tuple(input.shape) if batched else (1,) + tuple(input.shape)
-        if batched and shape[0] == 0:  # batch 0 is accepted, as by nn.LSTMCell
+        if batched and shape == (0, self.input_size):  # batch 0 is accepted, as by nn.LSTMCell
             shape = (1, shape[1])
         self._check_input(input, shape, info, cast)
         batch = (input.shape[0],) if batched else ()
@@ -665,7 +665,8 @@ class MLSTM(_MLSTMBase):
             lengths = batch_sizes = None
         cast, dtype, info = self._checked_dtypes(input_tm)
         shape = tuple(input_tm.shape)
-        if batched and shape[1] == 0 and shape[0] > 0:  # batch 0 is accepted, as by nn.LSTM
+        # batch 0 is accepted, as by nn.LSTM (a wrong width is still reported with the shape given)
+        if batched and shape[1] == 0 and shape[0] > 0 and shape[2] == self.input_size:
             shape = (shape[0], 1, shape[2])
         self._check_input(input_tm, shape, info, cast)
         if not batched:
