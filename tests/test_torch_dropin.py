@@ -321,6 +321,32 @@ def test_cell_takes_a_batch_of_zero_like_nn_lstm_cell(variants):
         cell(torch.zeros(0, INPUT + 1))
 
 
+@pytest.mark.parametrize("variants, bidirectional, batch_first", [CONFIGS[0], CONFIGS[7]])
+def test_built_on_the_meta_device_then_materialised(variants, bidirectional, batch_first):
+    """Large-model code builds modules without memory (`with torch.device("meta")` or device="meta"),
+    then calls to_empty() and reset_parameters(), which works with nn.LSTM. The layer raised "Tensor.item()
+    cannot be called on meta tensors"; now its parameters have their shapes on the meta device, and after
+    to_empty(device="cpu") and reset_parameters() under a seed it equals the layer built on CPU from
+    that seed, as does one built with device="cpu" inside the meta block."""
+    with torch.device("meta"):
+        lstm_like(variants, bidirectional, batch_first)  # what nn.LSTM code does
+        in_context = make(variants, bidirectional, batch_first)
+        on_cpu = make(variants, bidirectional, batch_first, device="cpu", seed=3)
+    by_argument = make(variants, bidirectional, batch_first, device="meta")
+    reference = make(variants, bidirectional, batch_first, seed=3)
+    x = sequence(batch_first)
+    for got, want in zip(outputs_of(on_cpu(x)), outputs_of(reference(x))):
+        assert torch.equal(got, want)
+    for model in (in_context, by_argument):
+        assert all(p.is_meta for p in model.parameters())
+        assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+        model.to_empty(device="cpu")
+        torch.manual_seed(3)
+        model.reset_parameters()
+        for got, want in zip(outputs_of(model(x)), outputs_of(reference(x))):
+            assert torch.equal(got, want)
+
+
 # ---- the slower deployment paths, with every variant on ----
 
 @pytest.mark.slow  # the exporter takes ~20 s

@@ -156,7 +156,8 @@ class _MLSTMBase(nn.Module):
         uniform over each whole stacked matrix; biases zero; the forget block of ``bias_ih`` at
         ``forget_bias_init``, or 1 with ``unit_forget_bias``), from a seed drawn from torch's global
         random generator (seed it with ``torch.manual_seed``)."""
-        generator = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        # the seed from the CPU generator, also inside a `with torch.device("meta"):` block
+        generator = np.random.default_rng(int(torch.randint(0, 2**62, (), device="cpu").item()))
         for layer in range(self._canonical_count):
             (values,) = init_layers(self._info(layer).input_size, self.hidden_size, rng=generator,
                                     dtype="float64", bias=self.bias, recurrent_bias=self.recurrent_bias,
