@@ -604,6 +604,374 @@ std::vector<Tensor> layer_backward(const std::optional<Tensor>& d_hs_given, cons
   return {d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_w_mh, d_b_ih, d_b_hh, d_b_mh};
 }
 
+// ---- the layer with the spec's variants (backends/torch/variants.py) --------------------------------------
+// A projection h = W_hr k of k = o tanh(c), clipped to +-proj_clip; peepholes (w_ci and w_cf read c_{t-1},
+// w_co reads c_t); c_t clipped to +-cell_clip; forget_bias added to f's pre-activation. The computation
+// of forward_loop and backward_loop in variants.py, on its VariantTape.
+
+// One step's gates and cell, rows [b0, b1): a = pre pg (multiplicative) or pre + pg, the blocks (i, o, f, z);
+// i and f also see c_prev (peepholes, w_ci null: none) and f forget_bias; c = f c_prev + i z, written
+// unclipped to c_unclipped (when given) and clipped to +-clip (when clip_c) into c; o sees that c through
+// w_co; k = o tanh(c). gates (B, 4H) receives i, o, f, z and tanh_c (B, H) tanh(c).
+template <typename scalar_t>
+void variant_gate_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* pre, const scalar_t* pg,
+                       int64_t pg_stride, bool multiplicative, const scalar_t* w_ci, const scalar_t* w_cf,
+                       const scalar_t* w_co, bool clip_c, scalar_t clip, scalar_t forget_bias, const scalar_t* c_prev,
+                       scalar_t* c, scalar_t* c_unclipped, scalar_t* gates, scalar_t* tanh_c, scalar_t* k) {
+  using V = Vectorized<scalar_t>;
+  auto pre_activation = [&](int64_t b, int64_t block, int64_t j, int count) {
+    const V a = V::loadu(pre + b * 4 * H + block * H + j, count);
+    const V g = V::loadu(pg + b * pg_stride + block * H + j, count);
+    return multiplicative ? a * g : a + g;
+  };
+  each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
+    pre_activation(b, 3, j, count).store(gates + b * 4 * H + 3 * H + j, count);
+  });
+  for (int64_t b = b0; b < b1; ++b) tanh_inplace(gates + b * 4 * H + 3 * H, H);
+  const V low(-clip), high(clip), bias(forget_bias);
+  each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
+    const int64_t at = b * H + j;
+    scalar_t* g = gates + b * 4 * H;
+    const V cp = V::loadu(c_prev + at, count);
+    V a_i = pre_activation(b, 0, j, count), a_f = pre_activation(b, 2, j, count);
+    if (w_ci) {
+      a_i = a_i + V::loadu(w_ci + j, count) * cp;
+      a_f = a_f + V::loadu(w_cf + j, count) * cp;
+    }
+    if (forget_bias != scalar_t(0)) a_f = a_f + bias;
+    const V i = sigmoid(a_i), f = sigmoid(a_f);
+    V c_new = f * cp + i * V::loadu(g + 3 * H + j, count);
+    if (c_unclipped) c_new.store(c_unclipped + at, count);
+    if (clip_c) c_new = at::vec::minimum(at::vec::maximum(c_new, low), high);
+    c_new.store(c + at, count);
+    c_new.store(tanh_c + at, count);
+    V a_o = pre_activation(b, 1, j, count);
+    if (w_co) a_o = a_o + V::loadu(w_co + j, count) * c_new;
+    i.store(g + j, count);
+    sigmoid(a_o).store(g + H + j, count);
+    f.store(g + 2 * H + j, count);
+  });
+  tanh_inplace(tanh_c + b0 * H, (b1 - b0) * H);
+  each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
+    const int64_t at = b * H + j;
+    (V::loadu(gates + b * 4 * H + H + j, count) * V::loadu(tanh_c + at, count)).store(k + at, count);
+  });
+}
+
+// out = value clipped to +-clip, rows [b0, b1) of width P
+template <typename scalar_t>
+void clip_rows(int64_t b0, int64_t b1, int64_t P, const scalar_t* value, scalar_t clip, scalar_t* out) {
+  using V = Vectorized<scalar_t>;
+  const V low(-clip), high(clip);
+  each_vector<scalar_t>(b0, b1, P, [&](int64_t b, int64_t j, int count) {
+    const int64_t at = b * P + j;
+    at::vec::minimum(at::vec::maximum(V::loadu(value + at, count), low), high).store(out + at, count);
+  });
+}
+
+// The gradient of a projected output, rows [b0, b1) of width P: d_k = (extra + d_hs), kept where
+// |h_unclipped| <= clip (both ends included, as the spec's clip_gradient) and zero elsewhere
+// (h_unclipped null: no proj_clip). d_k is the gradient of W_hr k.
+template <typename scalar_t>
+void projected_backward_rows(int64_t b0, int64_t b1, int64_t P, const scalar_t* d_hs, const scalar_t* extra,
+                             const scalar_t* h_unclipped, scalar_t clip, scalar_t* d_k) {
+  using V = Vectorized<scalar_t>;
+  const V bound(clip);
+  each_vector<scalar_t>(b0, b1, P, [&](int64_t b, int64_t j, int count) {
+    const int64_t at = b * P + j;
+    V dh = V::loadu(extra + at, count);
+    if (d_hs) dh = dh + V::loadu(d_hs + at, count);
+    if (h_unclipped) dh = dh * V::loadu(h_unclipped + at, count).abs().le(bound);
+    dh.store(d_k + at, count);
+  });
+}
+
+// One step's gradient through the gates and cell, rows [b0, b1) of width H. d_h = extra (times w_hh_vector
+// when given) + d_hs (when given), the gradient of k = o tanh(c) under a projection; d_c holds the
+// gradient carried from step t + 1 (d_c_T at the last step) and receives the one carried to step t - 1:
+//   d_a_o = d_h tanh(c) o(1-o);  d_c += d_h o (1 - tanh(c)^2) + d_a_o w_co, zeroed where |c_unclipped| > clip;
+//   d_a_i = d_c z i(1-i), d_a_f = d_c c_prev f(1-f), d_a_z = d_c i(1-z^2);
+//   carried: d_c f + d_a_i w_ci + d_a_f w_cf.
+// d_a goes to d_p_gates (rows of stride d_p_stride) under addition; under multiplicative integration
+// (q given) d_p_gates = d_a q, d_q = d_a pg, and d_a itself to d_a_out when given.
+template <typename scalar_t>
+void variant_backward_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* d_hs, const scalar_t* extra,
+                           const scalar_t* w_hh_vector, const scalar_t* gates, const scalar_t* tanh_c,
+                           const scalar_t* c_prev, const scalar_t* c_unclipped, scalar_t clip, const scalar_t* w_ci,
+                           const scalar_t* w_cf, const scalar_t* w_co, scalar_t* d_c, const scalar_t* pg,
+                           int64_t pg_stride, const scalar_t* q, scalar_t* d_p_gates, int64_t d_p_stride,
+                           scalar_t* d_q, scalar_t* d_a_out) {
+  using V = Vectorized<scalar_t>;
+  const V one(scalar_t(1)), bound(clip);
+  each_vector<scalar_t>(b0, b1, H, [&](int64_t b, int64_t j, int count) {
+    const int64_t at = b * H + j;
+    const scalar_t* g = gates + b * 4 * H;
+    V dh = V::loadu(extra + at, count);
+    if (w_hh_vector) dh = dh * V::loadu(w_hh_vector + j, count);
+    if (d_hs) dh = dh + V::loadu(d_hs + at, count);
+    const V i = V::loadu(g + j, count), o = V::loadu(g + H + j, count), f = V::loadu(g + 2 * H + j, count);
+    const V z = V::loadu(g + 3 * H + j, count), t = V::loadu(tanh_c + at, count);
+    V dc = V::loadu(d_c + at, count) + dh * o * (one - t * t);
+    const V d_a_o = dh * t * (o * (one - o));
+    if (w_co) dc = dc + d_a_o * V::loadu(w_co + j, count);
+    if (c_unclipped) dc = dc * V::loadu(c_unclipped + at, count).abs().le(bound);
+    const V d_a_i = dc * (z * i * (one - i));
+    const V d_a_f = dc * (V::loadu(c_prev + at, count) * f * (one - f));
+    const V d_a_z = dc * (i * (one - z * z));
+    V carried = dc * f;
+    if (w_ci) carried = carried + d_a_i * V::loadu(w_ci + j, count) + d_a_f * V::loadu(w_cf + j, count);
+    carried.store(d_c + at, count);
+    const V d_a[4] = {d_a_i, d_a_o, d_a_f, d_a_z};
+    for (int64_t block = 0; block < 4; ++block) {
+      const int64_t col = block * H + j, row_col = b * 4 * H + col;
+      if (q) {
+        (d_a[block] * V::loadu(q + row_col, count)).store(d_p_gates + b * d_p_stride + col, count);
+        (d_a[block] * V::loadu(pg + b * pg_stride + col, count)).store(d_q + row_col, count);
+        if (d_a_out) d_a[block].store(d_a_out + row_col, count);
+      } else {
+        d_a[block].store(d_p_gates + b * d_p_stride + col, count);
+      }
+    }
+  });
+}
+
+// The fields of VariantTape (variants.py), in its order.
+enum VariantField { kP, kR, kM, kQ, kGates, kCs, kCUnclipped, kTanhC, kK, kHUnclipped, kVariantFields };
+
+// forward_loop of variants.py: (hs, h_T, c_T, the ten fields of VariantTape). With keep_tape false every
+// field is empty: each step's intermediates then live in scratch rows, and the input projection is
+// computed chunk_bytes at a time.
+std::vector<Tensor> variant_layer_forward(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& w_mh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh_given, const std::optional<Tensor>& b_mh_given,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& w_ci_given, const std::optional<Tensor>& w_cf_given,
+    const std::optional<Tensor>& w_co_given, bool multiplicative, std::optional<double> cell_clip,
+    std::optional<double> proj_clip, double forget_bias, bool keep_tape, int64_t chunk_bytes) {
+  const std::optional<Tensor> b_hh = contiguous(b_hh_given), b_mh = contiguous(b_mh_given);
+  const std::optional<Tensor> w_ci = contiguous(w_ci_given), w_cf = contiguous(w_cf_given),
+                              w_co = contiguous(w_co_given);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = c0.size(-1), P = h0.size(-1);
+  const bool projection = w_hr.has_value(), clip_c = cell_clip.has_value(), clip_h = proj_clip.has_value();
+  const int64_t chunk = keep_tape ? T
+      : std::max<int64_t>(1, std::min<int64_t>(T, chunk_bytes / (B * 5 * H * x.element_size())));
+  // Each field's width, whether this layer computes it (q always: it is the input of the gates) and
+  // whether the tape keeps it; what it does not keep lives in scratch: one step (the cell state: the
+  // previous and the current; the input projection: one chunk of steps).
+  const int64_t width[kVariantFields] = {5 * H, H, H, 4 * H, 4 * H, H, H, H, H, P};
+  const bool computed[kVariantFields] = {true, true, true, true, true, true, clip_c, true, projection, clip_h};
+  const bool kept_field[kVariantFields] = {true, true, true, multiplicative, true, true, clip_c, true, projection,
+                                           clip_h};
+  auto kept = [&](int n) { return keep_tape && kept_field[n]; };
+  auto scratch_steps = [&](int n) -> int64_t { return n == kP ? chunk : n == kCs ? 2 : 1; };
+  Scratch scratch(x.options());
+  for (int n = 0; n < kVariantFields; ++n)
+    if (computed[n] && !kept(n)) scratch.reserve({scratch_steps(n), B, width[n]});
+  std::vector<Tensor> field(kVariantFields);
+  for (int n = 0; n < kVariantFields; ++n)
+    field[n] = !computed[n] ? empty0(x)
+        : kept(n) ? at::empty({n == kCs ? T + 1 : T, B, width[n]}, x.options())
+        : scratch.take({scratch_steps(n), B, width[n]});
+  Tensor hs = at::empty({T, B, P}, x.options());
+  field[kCs][0].copy_(c0);
+  const bool independent = w_hh.dim() == 1;
+  Tensor w_hh_t = independent ? w_hh.contiguous() : w_hh.t().contiguous();  // (P, H): h W_hh^T
+  Tensor w_mh_t = w_mh.t().contiguous();
+  Tensor w_hr_t = projection ? w_hr->t().contiguous() : Tensor();
+  Tensor w_ih_t = w_ih.t();
+  Tensor h0c = h0.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlstm_variant_layer_forward", [&] {
+    // step n's rows of field f: a field holding fewer steps than T is a ring of them
+    auto rows_of = [&](int f, int64_t n) {
+      return field[f].data_ptr<scalar_t>() + (n % field[f].size(0)) * B * width[f];
+    };
+    const scalar_t* b_hh_p = ptr_or_null<scalar_t>(b_hh);
+    const scalar_t* b_mh_p = ptr_or_null<scalar_t>(b_mh);
+    const scalar_t *w_ci_p = ptr_or_null<scalar_t>(w_ci), *w_cf_p = ptr_or_null<scalar_t>(w_cf),
+                   *w_co_p = ptr_or_null<scalar_t>(w_co);
+    const scalar_t c_bound = clip_c ? static_cast<scalar_t>(*cell_clip) : scalar_t(0);
+    const scalar_t h_bound = clip_h ? static_cast<scalar_t>(*proj_clip) : scalar_t(0);
+    std::optional<StepWeight<scalar_t>> w_hh_step, w_hr_step;
+    if (!independent) w_hh_step.emplace(w_hh_t, B);
+    if (projection) w_hr_step.emplace(w_hr_t, B);
+    const StepWeight<scalar_t> w_mh_step(w_mh_t, B);
+    const scalar_t* h_prev = h0c.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      if (t % chunk == 0) {
+        const int64_t n = std::min(chunk, T - t);
+        Tensor x_rows = x.narrow(0, t, n).reshape({n * B, I});
+        Tensor p_rows = field[kP].narrow(0, 0, n).view({n * B, 5 * H});
+        if (b_ih) at::addmm_out(p_rows, *b_ih, x_rows, w_ih_t);
+        else at::mm_out(p_rows, x_rows, w_ih_t);
+      }
+      scalar_t* p_t = rows_of(kP, t);
+      scalar_t* r = rows_of(kR, t);
+      scalar_t* m = rows_of(kM, t);
+      scalar_t* q = rows_of(kQ, t);
+      scalar_t* h = hs.data_ptr<scalar_t>() + t * B * P;
+      if (!independent) w_hh_step->multiply(h_prev, P, false, r, H);
+      over_rows(B, H, [&](int64_t b0, int64_t b1) {
+        mix_rows<scalar_t>(b0, b1, H, r, h_prev, independent ? w_hh_t.data_ptr<scalar_t>() : nullptr, b_hh_p, p_t,
+                           5 * H, nullptr, nullptr, 0, m);
+      });
+      if (b_mh_p)
+        for (int64_t b = 0; b < B; ++b) std::copy(b_mh_p, b_mh_p + 4 * H, q + b * 4 * H);
+      w_mh_step.multiply(m, H, b_mh_p != nullptr, q, 4 * H);
+      scalar_t* k = projection ? rows_of(kK, t) : h;
+      over_rows(B, H, [&](int64_t b0, int64_t b1) {
+        variant_gate_rows<scalar_t>(b0, b1, H, q, p_t + H, 5 * H, multiplicative, w_ci_p, w_cf_p, w_co_p, clip_c,
+                                    c_bound, static_cast<scalar_t>(forget_bias), rows_of(kCs, t),
+                                    rows_of(kCs, t + 1), clip_c ? rows_of(kCUnclipped, t) : nullptr,
+                                    rows_of(kGates, t), rows_of(kTanhC, t), k);
+      });
+      if (projection && clip_h) {
+        scalar_t* h_unclipped = rows_of(kHUnclipped, t);
+        w_hr_step->multiply(k, H, false, h_unclipped, P);
+        over_rows(B, P, [&](int64_t b0, int64_t b1) { clip_rows<scalar_t>(b0, b1, P, h_unclipped, h_bound, h); });
+      } else if (projection) {
+        w_hr_step->multiply(k, H, false, h, P);
+      }
+      h_prev = h;
+    }
+  });
+  Tensor h_T = hs[T - 1].clone(), c_T = field[kCs][T % field[kCs].size(0)].clone();
+  std::vector<Tensor> out{hs, h_T, c_T};
+  for (int n = 0; n < kVariantFields; ++n) out.push_back(kept(n) ? field[n] : empty0(x));
+  return out;
+}
+
+// backward_loop of variants.py: the gradients of (x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, w_hr,
+// w_ci, w_cf, w_co), an empty tensor for one not asked for or absent.
+std::vector<Tensor> variant_layer_backward(
+    const std::optional<Tensor>& d_hs_given, const std::optional<Tensor>& d_hT, const std::optional<Tensor>& d_cT,
+    const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& w_mh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& w_ci_given, const std::optional<Tensor>& w_cf_given,
+    const std::optional<Tensor>& w_co_given, bool has_b_ih, bool has_b_hh, bool has_b_mh, bool multiplicative,
+    std::optional<double> cell_clip, std::optional<double> proj_clip, bool need_dx, const Tensor& hs,
+    const std::vector<Tensor>& tape_given) {
+  TORCH_CHECK(tape_given.size() == kVariantFields, "variant_layer_backward: the tape has ", kVariantFields,
+              " fields, got ", tape_given.size());
+  std::vector<Tensor> tape;
+  for (const Tensor& f : tape_given) tape.push_back(f.contiguous());
+  const std::optional<Tensor> w_ci = contiguous(w_ci_given), w_cf = contiguous(w_cf_given),
+                              w_co = contiguous(w_co_given);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = tape[kCs].size(-1), P = h0.size(-1);
+  const int64_t rows = T * B;
+  const bool independent = w_hh.dim() == 1, projection = w_hr.has_value(), peepholes = w_ci.has_value();
+  Scratch scratch(x.options());
+  const std::vector<int64_t> d_p_shape{T, B, 5 * H}, gates_shape{T, B, 4 * H}, d_r_shape{T, B, H},
+      d_k_shape{T, B, P}, row{B, H}, output_row{B, P};
+  scratch.reserve(d_p_shape);
+  if (multiplicative) scratch.reserve(gates_shape);  // d_q
+  if (multiplicative && peepholes) scratch.reserve(gates_shape);  // d_a
+  scratch.reserve(d_r_shape);
+  if (projection) scratch.reserve(d_k_shape);
+  scratch.reserve(row);  // d_m
+  scratch.reserve(row);  // d_c
+  scratch.reserve(row);  // d_h W_hr (projection)
+  scratch.reserve(output_row);  // d_r W_hh
+  scratch.reserve(output_row);  // d_hT or zeros
+  Tensor d_p = scratch.take(d_p_shape);
+  Tensor d_q = multiplicative ? scratch.take(gates_shape) : d_p.narrow(2, H, 4 * H);
+  Tensor d_a = !multiplicative ? d_p.narrow(2, H, 4 * H) : peepholes ? scratch.take(gates_shape) : Tensor();
+  Tensor d_r = scratch.take(d_r_shape);
+  Tensor d_k = projection ? scratch.take(d_k_shape) : Tensor();
+  Tensor d_m = scratch.take(row), d_c = scratch.take(row), d_projected = scratch.take(row);
+  Tensor d_h_product = scratch.take(output_row), d_hT_or_zero = scratch.take(output_row);
+  if (d_hT) d_hT_or_zero.copy_(*d_hT);
+  else d_hT_or_zero.zero_();
+  if (d_cT) d_c.copy_(*d_cT);
+  else d_c.zero_();
+  std::optional<Tensor> d_hs = contiguous(d_hs_given);
+  Tensor w_hh_c = w_hh.contiguous(), w_mh_c = w_mh.contiguous();
+  Tensor w_hr_c = projection ? w_hr->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlstm_variant_layer_backward", [&] {
+    auto step_of = [&](const Tensor& f, int64_t t) { return f.data_ptr<scalar_t>() + t * f.stride(0); };
+    const scalar_t *w_ci_p = ptr_or_null<scalar_t>(w_ci), *w_cf_p = ptr_or_null<scalar_t>(w_cf),
+                   *w_co_p = ptr_or_null<scalar_t>(w_co);
+    const scalar_t c_bound = cell_clip ? static_cast<scalar_t>(*cell_clip) : scalar_t(0);
+    const scalar_t h_bound = proj_clip ? static_cast<scalar_t>(*proj_clip) : scalar_t(0);
+    std::optional<StepWeight<scalar_t>> w_hh_step, w_hr_step;
+    if (!independent) w_hh_step.emplace(w_hh_c, B);
+    if (projection) w_hr_step.emplace(w_hr_c, B);
+    const StepWeight<scalar_t> w_mh_step(w_mh_c, B);
+    const scalar_t* d_hs_base = ptr_or_null<scalar_t>(d_hs);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const scalar_t* extra = d_hT_or_zero.data_ptr<scalar_t>();
+      const scalar_t* w_hh_vector = nullptr;
+      if (t < T - 1) {
+        const scalar_t* d_r_next = step_of(d_r, t + 1);
+        if (independent) {
+          extra = d_r_next;
+          w_hh_vector = w_hh_c.data_ptr<scalar_t>();
+        } else {
+          w_hh_step->multiply(d_r_next, H, false, d_h_product.data_ptr<scalar_t>(), P);
+          extra = d_h_product.data_ptr<scalar_t>();
+        }
+      }
+      const scalar_t* d_hs_t = d_hs_base ? d_hs_base + t * B * P : nullptr;
+      if (projection) {
+        scalar_t* d_k_t = step_of(d_k, t);
+        const scalar_t* h_unclipped = proj_clip ? step_of(tape[kHUnclipped], t) : nullptr;
+        over_rows(B, P, [&](int64_t b0, int64_t b1) {
+          projected_backward_rows<scalar_t>(b0, b1, P, d_hs_t, extra, h_unclipped, h_bound, d_k_t);
+        });
+        w_hr_step->multiply(d_k_t, P, false, d_projected.data_ptr<scalar_t>(), H);
+        extra = d_projected.data_ptr<scalar_t>();
+        d_hs_t = nullptr;
+      }
+      const scalar_t* p_t = step_of(tape[kP], t);
+      scalar_t* d_p_t = step_of(d_p, t);
+      scalar_t* d_q_t = multiplicative ? step_of(d_q, t) : d_p_t + H;
+      over_rows(B, H, [&](int64_t b0, int64_t b1) {
+        variant_backward_rows<scalar_t>(
+            b0, b1, H, d_hs_t, extra, w_hh_vector, step_of(tape[kGates], t), step_of(tape[kTanhC], t),
+            step_of(tape[kCs], t), cell_clip ? step_of(tape[kCUnclipped], t) : nullptr, c_bound, w_ci_p, w_cf_p,
+            w_co_p, d_c.data_ptr<scalar_t>(), p_t + H, 5 * H, multiplicative ? step_of(tape[kQ], t) : nullptr,
+            d_p_t + H, 5 * H, multiplicative ? d_q_t : nullptr,
+            multiplicative && peepholes ? step_of(d_a, t) : nullptr);
+      });
+      w_mh_step.multiply(d_q_t, multiplicative ? 4 * H : 5 * H, false, d_m.data_ptr<scalar_t>(), H);
+      over_rows(B, H, [&](int64_t b0, int64_t b1) {
+        mix_backward_rows<scalar_t>(b0, b1, H, d_m.data_ptr<scalar_t>(), p_t, 5 * H, step_of(tape[kR], t),
+                                    step_of(d_r, t), d_p_t, 5 * H);
+      });
+    }
+  });
+  // Every weight gradient is one product or sum over all T*B rows; the results are fresh tensors.
+  Tensor d_r0 = d_r[0];
+  Tensor d_h0 = independent ? d_r0 * w_hh : at::mm(d_r0, w_hh);
+  Tensor d_c0 = d_c.clone();
+  Tensor d_p2 = d_p.view({rows, 5 * H});
+  Tensor d_x = need_dx ? at::mm(d_p2, w_ih).view({T, B, I}) : empty0(x);
+  Tensor d_w_ih = at::mm(d_p2.t(), x.reshape({rows, I}));
+  Tensor d_q2 = d_q.reshape({rows, 4 * H});
+  Tensor d_w_mh = at::mm(d_q2.t(), tape[kM].view({rows, H}));
+  Tensor d_w_hh;
+  Tensor d_r_rest = d_r.narrow(0, 1, T - 1).reshape({(T - 1) * B, H});
+  Tensor hs_prev = hs.narrow(0, 0, T - 1).reshape({(T - 1) * B, P});
+  if (independent) {
+    d_w_hh = (d_r0 * h0).sum(0);
+    if (T > 1) d_w_hh.add_((d_r_rest * hs_prev).sum(0));
+  } else {
+    d_w_hh = at::mm(d_r0.t(), h0);
+    if (T > 1) d_w_hh.addmm_(d_r_rest.t(), hs_prev);
+  }
+  Tensor ones = at::ones({rows}, x.options());
+  Tensor d_b_ih = has_b_ih ? at::mv(d_p2.t(), ones) : empty0(x);
+  Tensor d_b_hh = has_b_hh ? at::mv(d_r.view({rows, H}).t(), ones) : empty0(x);
+  Tensor d_b_mh = has_b_mh ? at::mv(d_q2.t(), ones) : empty0(x);
+  Tensor d_w_hr = projection ? at::mm(d_k.view({rows, P}).t(), tape[kK].view({rows, H})) : empty0(x);
+  Tensor d_w_ci = empty0(x), d_w_cf = empty0(x), d_w_co = empty0(x);
+  if (peepholes) {
+    Tensor cs = tape[kCs];
+    d_w_ci = (d_a.narrow(2, 0, H) * cs.narrow(0, 0, T)).sum({0, 1});
+    d_w_co = (d_a.narrow(2, H, H) * cs.narrow(0, 1, T)).sum({0, 1});
+    d_w_cf = (d_a.narrow(2, 2 * H, H) * cs.narrow(0, 0, T)).sum({0, 1});
+  }
+  return {d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_w_mh, d_b_ih, d_b_hh, d_b_mh, d_w_hr, d_w_ci, d_w_cf, d_w_co};
+}
+
 }  // namespace
 
 // The returned lists are (hs, h_T, c_T, *tape) and the nine gradients (d_x, d_h0, d_c0, d_w_ih, d_w_hh,
@@ -613,6 +981,8 @@ void define_cell_step(pybind11::module& m);  // cpu_step.cpp: one step without a
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_forward", &layer_forward, "the fused forward loop");
   m.def("layer_backward", &layer_backward, "the fused backward loop");
+  m.def("variant_layer_forward", &variant_layer_forward, "the fused forward loop with the spec's variants");
+  m.def("variant_layer_backward", &variant_layer_backward, "the fused backward loop with the spec's variants");
   define_cell_step(m);
   m.def("step_gemm_choices", &step_gemm_choices,
         "the per-step products' measured choices: (rows, n, k, threads, 'packed' or 'plain')");

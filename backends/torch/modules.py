@@ -748,8 +748,9 @@ class MLSTM(_MLSTMBase):
 
     def _run_segment(self, path, x, h0, c0, params):
         if not self._variant_free:
-            if path == "fused":  # the C++ loops do not take the variants: the operator's Python loops run
-                return fused_variant_layer(x.contiguous(), h0, c0, params, self.multiplicative, self._runtime)
+            if path == "fused":
+                return fused_variant_layer(x.contiguous(), h0, c0, params, self.multiplicative, self._runtime,
+                                           self.cpu_loops == "python")
             if path == "scan":
                 return scan_layer(x, h0, c0, params, self.multiplicative, self._runtime)
             return plain_layer(x, h0, c0, params, self.multiplicative, self._runtime)

@@ -2,11 +2,15 @@
 peepholes (``weight_ci``, ``weight_cf``, ``weight_co``), ``cell_clip``, ``proj_clip`` and ``forget_bias``.
 
 A layer that uses any of them runs these operators instead of those of ``fused.py``, so the variant-free
-layer runs exactly the code it ran before the variants existed. They have one body for every device, the
-Python loops below (the math of :func:`mlstm_spec.equations.run_backward`, time-major); the C++ loops do
-not take the variants. Like ``fused.py``'s they are custom operators in the ``mlstm`` namespace, with a
-fake implementation for ``torch.compile`` and an autograd formula that is the analytic backward (the
-plain path's differentiable one when a graph of the gradient is asked for).
+layer runs exactly the code it ran before the variants existed. As ``fused.py``'s, each has two bodies:
+the Python loops below (the math of :func:`mlstm_spec.equations.run_backward`, time-major) for every
+device, and the compiled C++ loops (``variant_layer_forward``/``variant_layer_backward`` of
+``cpu_loops.cpp``) registered as the CPU kernel, which hands float16/bfloat16, ``python_loops=True`` and a
+machine without a compiler back to the Python loops. Like ``fused.py``'s they are custom operators in the
+``mlstm`` namespace, with a fake implementation for ``torch.compile`` and an autograd formula that is the
+analytic backward (the plain path's differentiable one when a graph of the gradient is asked for).
+Without ``keep_tape`` (no gradient will be asked for) the forward returns an empty tape and keeps only
+one step's intermediates while it runs.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import build, loops
 from .fused import NAMESPACE, gradients_with_graph
 from .plain import plain_layer
 
 # Change when what the operators compute or return changes without a change of schema (see fused.py).
-_VERSION = 1
+_VERSION = 2
 _WEIGHTS = ("w_ih", "w_hh", "w_mh", "b_ih", "b_hh", "b_mh", "w_hr", "w_ci", "w_cf", "w_co")
 #: canonical name of each weight argument
 _CANONICAL = dict(zip(_WEIGHTS, ("weight_ih", "weight_hh", "weight_mh", "bias_ih", "bias_hh", "bias_mh",
@@ -29,8 +34,9 @@ _GRADIENTS = ("x", "h0", "c0") + _WEIGHTS
 
 
 class VariantTape(NamedTuple):
-    """What the forward keeps for the backward, time-major; a field a layer does not need is zero-size.
-    Besides these the backward reads the forward's inputs and its outputs ``hs``."""
+    """What the forward keeps for the backward, time-major; a field a layer does not need is zero-size,
+    and every field is when the forward ran without ``keep_tape``. Besides these the backward reads the
+    forward's inputs and its outputs ``hs``. The C++ loops return and take the fields in this order."""
 
     #: the input projection W_ih x + b_ih, (T, B, 5H)
     p: Tensor
@@ -54,8 +60,11 @@ class VariantTape(NamedTuple):
     h_unclipped: Tensor
 
     @staticmethod
-    def shapes(steps, batch, hidden, output, multiplicative, projection, cell_clip, proj_clip) -> "VariantTape":
+    def shapes(steps, batch, hidden, output, multiplicative, projection, cell_clip, proj_clip,
+               keep_tape=True) -> "VariantTape":
         T, B, H, P = steps, batch, hidden, output
+        if not keep_tape:
+            return VariantTape(*[(0,)] * len(VariantTape._fields))
         return VariantTape(p=(T, B, 5 * H), r=(T, B, H), m=(T, B, H), q=(T, B, 4 * H) if multiplicative else (0,),
                            gates=(T, B, 4 * H), cs=(T + 1, B, H), c_unclipped=(T, B, H) if cell_clip else (0,),
                            tanh_c=(T, B, H), k=(T, B, H) if projection else (0,),
@@ -63,64 +72,70 @@ class VariantTape(NamedTuple):
 
 
 def forward_loop(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, w_hr, w_ci, w_cf, w_co, multiplicative: bool,
-                 cell_clip: Optional[float], proj_clip: Optional[float], forget_bias: float):
-    """x (T, B, I), h0 (B, P or H), c0 (B, H) -> hs (T, B, P or H), h_T, c_T and the :class:`VariantTape`."""
+                 cell_clip: Optional[float], proj_clip: Optional[float], forget_bias: float, keep_tape: bool = True):
+    """x (T, B, I), h0 (B, P or H), c0 (B, H) -> hs (T, B, P or H), h_T, c_T and the :class:`VariantTape`
+    (every field empty without ``keep_tape``: then each step's intermediates overwrite the last's)."""
     T, B, _ = x.shape
     H = c0.shape[-1]
     new = x.new_empty
+    steps = T if keep_tape else 1  # the intermediates' rows: step t writes row t % steps
     p = torch.nn.functional.linear(x, w_ih, b_ih)
     hs = new(T, B, h0.shape[-1])
-    r_all, m_all, tanh_c_all = new(T, B, H), new(T, B, H), new(T, B, H)
-    q_all = new(T, B, 4 * H) if multiplicative else new(0)
-    gates = new(T, B, 4 * H)
-    cs = new(T + 1, B, H)
+    r_all, m_all, tanh_c_all = new(steps, B, H), new(steps, B, H), new(steps, B, H)
+    q_all = new(steps, B, 4 * H) if multiplicative else new(0)
+    gates = new(steps, B, 4 * H)
+    cs = new(T + 1 if keep_tape else 2, B, H)
     cs[0] = c0
-    c_unclipped = new(T, B, H) if cell_clip is not None else new(0)
-    k_all = new(T, B, H) if w_hr is not None else new(0)
-    h_unclipped = new(T, B, w_hr.shape[0]) if proj_clip is not None else new(0)
+    c_unclipped = new(steps, B, H) if cell_clip is not None else new(0)
+    k_all = new(steps, B, H) if w_hr is not None else new(0)
+    h_unclipped = new(steps, B, w_hr.shape[0]) if proj_clip is not None else new(0)
     independent = w_hh.dim() == 1
     h = h0
     for t in range(T):
-        r = torch.mul(h, w_hh, out=r_all[t]) if independent else torch.mm(h, w_hh.t(), out=r_all[t])
+        s = t % steps
+        r = torch.mul(h, w_hh, out=r_all[s]) if independent else torch.mm(h, w_hh.t(), out=r_all[s])
         if b_hh is not None:
             r += b_hh
-        m = torch.mul(p[t, :, :H], r, out=m_all[t])
+        m = torch.mul(p[t, :, :H], r, out=m_all[s])
         q = torch.nn.functional.linear(m, w_mh, b_mh)
         if multiplicative:
-            q_all[t] = q
+            q_all[s] = q
         a = p[t, :, H:] * q if multiplicative else p[t, :, H:] + q
         a_i, a_o, a_f, a_z = a.split(H, dim=1)
-        c_prev = cs[t]
+        c_prev = cs[t % len(cs)]
         if w_ci is not None:
             a_i += w_ci * c_prev
             a_f += w_cf * c_prev
         if forget_bias:
             a_f += forget_bias
-        i, o, f, z = gates[t].split(H, dim=1)
+        i, o, f, z = gates[s].split(H, dim=1)
         torch.sigmoid(a_i, out=i)
         torch.sigmoid(a_f, out=f)
         torch.tanh(a_z, out=z)
         c = f * c_prev + i * z
         if cell_clip is not None:
-            c_unclipped[t] = c
+            c_unclipped[s] = c
             c = c.clamp(-cell_clip, cell_clip)
-        cs[t + 1] = c
+        cs[(t + 1) % len(cs)] = c
         if w_co is not None:
             a_o += w_co * c
         torch.sigmoid(a_o, out=o)
-        tanh_c = torch.tanh(c, out=tanh_c_all[t])
+        tanh_c = torch.tanh(c, out=tanh_c_all[s])
         if w_hr is None:
             h = torch.mul(o, tanh_c, out=hs[t])
             continue
-        k = torch.mul(o, tanh_c, out=k_all[t])
+        k = torch.mul(o, tanh_c, out=k_all[s])
         if proj_clip is None:
             h = torch.mm(k, w_hr.t(), out=hs[t])
         else:
-            torch.mm(k, w_hr.t(), out=h_unclipped[t])
-            h = torch.clamp(h_unclipped[t], -proj_clip, proj_clip, out=hs[t])
+            torch.mm(k, w_hr.t(), out=h_unclipped[s])
+            h = torch.clamp(h_unclipped[s], -proj_clip, proj_clip, out=hs[t])
+    c_T = cs[T % len(cs)].clone()
+    if not keep_tape:
+        return hs, hs[T - 1].clone(), c_T, VariantTape(*(new(0) for _ in VariantTape._fields))
     tape = VariantTape(p=p, r=r_all, m=m_all, q=q_all, gates=gates, cs=cs, c_unclipped=c_unclipped,
                        tanh_c=tanh_c_all, k=k_all, h_unclipped=h_unclipped)
-    return hs, hs[T - 1].clone(), cs[T].clone(), tape
+    return hs, hs[T - 1].clone(), c_T, tape
 
 
 def _passed(d_value: Tensor, value: Tensor, bound: float) -> Tensor:
@@ -214,25 +229,26 @@ def backward_loop(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, w_hr, w_ci, w_cf, w
 _OPTIONAL = ", ".join(f"Tensor? {name}" for name in _WEIGHTS[3:])
 _TAPE_ARGS = ", ".join(f"Tensor {name}" for name in VariantTape._fields)
 _FORWARD_SCHEMA = (f"(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor w_mh, {_OPTIONAL}, "
-                   "bool multiplicative, float? cell_clip, float? proj_clip, float forget_bias) -> ("
+                   "bool multiplicative, float? cell_clip, float? proj_clip, float forget_bias, bool keep_tape, "
+                   "bool python_loops) -> ("
                    + ", ".join(["Tensor"] * (3 + len(VariantTape._fields))) + ")")
 _BACKWARD_SCHEMA = ("(Tensor? d_hs, Tensor? d_hT, Tensor? d_cT, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
                     "Tensor w_mh, Tensor? w_hr, Tensor? w_ci, Tensor? w_cf, Tensor? w_co, bool has_b_ih, "
                     "bool has_b_hh, bool has_b_mh, bool multiplicative, float? cell_clip, float? proj_clip, "
-                    f"bool need_dx, Tensor hs, {_TAPE_ARGS}) -> ("
+                    f"bool need_dx, bool python_loops, Tensor hs, {_TAPE_ARGS}) -> ("
                     + ", ".join(["Tensor"] * len(_GRADIENTS)) + ")")
 
 
 def _forward(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, w_hr, w_ci, w_cf, w_co, multiplicative, cell_clip,
-             proj_clip, forget_bias):
+             proj_clip, forget_bias, keep_tape, python_loops):
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         hs, h_T, c_T, tape = forward_loop(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, w_hr, w_ci, w_cf, w_co,
-                                          multiplicative, cell_clip, proj_clip, forget_bias)
+                                          multiplicative, cell_clip, proj_clip, forget_bias, keep_tape)
     return (hs, h_T, c_T, *tape)
 
 
 def _backward_body(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, w_hr, w_ci, w_cf, w_co, has_b_ih, has_b_hh,
-                   has_b_mh, multiplicative, cell_clip, proj_clip, need_dx, hs, *tape):
+                   has_b_mh, multiplicative, cell_clip, proj_clip, need_dx, python_loops, hs, *tape):
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         return backward_loop(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, w_hr, w_ci, w_cf, w_co, has_b_ih,
                              has_b_hh, has_b_mh, multiplicative, cell_clip, proj_clip, need_dx, hs,
@@ -245,19 +261,54 @@ layer_backward = torch.library.custom_op(f"{NAMESPACE}::variant_layer_backward_v
                                          mutates_args=(), schema=_BACKWARD_SCHEMA)
 
 
+def _compiled(x: Tensor, python_loops: bool):
+    """The compiled CPU loops for this call, or None (then the Python loops run): as fused.py decides."""
+    if python_loops or x.dtype not in (torch.float32, torch.float64):
+        return None
+    return build.cpu_loops()
+
+
+@layer_forward.register_kernel("cpu")
+def _(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, w_hr, w_ci, w_cf, w_co, multiplicative, cell_clip,
+      proj_clip, forget_bias, keep_tape, python_loops):
+    compiled = _compiled(x, python_loops)
+    if compiled is None:
+        return _forward(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, w_hr, w_ci, w_cf, w_co, multiplicative,
+                        cell_clip, proj_clip, forget_bias, keep_tape, python_loops)
+    with torch.autocast("cpu", enabled=False):
+        return tuple(compiled.variant_layer_forward(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, w_hr, w_ci, w_cf,
+                                                    w_co, multiplicative, cell_clip, proj_clip, forget_bias,
+                                                    keep_tape, loops.PROJECTION_CHUNK_BYTES))
+
+
+@layer_backward.register_kernel("cpu")
+def _(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, w_hr, w_ci, w_cf, w_co, has_b_ih, has_b_hh, has_b_mh,
+      multiplicative, cell_clip, proj_clip, need_dx, python_loops, hs, *tape):
+    compiled = _compiled(x, python_loops)
+    if compiled is None:
+        return _backward_body(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, w_hr, w_ci, w_cf, w_co, has_b_ih,
+                              has_b_hh, has_b_mh, multiplicative, cell_clip, proj_clip, need_dx, python_loops,
+                              hs, *tape)
+    with torch.autocast("cpu", enabled=False):
+        d_hs, d_hT, d_cT = (None if g is None else g.contiguous() for g in (d_hs, d_hT, d_cT))
+        return tuple(compiled.variant_layer_backward(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, w_hr, w_ci, w_cf,
+                                                     w_co, has_b_ih, has_b_hh, has_b_mh, multiplicative, cell_clip,
+                                                     proj_clip, need_dx, hs, list(tape)))
+
+
 @layer_forward.register_fake
 def _(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, w_hr, w_ci, w_cf, w_co, multiplicative, cell_clip,
-      proj_clip, forget_bias):
+      proj_clip, forget_bias, keep_tape, python_loops):
     T, B, _ = x.shape
     H, P = c0.shape[-1], h0.shape[-1]
     shapes = VariantTape.shapes(T, B, H, P, multiplicative, w_hr is not None, cell_clip is not None,
-                                proj_clip is not None)
+                                proj_clip is not None, keep_tape)
     return (x.new_empty(T, B, P), x.new_empty(B, P), x.new_empty(B, H), *(x.new_empty(s) for s in shapes))
 
 
 @layer_backward.register_fake
 def _(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, w_hr, w_ci, w_cf, w_co, has_b_ih, has_b_hh, has_b_mh,
-      multiplicative, cell_clip, proj_clip, need_dx, hs, *tape):
+      multiplicative, cell_clip, proj_clip, need_dx, python_loops, hs, *tape):
     H = w_mh.shape[-1]
     new = x.new_empty
 
@@ -271,19 +322,22 @@ def _(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, w_hr, w_ci, w_cf, w_co, has_b_i
 
 
 def _setup_context(ctx, inputs, output):
-    x, h0, c0, *weights, multiplicative, cell_clip, proj_clip, forget_bias = inputs
+    x, h0, c0, *weights, multiplicative, cell_clip, proj_clip, forget_bias, keep_tape, python_loops = inputs
     hs, _, _, *tape = output
+    if not keep_tape:
+        raise RuntimeError("the mLSTM variant layer operator was called with keep_tape=False on inputs that "
+                           "require grad; it cannot be differentiated then")
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*tape)
-    ctx.options = (multiplicative, cell_clip, proj_clip, forget_bias)
+    ctx.options = (multiplicative, cell_clip, proj_clip, forget_bias, python_loops)
     ctx.save_for_backward(x, h0, c0, *weights, hs, *tape)
 
 
 def _backward(ctx, d_hs, d_hT, d_cT, *unused_tape_grads):
     x, h0, c0, *rest = ctx.saved_tensors
     weights, hs, tape = rest[:len(_WEIGHTS)], rest[len(_WEIGHTS)], rest[len(_WEIGHTS) + 1:]
-    multiplicative, cell_clip, proj_clip, forget_bias = ctx.options
-    count = 3 + len(_WEIGHTS) + 4
+    multiplicative, cell_clip, proj_clip, forget_bias, python_loops = ctx.options
+    count = 3 + len(_WEIGHTS) + 6
     if d_hs is None and d_hT is None and d_cT is None:
         return (None,) * count
     inputs = (x, h0, c0, *weights)
@@ -294,10 +348,11 @@ def _backward(ctx, d_hs, d_hT, d_cT, *unused_tape_grads):
     need_dx = ctx.needs_input_grad[0]
     grads = layer_backward(d_hs, d_hT, d_cT, x, h0, w["w_ih"], w["w_hh"], w["w_mh"], w["w_hr"], w["w_ci"],
                            w["w_cf"], w["w_co"], w["b_ih"] is not None, w["b_hh"] is not None,
-                           w["b_mh"] is not None, multiplicative, cell_clip, proj_clip, need_dx, hs, *tape)
+                           w["b_mh"] is not None, multiplicative, cell_clip, proj_clip, need_dx, python_loops, hs,
+                           *tape)
     result = [None if t is None or not ctx.needs_input_grad[k] else grad
               for k, (t, grad) in enumerate(zip(inputs, grads))]
-    return (*result, None, None, None, None)
+    return (*result, None, None, None, None, None, None)
 
 
 def _differentiable_backward(ctx, output_grads, inputs, multiplicative, runtime):
@@ -307,16 +362,19 @@ def _differentiable_backward(ctx, output_grads, inputs, multiplicative, runtime)
     params = {_CANONICAL[name]: t for name, t in zip(_WEIGHTS, inputs[3:]) if t is not None}
     runtime = {name: value for name, value in runtime.items() if value not in (None, 0.0)}
     outputs = plain_layer(inputs[0], inputs[1], inputs[2], params, multiplicative, runtime)
-    return gradients_with_graph(outputs, output_grads, inputs, wanted, len(inputs) + 4)
+    return gradients_with_graph(outputs, output_grads, inputs, wanted, len(inputs) + 6)
 
 
 layer_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_variant_layer(x: Tensor, h0: Tensor, c0: Tensor, params: dict, multiplicative: bool, runtime: dict
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+def fused_variant_layer(x: Tensor, h0: Tensor, c0: Tensor, params: dict, multiplicative: bool, runtime: dict,
+                        python_loops: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """One layer with variants over x (T, B, I) from (h0 (B, P or H), c0 (B, H)): hs, h_T, c_T.
-    ``params`` holds canonical names; ``runtime`` the switched-on run-time options."""
+    ``params`` holds canonical names; ``runtime`` the switched-on run-time options. The tape is kept
+    only when autograd will need it."""
     weights = [params.get(_CANONICAL[name]) for name in _WEIGHTS]
+    keep_tape = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, *weights))
     return layer_forward(x, h0, c0, *weights, multiplicative, runtime.get("cell_clip"), runtime.get("proj_clip"),
-                         float(runtime.get("forget_bias", 0.0)))[:3]
+                         float(runtime.get("forget_bias", 0.0)), keep_tape, python_loops)[:3]
