@@ -5,12 +5,13 @@ variant-free layer computing exactly what it computed before the variants existe
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 from helpers import require_backend
-from hypothesis import given, reject
+from hypothesis import HealthCheck, given, reject, settings
 from spec_strategies import VARIANTS, assert_close, cases, variant_case
 
 bt = require_backend("torch")
@@ -19,18 +20,20 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import mlstm_spec  # noqa: E402
-from backends.torch import fused, plain, variants  # noqa: E402
+from backends.torch import build, fused, loops, plain, variants  # noqa: E402
 from backends.torch.adapter import ConformanceAdapter  # noqa: E402
 from mlstm_spec.conformance.calls import Caller  # noqa: E402
-from mlstm_spec.conformance.cases import with_clips  # noqa: E402
+from mlstm_spec.conformance.cases import Case, with_clips  # noqa: E402
 from mlstm_spec.conformance.suite import _Unrepresentable as Unrepresentable, evaluate_case  # noqa: E402
 from mlstm_spec.conformance.tolerances import TOLERANCES  # noqa: E402
 
 MODES = ("addition", "multiplicative_integration")
-# The adapter configurations: the fused operator (its Python loops: the C++ loops do not take the
-# variants), the plain path, the reverse direction of a bidirectional layer, and packed sequences.
+# The adapter configurations: the fused operator (its C++ loops on CPU where they are compiled; its
+# Python loops with python_loops), the plain path, the reverse direction of a bidirectional layer, and
+# packed sequences.
 CONFIGURATIONS = {
     "fused": dict(),
+    "python_loops": dict(python_loops=True),
     "plain": dict(fused=False),
     "reverse": dict(direction="reverse"),
     "packed": dict(packed=True),
@@ -58,7 +61,7 @@ def check_against_spec(case, adapter, bound):
         assert_close(grads[name], want[name], bound, f"d {name}", case)
 
 
-@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+@pytest.mark.parametrize("configuration", ["fused", "plain", "reverse", "packed"])
 @given(case=cases(max_size=19, max_steps=5))
 def test_every_path_equals_the_spec_float64(configuration, case):
     """Drawn shapes (H up to 19: past every vector width), options and variants, in float64."""
@@ -89,12 +92,12 @@ def test_each_variant_on_the_fused_path(variant, mode):
     """Each variant alone and all together, at a case where every clip acts: the fused operator (forced,
     whatever its cost rule says) and the plain path against the spec."""
     case = variant_case(mode, VARIANTS[variant])
-    for configuration in ("fused", "plain"):
+    for configuration in ("fused", "python_loops", "plain"):
         check_against_spec(case, ConformanceAdapter(**CONFIGURATIONS[configuration]),
                            TOLERANCES[("float64", "cpu")])
 
 
-@pytest.mark.parametrize("configuration", ["fused", "plain"])
+@pytest.mark.parametrize("configuration", ["fused", "python_loops", "plain"])
 def test_clip_gradient_passes_at_the_bound(configuration):
     """A cell state exactly at +-cell_clip passes its gradient (the spec's closed interval). With every
     weight and bias zero each gate is 0.5 and z = 0, so c_t = c_{t-1} / 2: from c_0 = (1, 0.2, -1) and
@@ -122,18 +125,23 @@ def operator_inputs(case):
     return x, h0, c0, params
 
 
+@pytest.mark.parametrize("body", ["compiled", "python"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fused_operator_gradcheck(variant, mode):
+def test_fused_operator_gradcheck(variant, mode, body, request):
     """torch.autograd.gradcheck of the fused operator's analytic backward (float64 finite differences),
-    every input and parameter; the case keeps every clipped value 1e-3 from its bound."""
+    every input and parameter, in each of its bodies (the C++ loops alone: the Python loops fail if
+    they run); the case keeps every clipped value 1e-3 from its bound."""
+    if body == "compiled":
+        request.getfixturevalue("compiled_only")
     case = variant_case(mode, dict(VARIANTS[variant], with_state=True))
     x, h0, c0, params = operator_inputs(case)
     names = list(params)
     runtime = {k: v for k, v in case.runtime.items() if v not in (None, 0.0)}
 
     def layer(x, h0, c0, *weights):
-        return variants.fused_variant_layer(x, h0, c0, dict(zip(names, weights)), mode != "addition", runtime)
+        return variants.fused_variant_layer(x, h0, c0, dict(zip(names, weights)), mode != "addition", runtime,
+                                            python_loops=body == "python")
 
     assert torch.autograd.gradcheck(layer, (x, h0, c0, *params.values()), fast_mode=True)
 
@@ -164,6 +172,210 @@ def test_double_backward_through_the_fused_operator():
         penalties.append(torch.autograd.grad(d_x.square().sum(), list(params.values())))
     for name, got, want in zip(names, *penalties):
         assert_close(got.numpy(), want.numpy(), TOLERANCES[("float64", "cpu")], f"d2 {name}")
+
+
+# ---- the C++ loops (cpu_loops.cpp: variant_layer_forward / variant_layer_backward) ----
+
+@pytest.fixture
+def compiled_only(monkeypatch):
+    """The operator's C++ loops and nothing else: skipped where they are not compiled, and the Python
+    loops fail if they run (so a fallback cannot pass for the C++ loops)."""
+    compiled, reason = build.compiled_cpu_loops()
+    if not compiled:
+        pytest.skip(f"compiled CPU loops not in use: {reason}")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Python variant loops ran where the C++ loops should have")
+
+    monkeypatch.setattr(variants, "forward_loop", refuse)
+    monkeypatch.setattr(variants, "backward_loop", refuse)
+
+
+def operator_run(x, h0, c0, params, multiplicative, runtime, d_hs, d_hT, d_cT, python_loops):
+    """The operator's hs, h_T, c_T and the gradients of sum(hs d_hs) + sum(h_T d_hT) + sum(c_T d_cT)
+    (d_hT, d_cT None: not in the sum) for x, h0, c0 and every parameter, as a dict of arrays."""
+    inputs = {"x": x, "h0": h0, "c0": c0, **params}
+    hs, h_T, c_T = variants.fused_variant_layer(x, h0, c0, params, multiplicative, runtime,
+                                                python_loops=python_loops)
+    loss = (hs * d_hs).sum()
+    for value, weight in ((h_T, d_hT), (c_T, d_cT)):
+        if weight is not None:
+            loss = loss + (value * weight).sum()
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    result = {"hs": hs, "h_T": h_T, "c_T": c_T}
+    result.update({f"d {name}": grad for name, grad in zip(inputs, grads)})
+    return {name: value.detach().numpy() for name, value in result.items()}
+
+
+# the fixture only patches the module for the whole test: nothing to reset between examples
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.filter_too_much])
+@given(case=cases(max_size=40, max_steps=5, batched=True))
+def test_compiled_loops_equal_the_spec_float64(compiled_only, case):
+    """The C++ loops alone against mlstm_spec in float64, over drawn shapes (H, P, I and B up to 40: past
+    every vector width, with and without a tail), options and every combination of the variants:
+    outputs, final states and every gradient at the table's float64 tolerance."""
+    a = case.arrays()
+    x, h0, c0, params = operator_inputs(case)
+    state = (h0.detach().numpy(), c0.detach().numpy())
+    d_hs = torch.from_numpy(np.swapaxes(a.d_hs, 0, 1).copy())
+    d_hT, d_cT = (None, None) if a.d_state is None else (torch.from_numpy(s) for s in a.d_state)
+    got = operator_run(x, h0, c0, params, case.integration_mode != "addition", case.runtime, d_hs, d_hT, d_cT,
+                       python_loops=False)
+    mode, runtime = case.integration_mode, case.runtime
+    want_hs, (want_h, want_c) = mlstm_spec.forward(a.params, a.xs, state, integration_mode=mode, **runtime)
+    want = {"hs": np.swapaxes(want_hs, 0, 1), "h_T": want_h, "c_T": want_c}
+    grads = mlstm_spec.backward(a.params, a.xs, state, a.d_hs, a.d_state, integration_mode=mode, **runtime)
+    want.update({f"d {name}": value for name, value in grads.items()})
+    want["d x"] = np.swapaxes(want["d x"], 0, 1)
+    assert set(got) == set(want)
+    for name in want:
+        assert_close(got[name], want[name], TOLERANCES[("float64", "cpu")], name, case)
+
+
+def variant_combinations():
+    """Every combination of the variants (a projection excludes independent recurrence; proj_clip needs
+    a projection): (projection, peepholes, cell_clip, proj_clip, forget_bias, independent)."""
+    for projection, peepholes, cell_clip, proj_clip, forget_bias, independent in itertools.product((False, True),
+                                                                                                   repeat=6):
+        if (proj_clip and not projection) or (projection and independent):
+            continue
+        yield projection, peepholes, cell_clip, proj_clip, forget_bias, independent
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_loops_equal_python_loops(compiled_only, monkeypatch, dtype, mode):
+    """C++ loops against the operator's Python loops beyond the suite's sizes: a batch split across
+    threads (B*H over the per-task grain), widths that are not multiples of the vector width, and an
+    inference forward whose input projection runs in chunks of two steps. Clip bounds at the 70th
+    percentile of the unclipped values, so that both clips act. float64, every combination of the
+    variants, to 1e-12 (the same arithmetic in a different order); float32, each variant alone and
+    all together, at the table's tolerance. Those run on the batch of 64 rows that threads share; the
+    other combinations on 5 rows (threads on a busy machine cost ~0.1 s a call)."""
+    rng = np.random.default_rng(11)
+    T, I, H, P = 4, 9, 70, 21
+    combinations = list(variant_combinations())
+    if dtype == torch.float32:
+        combinations = [c for c in combinations if sum(c) <= 1 or c == (True, True, True, True, True, False)]
+
+    def uniform(*shape, scale=1.0):
+        return torch.tensor(rng.uniform(-scale, scale, shape), dtype=dtype)
+
+    for projection, peepholes, cell_clip, proj_clip, forget_bias, independent in combinations:
+        many = sum((projection, peepholes, cell_clip, proj_clip, forget_bias, independent)) <= 1 or (
+            projection and peepholes and cell_clip and proj_clip and forget_bias)
+        B = 64 if many else 5
+        x = uniform(T, B, I, scale=2.0)
+        chunk_bytes = 2 * B * 5 * H * x.element_size()
+        out = P if projection else H
+        # an initialised layer's scale (variance ~1/fan-in): the comparison measures rounding, not how
+        # saturated gates amplify it
+        params = dict(weight_ih=uniform(5 * H, I, scale=I ** -0.5), bias_ih=uniform(5 * H, scale=0.5),
+                      weight_hh=uniform(H) if independent else uniform(H, out, scale=out ** -0.5),
+                      bias_hh=uniform(H, scale=0.5), weight_mh=uniform(4 * H, H, scale=H ** -0.5),
+                      bias_mh=uniform(4 * H, scale=0.5))
+        if projection:
+            params["weight_hr"] = uniform(P, H, scale=H ** -0.5)
+        if peepholes:
+            params.update(weight_ci=uniform(H), weight_cf=uniform(H), weight_co=uniform(H))
+        h0, c0, d_hT, d_cT = uniform(B, out), uniform(B, H), uniform(B, out), uniform(B, H)
+        d_hs = uniform(T, B, out)
+        runtime = {"forget_bias": 1.0} if forget_bias else {}
+        if cell_clip or proj_clip:
+            with torch.no_grad():
+                hs, _, _, *tape = variants.layer_forward(x, h0, c0, *(params.get(variants._CANONICAL[w]) for w in
+                                                                      variants._WEIGHTS),
+                                                         mode != "addition", None, None, 0.0, True, False)
+            cs = variants.VariantTape(*tape).cs
+            if cell_clip:
+                runtime["cell_clip"] = float(cs[1:].abs().quantile(0.7))
+            if proj_clip:
+                runtime["proj_clip"] = float(hs.abs().flatten().quantile(0.7))
+        results = []
+        for python_loops in (False, True):
+            if python_loops:
+                monkeypatch.undo()  # the Python loops back (compiled_only refuses them)
+            leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+            weights = {name: value.clone().requires_grad_() for name, value in params.items()}
+            result = operator_run(*leaves, weights, mode != "addition", runtime, d_hs, d_hT, d_cT, python_loops)
+            monkeypatch.setattr(loops, "PROJECTION_CHUNK_BYTES", chunk_bytes)
+            with torch.no_grad():
+                result["inference hs"] = variants.fused_variant_layer(x, h0, c0, params, mode != "addition",
+                                                                      runtime, python_loops)[0].numpy()
+            results.append(result)
+        bound = 1e-12 if dtype == torch.float64 else TOLERANCES[("float32", "cpu")]
+        combination = dict(projection=projection, peepholes=peepholes, independent=independent, **runtime)
+        for name in results[1]:
+            assert_close(results[0][name], results[1][name], bound, name, combination)
+
+
+@pytest.mark.parametrize("python_loops", [False, True])
+def test_inference_keeps_no_tape(python_loops):
+    """Under no_grad the operator is asked for no tape, and returns none (every VariantTape field
+    empty) in each body; with a gradient to come the same call keeps it. The outputs are the same."""
+    case = variant_case("multiplicative_integration", dict(VARIANTS["all"], with_state=True))
+    x, h0, c0, params = operator_inputs(case)
+    calls = []
+    original = variants.layer_forward
+
+    def spy(*args):
+        result = original(*args)
+        calls.append(result)
+        return result
+
+    variants.layer_forward, saved = spy, variants.layer_forward
+    try:
+        with torch.no_grad():
+            inference = variants.fused_variant_layer(x, h0, c0, params, True, case.runtime, python_loops)
+        training = variants.fused_variant_layer(x, h0, c0, params, True, case.runtime, python_loops)
+    finally:
+        variants.layer_forward = saved
+    inference_tape, training_tape = (variants.VariantTape(*result[3:]) for result in calls)
+    assert all(field.numel() == 0 for field in inference_tape), [f.shape for f in inference_tape]
+    assert all(field.numel() > 0 for field in training_tape)  # every variant is on: every field is used
+    for got, want in zip(inference, training):
+        assert torch.equal(got, want.detach())
+    with pytest.raises(RuntimeError, match="keep_tape=False on inputs that require grad"):
+        variants.layer_forward(x, h0, c0, *(params.get(variants._CANONICAL[w]) for w in variants._WEIGHTS), True,
+                               None, None, 0.0, False, python_loops)
+
+
+@pytest.mark.parametrize("python_loops", [False, True])
+@pytest.mark.parametrize("clip", ["cell_clip", "proj_clip"])
+def test_values_on_the_clip_bound_pass_their_gradient(clip, python_loops):
+    """With the bound set to the largest value the clip acts on (taken from this very body's
+    unclipped run, so that value sits exactly on it), nothing is clipped: the spec's closed interval
+    passes the gradient (factor 1) there, so outputs and every gradient equal those without the clip."""
+    case = Case(batch=2, steps=4, input_size=3, hidden_size=5, proj_size=2, peepholes=True, with_state=True,
+                integration_mode="addition", seed=0)
+    x, h0, c0, params = operator_inputs(case)
+    weights = [params.get(variants._CANONICAL[w]) for w in variants._WEIGHTS]
+    with torch.no_grad():
+        hs, _, _, *tape = variants.layer_forward(x, h0, c0, *weights, False, None, None, 0.0, True, python_loops)
+    values = variants.VariantTape(*tape).cs[1:] if clip == "cell_clip" else hs
+    bound = float(values.abs().max())
+    rng = np.random.default_rng(0)
+    d_hs = torch.tensor(rng.standard_normal(hs.shape))
+    d_hT, d_cT = torch.tensor(rng.standard_normal(h0.shape)), torch.tensor(rng.standard_normal(c0.shape))
+    on_bound, unclipped = (operator_run(x, h0, c0, params, False, runtime, d_hs, d_hT, d_cT, python_loops)
+                           for runtime in ({clip: bound}, {}))
+    for name in unclipped:
+        assert np.array_equal(on_bound[name], unclipped[name]), name
+
+
+def test_half_dtypes_run_the_python_loops():
+    """bfloat16 is not a type of the C++ loops: the CPU kernel hands it to the Python loops (the
+    same values as python_loops=True), rather than failing."""
+    case = variant_case("addition", dict(VARIANTS["all"], with_state=True))
+    x, h0, c0, params = operator_inputs(case)
+    x, h0, c0 = (t.detach().bfloat16() for t in (x, h0, c0))
+    params = {name: value.detach().bfloat16() for name, value in params.items()}
+    with torch.no_grad():
+        got, want = (variants.fused_variant_layer(x, h0, c0, params, False, case.runtime, python_loops)
+                     for python_loops in (False, True))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w)
 
 
 # ---- the variant-free layer is unchanged ----
