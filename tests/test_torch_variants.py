@@ -364,6 +364,31 @@ def test_values_on_the_clip_bound_pass_their_gradient(clip, python_loops):
         assert np.array_equal(on_bound[name], unclipped[name]), name
 
 
+@pytest.mark.parametrize("python_loops", [False, True])
+def test_variant_operators_pass_opcheck(python_loops):
+    """torch.library.opcheck of both variant operators in each body (every variant on, multiplicative
+    integration): schema, fake kernels (the tape's shapes, empty without keep_tape), autograd
+    registration, no output aliasing an input or another output (the C++ loops' scratch)."""
+    case = variant_case("multiplicative_integration", dict(VARIANTS["all"], with_state=True))
+    x, h0, c0, params = operator_inputs(case)
+    weights = [params.get(variants._CANONICAL[w]) for w in variants._WEIGHTS]
+    options = (True, case.cell_clip, case.proj_clip, case.forget_bias)
+    for keep_tape in (False, True):
+        args = (x, h0, c0, *weights, *options, keep_tape, python_loops)
+        if not keep_tape:
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(variants.layer_forward, args)
+    detached = [t.detach() for t in (x, h0, c0, *weights)]
+    with torch.no_grad():
+        outputs = variants.layer_forward(*detached, *options, True, python_loops)
+    d_hs = torch.randn(outputs[0].shape, dtype=torch.float64)
+    x, h0, _, w_ih, w_hh, w_mh, _, _, _, w_hr, w_ci, w_cf, w_co = detached
+    torch.library.opcheck(variants.layer_backward, (d_hs, None, torch.randn(c0.shape, dtype=torch.float64), x, h0,
+                                                    w_ih, w_hh, w_mh, w_hr, w_ci, w_cf, w_co, True, True, True,
+                                                    True, case.cell_clip, case.proj_clip, True, python_loops,
+                                                    outputs[0], *outputs[3:]))
+
+
 def test_half_dtypes_run_the_python_loops():
     """bfloat16 is not a type of the C++ loops: the CPU kernel hands it to the Python loops (the
     same values as python_loops=True), rather than failing."""

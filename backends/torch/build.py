@@ -55,7 +55,8 @@ _lock = threading.Lock()
 
 
 def cpu_loops() -> ModuleType | None:
-    """The compiled module (functions ``layer_forward``, ``layer_backward`` and ``cell_step``), or None where it cannot
+    """The compiled module (functions ``layer_forward``, ``layer_backward``, ``variant_layer_forward``,
+    ``variant_layer_backward`` and ``cell_step``), or None where it cannot
     be built; the first call builds it (about 20 s, once per machine, source and torch version)."""
     return _loaded()["module"]
 

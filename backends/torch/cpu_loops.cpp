@@ -7,6 +7,10 @@
 //
 // Layouts (row-major, contiguous unless said): x (T, B, I); h0, c0 (B, H); the input projection p holds
 // the blocks (m, i, o, f, z) along its last axis; gate pre-activations hold (i, o, f, z).
+//
+// variant_layer_forward / variant_layer_backward are the same loops for a layer with the spec's variants
+// (backends/torch/variants.py registers them): separate functions, so that the variant-free layer runs
+// exactly the code it ran before the variants existed.
 
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
@@ -976,6 +980,7 @@ std::vector<Tensor> variant_layer_backward(
 
 // The returned lists are (hs, h_T, c_T, *tape) and the nine gradients (d_x, d_h0, d_c0, d_w_ih, d_w_hh,
 // d_w_mh, d_b_ih, d_b_hh, d_b_mh); the tape's fields are in the order of Tape in backends/torch/fused.py.
+// The variant functions': (hs, h_T, c_T, *VariantTape) and those nine plus d_w_hr, d_w_ci, d_w_cf, d_w_co.
 void define_cell_step(pybind11::module& m);  // cpu_step.cpp: one step without autograd
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -478,9 +478,10 @@ class MLSTM(_MLSTMBase):
 
         ``proj_size``, ``peepholes``, ``cell_clip``, ``proj_clip`` and ``forget_bias`` are the spec's
         variants (docs/equations.md, Variants), all off by default; a layer without them runs exactly
-        the computation of a layer from before they existed. With any of them the fused operator runs
-        its loops in Python on every device (the C++ loops do not take the variants); ``fused=False``
-        runs the plain path as usual.
+        the computation of a layer from before they existed. With any of them the fused path runs a
+        second operator (``backends/torch/variants.py``), whose loops are compiled C++ on CPU and Python
+        elsewhere (and with ``cpu_loops="python"``), as the variant-free layer's; ``fused=False`` runs
+        the plain path as usual.
 
     Inputs: input, (h_0, c_0)
         * **input**: tensor of shape :math:`(L, H_{in})` for unbatched input,
