@@ -389,6 +389,24 @@ def test_variant_operators_pass_opcheck(python_loops):
                                                     outputs[0], *outputs[3:]))
 
 
+@pytest.mark.parametrize("cpu_loops", ["compiled", "python"])
+def test_layer_cpu_loops_option_chooses_the_body(cpu_loops, monkeypatch):
+    """MLSTM(cpu_loops=...) with variants: "compiled" runs the C++ loops (the Python loops are never
+    called, forward or backward), "python" the Python loops (both called)."""
+    compiled, reason = build.compiled_cpu_loops()
+    if not compiled:
+        pytest.skip(f"compiled CPU loops not in use: {reason}")
+    ran = []
+    for name in ("forward_loop", "backward_loop"):
+        original = getattr(variants, name)
+        monkeypatch.setattr(variants, name, lambda *a, _f=original, _n=name, **k: ran.append(_n) or _f(*a, **k))
+    torch.manual_seed(0)
+    model = bt.MLSTM(3, 6, proj_size=2, peepholes=True, cell_clip=0.5, forget_bias=1.0, cpu_loops=cpu_loops)
+    x = torch.randn(8, 4, 3, requires_grad=True)  # 8 steps of 4 rows: the fused path (not plain's one step)
+    model(x)[0].sum().backward()
+    assert ran == ([] if cpu_loops == "compiled" else ["forward_loop", "backward_loop"])
+
+
 def test_half_dtypes_run_the_python_loops():
     """bfloat16 is not a type of the C++ loops: the CPU kernel hands it to the Python loops (the
     same values as python_loops=True), rather than failing."""
