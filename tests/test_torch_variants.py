@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import require_backend
 from hypothesis import HealthCheck, given, reject, settings
-from spec_strategies import VARIANTS, assert_close, cases, variant_case
+from spec_strategies import VARIANTS, assert_close, cases, clips_something, variant_case
 
 bt = require_backend("torch")
 
@@ -213,8 +213,14 @@ def operator_run(x, h0, c0, params, multiplicative, runtime, d_hs, d_hT, d_cT, p
 @given(case=cases(max_size=40, max_steps=5, batched=True))
 def test_compiled_loops_equal_the_spec_float64(compiled_only, case):
     """The C++ loops alone against mlstm_spec in float64, over drawn shapes (H, P, I and B up to 40: past
-    every vector width, with and without a tail), options and every combination of the variants:
-    outputs, final states and every gradient at the table's float64 tolerance."""
+    every vector width, with and without a tail), options and combinations of the variants: outputs,
+    final states and every gradient at the table's float64 tolerance."""
+    check_operator_against_spec(case)
+
+
+def check_operator_against_spec(case):
+    """The fused variant operator (its default body: the C++ loops on CPU) on ``case`` against
+    mlstm_spec in float64: hs, h_T, c_T and the gradients of x, h0, c0 and every parameter."""
     a = case.arrays()
     x, h0, c0, params = operator_inputs(case)
     state = (h0.detach().numpy(), c0.detach().numpy())
@@ -241,6 +247,20 @@ def variant_combinations():
         if (proj_clip and not projection) or (projection and independent):
             continue
         yield projection, peepholes, cell_clip, proj_clip, forget_bias, independent
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_loops_equal_the_spec_in_every_combination(compiled_only, mode):
+    """Every combination of the variants (the drawn test meets a random few per run), at H = 19 and
+    P = 7 (past the float64 vector width, with a tail in each), clips where they act, against the spec."""
+    for k, (projection, peepholes, cell_clip, proj_clip, forget_bias, independent) in enumerate(
+            variant_combinations()):
+        case = Case(batch=3, steps=4, input_size=5, hidden_size=19, integration_mode=mode,
+                    independent_recurrence=independent, with_state=True, with_d_state=True, seed=k,
+                    proj_size=7 if projection else 0, peepholes=peepholes, cell_clip=0.4 if cell_clip else None,
+                    proj_clip=0.3 if proj_clip else None, forget_bias=1.0 if forget_bias else 0.0)
+        assert clips_something(case), case
+        check_operator_against_spec(case)
 
 
 @pytest.mark.parametrize("mode", MODES)
