@@ -412,16 +412,9 @@ def test_compile_fullgraph_with_variants_forward_and_backward():
             assert_close(got, want)
 
 
-# ---- known breaks whose fix belongs in fused.py / variants.py (another helper's files) ----
-
-DOUBLE_COUNTED = ("the differentiable backward (fused.py _differentiable_backward / gradients_with_graph, used by "
-                  "variants.py) differentiates the recomputed plain path with torch.autograd.grad with respect to "
-                  "the saved h0/c0 AND the weights: when h0 itself depends on the same weights (a packed "
-                  "sequence's later segments, a state carried from an earlier call), the weights' gradient also "
-                  "flows back through h0's history and is counted twice")
+# ---- double backward through an initial state computed from the same weights ----
 
 
-@pytest.mark.xfail(strict=True, reason=DOUBLE_COUNTED)
 @pytest.mark.parametrize("variants", [True, False], ids=["variants", "plain"])
 @pytest.mark.parametrize("chain", ["packed", "carried_state"])
 def test_create_graph_gradients_when_the_initial_state_depends_on_the_weights(chain, variants):

@@ -138,25 +138,39 @@ def _backward(ctx, d_hs, d_hT, d_cT, *unused_tape_grads):
 
 def _differentiable_backward(ctx, output_grads, inputs, multiplicative):
     """The backward as ordinary differentiable operations: the plain path recomputes the forward from
-    the saved inputs and autograd differentiates it with ``create_graph=True``. This runs only when a
-    graph of the gradient is asked for (gradient penalties, meta-learning); otherwise the analytic
-    backward runs."""
-    wanted = [k for k, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[k]]
+    the saved inputs and is differentiated with its graph kept. This runs only when a graph of the
+    gradient is asked for (gradient penalties, meta-learning); otherwise the analytic backward runs."""
     names = ("weight_ih", "weight_hh", "weight_mh", "bias_ih", "bias_hh", "bias_mh")
-    params = {name: t for name, t in zip(names, inputs[3:]) if t is not None}
-    outputs = plain_layer(inputs[0], inputs[1], inputs[2], params, multiplicative)
-    return gradients_with_graph(outputs, output_grads, inputs, wanted, 12)
+
+    def layer(x, h0, c0, *weights):
+        params = {name: t for name, t in zip(names, weights) if t is not None}
+        return plain_layer(x, h0, c0, params, multiplicative)
+
+    return gradients_with_graph(layer, inputs, output_grads, ctx.needs_input_grad, 12)
 
 
-def gradients_with_graph(outputs, output_grads, inputs, wanted, size: int) -> tuple:
-    """The gradients of ``outputs`` against ``output_grads`` (None: that output unused) with respect to
-    ``inputs[k]`` for each k in ``wanted``, differentiable themselves (``create_graph=True``), placed
-    in a tuple of ``size`` entries (None elsewhere), as an operator's registered backward returns them."""
-    pairs = [(out, grad) for out, grad in zip(outputs, output_grads) if grad is not None]
-    grads = torch.autograd.grad([out for out, _ in pairs], [inputs[k] for k in wanted],
-                                [grad for _, grad in pairs], create_graph=True, allow_unused=True)
+def gradients_with_graph(function, inputs, output_grads, needs_input_grad, size: int) -> tuple:
+    """The vector-Jacobian product of ``function(*inputs)`` (a tuple of tensors) with ``output_grads``
+    (None: that output unused), differentiable itself, for each input that is not None and whose
+    ``needs_input_grad`` is set, in a tuple of ``size`` entries (None elsewhere), as an operator's
+    registered backward returns them.
+
+    ``torch.func.vjp`` rather than ``torch.autograd.grad`` on the recomputed outputs: the saved inputs
+    keep their own history, and when h0 was computed from the same weights (a state carried over from
+    an earlier call, a packed sequence's later batches) autograd.grad would follow that history too and
+    return the weights' total derivative, which the outer backward then adds a second time."""
+    wanted = [k for k, t in enumerate(inputs) if t is not None and needs_input_grad[k]]
+
+    def of_wanted(*chosen):
+        arguments = list(inputs)
+        for k, value in zip(wanted, chosen):
+            arguments[k] = value
+        return tuple(function(*arguments))
+
+    outputs, pullback = torch.func.vjp(of_wanted, *(inputs[k] for k in wanted))
+    cotangents = tuple(torch.zeros_like(out) if grad is None else grad for out, grad in zip(outputs, output_grads))
     result = [None] * size
-    for k, grad in zip(wanted, grads):
+    for k, grad in zip(wanted, pullback(cotangents)):
         result[k] = grad
     return tuple(result)
 

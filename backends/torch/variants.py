@@ -358,11 +358,13 @@ def _backward(ctx, d_hs, d_hT, d_cT, *unused_tape_grads):
 def _differentiable_backward(ctx, output_grads, inputs, multiplicative, runtime):
     """As fused.py's: the plain path recomputes the forward and autograd differentiates it with
     ``create_graph=True`` (second derivatives)."""
-    wanted = [k for k, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[k]]
-    params = {_CANONICAL[name]: t for name, t in zip(_WEIGHTS, inputs[3:]) if t is not None}
     runtime = {name: value for name, value in runtime.items() if value not in (None, 0.0)}
-    outputs = plain_layer(inputs[0], inputs[1], inputs[2], params, multiplicative, runtime)
-    return gradients_with_graph(outputs, output_grads, inputs, wanted, len(inputs) + 6)
+
+    def layer(x, h0, c0, *weights):
+        params = {_CANONICAL[name]: t for name, t in zip(_WEIGHTS, weights) if t is not None}
+        return plain_layer(x, h0, c0, params, multiplicative, runtime)
+
+    return gradients_with_graph(layer, inputs, output_grads, ctx.needs_input_grad, len(inputs) + 6)
 
 
 layer_forward.register_autograd(_backward, setup_context=_setup_context)
