@@ -20,6 +20,10 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <memory>
 #include <chrono>
 #include <functional>
 #include <cstdlib>
@@ -398,6 +402,186 @@ class Scratch {
   int64_t total_ = 0, offset_ = 0;
 };
 
+// ---- the forward without a tape, one slice of the batch per thread -------------------------------------
+
+#if AT_MKL_ENABLED()
+// The Fortran-convention entry (by reference), the one libtorch_cpu exports under both names; returns the
+// thread's previous setting (0: none of its own).
+extern "C" int mkl_set_num_threads_local_(const int* threads);
+#endif
+
+// While it lives, MKL runs this thread's calls on this thread alone; then its setting is restored.
+class OneMklThread {
+ public:
+#if AT_MKL_ENABLED()
+  OneMklThread() {
+    const int one = 1;
+    before_ = mkl_set_num_threads_local_(&one);
+  }
+  ~OneMklThread() { mkl_set_num_threads_local_(&before_); }
+
+ private:
+  int before_;
+#endif
+};
+
+// C (rows x n, row stride ldc) = A (rows x k, row stride lda) Bt^T, with Bt (n x k, row stride ldb):
+// the input projection straight from weight_ih's own layout, on one thread's rows.
+template <typename scalar_t>
+void gemm_transposed_b(int64_t rows, int64_t n, int64_t k, const scalar_t* A, int64_t lda, const scalar_t* Bt,
+                       int64_t ldb, scalar_t* C, int64_t ldc) {
+#if AT_MKL_ENABLED()
+  const char no = 'N', yes = 'T';
+  const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
+  const int lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
+  const scalar_t one(1), zero(0);
+  if constexpr (std::is_same_v<scalar_t, float>)
+    sgemm_(&yes, &no, &m_, &n_, &k_, &one, Bt, &lda_, A, &ldb_, &zero, C, &ldc_);
+  else
+    dgemm_(&yes, &no, &m_, &n_, &k_, &one, Bt, &lda_, A, &ldb_, &zero, C, &ldc_);
+#else
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  Tensor a = at::from_blob(const_cast<scalar_t*>(A), {rows, k}, {lda, 1}, options);
+  Tensor bt = at::from_blob(const_cast<scalar_t*>(Bt), {n, k}, {ldb, 1}, options);
+  Tensor c = at::from_blob(C, {rows, n}, {ldc, 1}, options);
+  at::mm_out(c, a, bt.t());
+#endif
+}
+
+// body(s) for every s in [0, count), on the calling thread and count - 1 tasks of torch's inter-op thread
+// pool (at::launch). at::parallel_for cannot serve here: this file is compiled without OpenMP, so in it
+// at::parallel_for runs everything on the calling thread. The caller also runs every slice no task has
+// claimed yet, so it never waits for a task that has not started (the pool may be busy, or be this thread).
+template <typename Body>
+void run_on_threads(int64_t count, const Body& body) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    int64_t finished = 0;
+    std::mutex mutex;
+    std::condition_variable all_finished;
+    std::exception_ptr error;
+  };
+  auto shared = std::make_shared<Shared>();
+  // A task may start after the caller has returned: it then finds nothing to claim and never calls body.
+  auto work = [shared, count, &body] {
+    for (int64_t s; (s = shared->next.fetch_add(1)) < count;) {
+      std::exception_ptr error;
+      try {
+        body(s);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> guard(shared->mutex);
+      if (error && !shared->error) shared->error = error;
+      if (++shared->finished == count) shared->all_finished.notify_all();
+    }
+  };
+  for (int64_t task = 1; task < count; ++task) at::launch(work);
+  work();
+  std::unique_lock<std::mutex> lock(shared->mutex);
+  shared->all_finished.wait(lock, [&] { return shared->finished == count; });
+  if (shared->error) std::rethrow_exception(shared->error);
+}
+
+// The slices a forward without a tape splits the batch into: one per thread, each of at least
+// kMinSliceRows rows (fewer make each thread's products inefficient); 1 keeps the step-parallel loop.
+constexpr int64_t kMinSliceRows = 8;
+int64_t forward_slices(int64_t B, bool keep_tape) {
+  const char* off = std::getenv("MLSTM_TORCH_FWD_SLICED");  // DEV: side-by-side timing, removed before merge
+  if (keep_tape || (off && std::string(off) == "0")) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinSliceRows));
+}
+
+// layer_forward without a tape, with the batch split into `slices` row ranges that are independent
+// through the whole recurrence: each thread runs every step for its rows, with single-threaded
+// products, so a step needs no fork and join (the loop above pays ~4 per step), and the thread's
+// projection chunk, h and c stay in its own core's cache. The same products and passes as the loop
+// above, on fewer rows.
+std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0, const Tensor& c0,
+                                         const Tensor& w_ih, const Tensor& w_hh, const Tensor& w_mh,
+                                         const std::optional<Tensor>& bias, const std::optional<Tensor>& b_hh,
+                                         const std::optional<Tensor>& b_mh, bool multiplicative, int64_t chunk_bytes,
+                                         int64_t slices) {
+  const Tensor x = x_given.contiguous();
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(-1);
+  const int64_t base_rows = B / slices, extra_rows = B % slices, most_rows = base_rows + (extra_rows > 0);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(T, chunk_bytes / (B * 5 * H * x.element_size())));
+  Scratch scratch(x.options());
+  const std::vector<int64_t> p_shape{slices, chunk * most_rows, 5 * H}, x_shape{slices, chunk * most_rows, I},
+      rows_shape{slices, most_rows, H}, gates_shape{slices, most_rows, 4 * H}, c_shape{slices, 2, most_rows, H};
+  for (const auto& shape : {p_shape, x_shape, rows_shape, rows_shape, gates_shape, rows_shape, rows_shape, c_shape})
+    scratch.reserve(shape);
+  Tensor p_all = scratch.take(p_shape), x_all = scratch.take(x_shape);
+  Tensor r_all = scratch.take(rows_shape), m_all = scratch.take(rows_shape), pre_all = scratch.take(gates_shape);
+  Tensor z_all = scratch.take(rows_shape), tanh_c_all = scratch.take(rows_shape), c_all = scratch.take(c_shape);
+  Tensor hs = at::empty({T, B, H}, x.options()), c_T = at::empty({B, H}, x.options());
+  const bool independent = w_hh.dim() == 1;
+  Tensor w_hh_t = independent ? w_hh.contiguous() : w_hh.t().contiguous();
+  Tensor w_mh_t = w_mh.t().contiguous();
+  Tensor w_ih_c = w_ih.contiguous();
+  Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlstm_sliced_layer_forward", [&] {
+    const scalar_t* b_hh_p = ptr_or_null<scalar_t>(b_hh);
+    const scalar_t* bias_p = ptr_or_null<scalar_t>(bias);  // (5H): bias_ih, plus bias_mh under addition
+    const scalar_t* b_mh_p = multiplicative ? ptr_or_null<scalar_t>(b_mh) : nullptr;
+    const scalar_t* w_hh_vector = independent ? w_hh_t.data_ptr<scalar_t>() : nullptr;
+    auto run_slice = [&](int64_t s) {
+      const int64_t b0 = s * base_rows + std::min(s, extra_rows), rows = base_rows + (s < extra_rows);
+      // Weights packed (where measured faster) for this slice's row count, by the thread that uses them.
+      std::optional<StepWeight<scalar_t>> w_hh_step;
+      if (!independent) w_hh_step.emplace(w_hh_t, rows);
+      const StepWeight<scalar_t> w_mh_step(w_mh_t, rows);
+      scalar_t* p_slice = p_all[s].data_ptr<scalar_t>();
+      scalar_t* x_slice = x_all[s].data_ptr<scalar_t>();
+      scalar_t* r = r_all[s].data_ptr<scalar_t>();
+      scalar_t* m = m_all[s].data_ptr<scalar_t>();
+      scalar_t* pre = pre_all[s].data_ptr<scalar_t>();
+      scalar_t* zt = z_all[s].data_ptr<scalar_t>();
+      scalar_t* tc = tanh_c_all[s].data_ptr<scalar_t>();
+      scalar_t* cs = c_all[s].data_ptr<scalar_t>();  // c_{t-1} and c_t, alternating, most_rows apart
+      const scalar_t* x_p = x.data_ptr<scalar_t>();
+      const scalar_t* c0_rows = c0c.data_ptr<scalar_t>() + b0 * H;
+      std::copy(c0_rows, c0_rows + rows * H, cs);
+      scalar_t* hs_p = hs.data_ptr<scalar_t>();
+      const scalar_t* h_prev = h0c.data_ptr<scalar_t>() + b0 * H;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t j = t % chunk;
+        if (j == 0) {  // this slice's rows of the next chunk of steps, side by side, then one product
+          const int64_t n = std::min(chunk, T - t);
+          for (int64_t step = 0; step < n; ++step) {
+            const scalar_t* from = x_p + ((t + step) * B + b0) * I;
+            std::copy(from, from + rows * I, x_slice + step * rows * I);
+          }
+          gemm_transposed_b<scalar_t>(n * rows, 5 * H, I, x_slice, I, w_ih_c.data_ptr<scalar_t>(), I, p_slice, 5 * H);
+        }
+        scalar_t* p_t = p_slice + j * rows * 5 * H;
+        const scalar_t* c_prev = cs + (t % 2) * most_rows * H;
+        scalar_t* c = cs + ((t + 1) % 2) * most_rows * H;
+        scalar_t* h = hs_p + (t * B + b0) * H;
+        if (!independent) w_hh_step->multiply(h_prev, H, false, r, H);
+        mix_rows<scalar_t>(0, rows, H, r, h_prev, w_hh_vector, b_hh_p, p_t, 5 * H, bias_p, nullptr, 0, m);
+        if (b_mh_p)
+          for (int64_t b = 0; b < rows; ++b) std::copy(b_mh_p, b_mh_p + 4 * H, pre + b * 4 * H);
+        w_mh_step.multiply(m, H, b_mh_p != nullptr, pre, 4 * H);
+        gate_rows<scalar_t>(0, rows, H, pre, p_t + H, 5 * H, bias_p ? bias_p + H : nullptr, false, multiplicative,
+                            c_prev, c, h, zt, tc, nullptr, nullptr, nullptr);
+        h_prev = h;
+      }
+      const scalar_t* c_last = cs + (T % 2) * most_rows * H;
+      std::copy(c_last, c_last + rows * H, c_T.data_ptr<scalar_t>() + b0 * H);
+    };
+    run_on_threads(slices, [&](int64_t s) {
+      OneMklThread alone;
+      run_slice(s);
+    });
+  });
+  Tensor h_T = hs[T - 1].clone();
+  std::vector<Tensor> out{hs, h_T, c_T};
+  for (int n = 0; n < 7; ++n) out.push_back(empty0(x));
+  return out;
+}
+
 // ---- the loops ------------------------------------------------------------------------------------------
 
 std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
@@ -414,6 +598,9 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
     Tensor folded = at::cat({at::zeros({H}, b_mh->options()), *b_mh});
     bias = bias ? *bias + folded : folded;
   }
+  const int64_t slices = forward_slices(B, keep_tape);
+  if (slices > 1)
+    return sliced_layer_forward(x, h0, c0, w_ih, w_hh, w_mh, bias, b_hh, b_mh, multiplicative, chunk_bytes, slices);
   auto empty = [&](at::IntArrayRef shape) { return at::empty(shape, x.options()); };
   const bool keep_all_p = keep_tape && multiplicative;  // the backward needs p_gates only then
   const int64_t chunk = keep_all_p ? T
@@ -989,6 +1176,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("variant_layer_forward", &variant_layer_forward, "the fused forward loop with the spec's variants");
   m.def("variant_layer_backward", &variant_layer_backward, "the fused backward loop with the spec's variants");
   define_cell_step(m);
+  m.def("forward_slices", &forward_slices,
+        "the slices of the batch a forward of this many rows runs on (1: the step-parallel loop), given "
+        "whether it keeps the tape");
   m.def("step_gemm_choices", &step_gemm_choices,
         "the per-step products' measured choices: (rows, n, k, threads, 'packed' or 'plain')");
 }

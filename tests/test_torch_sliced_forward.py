@@ -1,0 +1,104 @@
+"""The compiled forward without a tape (inference) splits the batch into one slice of rows per thread,
+each running the whole recurrence for its rows (``sliced_layer_forward`` in ``cpu_loops.cpp``). These
+tests force that path (more than one torch thread, enough rows) and hold it to the spec; its speed is
+shown by ``benchmarks/bench_torch.py``, not here."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import pytest
+from helpers import random_params, require_backend
+
+bt = require_backend("torch")
+
+import torch  # noqa: E402
+
+from backends.torch import build, loops  # noqa: E402
+
+import mlstm_spec  # noqa: E402
+from mlstm_spec.conformance import relative_error, tolerance  # noqa: E402
+
+MODES = ("addition", "multiplicative_integration")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """The compiled loops' module (a skip, with the reason, where they cannot be built)."""
+    built, reason = bt.compiled_cpu_loops()
+    if not built:
+        pytest.skip(f"the C++ loops are not built here: {reason}")
+    return build.cpu_loops()
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for one test (the slices follow it), and restores it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_slices_follow_threads_and_rows(compiled, threads):
+    threads(3)
+    assert compiled.forward_slices(26, False) == 3  # 9, 9 and 8 rows
+    assert compiled.forward_slices(20, False) == 2  # at least 8 rows a slice
+    assert compiled.forward_slices(7, False) == 1
+    assert compiled.forward_slices(26, True) == 1  # the forward that writes the tape keeps its loop
+    threads(1)
+    assert compiled.forward_slices(64, False) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("options", [dict(), dict(independent_recurrence=True),
+                                     dict(bias=False, recurrent_bias=False, multiplicative_bias=True)],
+                         ids=["all biases", "independent", "only bias_mh"])
+@pytest.mark.parametrize("chunk_steps", [2, None], ids=["chunks of 2 steps", "default chunk"])
+def test_sliced_forward_equals_spec_float64(compiled, threads, mode, options, chunk_steps):
+    """Uneven slices (26 rows on 3 threads), a width that is not a multiple of the vector width,
+    given initial states, the projection in several chunks; outputs and both final states."""
+    threads(3)
+    rng = np.random.default_rng(11)
+    steps, batch, inputs, hidden = 7, 26, 5, 37
+    assert compiled.forward_slices(batch, False) == 3
+    params = random_params(rng, inputs, hidden, scale=3 ** 0.5 / hidden ** 0.5, **options)
+    model = bt.MLSTM.from_canonical([params], integration_mode=mode, dtype=torch.float64)
+    x = rng.standard_normal((batch, steps, inputs))
+    h0, c0 = rng.uniform(-1, 1, (batch, hidden)), rng.standard_normal((batch, hidden))
+    chunk_bytes = (loops.PROJECTION_CHUNK_BYTES if chunk_steps is None
+                   else chunk_steps * batch * 5 * hidden * 8)
+    with mock.patch.object(loops, "PROJECTION_CHUNK_BYTES", chunk_bytes), torch.no_grad():
+        out, (h_n, c_n) = model(torch.tensor(x).transpose(0, 1),
+                                (torch.tensor(h0)[None], torch.tensor(c0)[None]))
+    want_hs, (want_h, want_c) = mlstm_spec.forward(params, x, (h0, c0), integration_mode=mode)
+    bound = tolerance("float64")
+    for got, want in ((out.transpose(0, 1), want_hs), (h_n[0], want_h), (c_n[0], want_c)):
+        error, where = relative_error(got.numpy(), want)
+        assert error <= bound, f"relative error {error:.2e} at {where} > {bound:.0e}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sliced_forward_float32_equals_the_step_parallel_loop_and_spec(compiled, threads, mode):
+    """float32 at the layer's own initialisation: the sliced path against the spec (float64 on the
+    same rounded inputs) within the float32 tolerance, and against the loop it replaces (one thread)."""
+    torch.manual_seed(3)
+    model = bt.MLSTM(24, 40, integration_mode=mode)
+    x = torch.randn(9, 33, 24)
+    results = {}
+    for count in (2, 1):
+        threads(count)
+        assert compiled.forward_slices(33, False) == count
+        with torch.no_grad():
+            results[count] = model(x)
+    params = {name: value.astype(np.float64) for name, value in model.to_canonical()[0].items()}
+    want_hs, (want_h, want_c) = mlstm_spec.forward(params, x.double().transpose(0, 1).numpy(),
+                                                   integration_mode=mode)
+    out, (h_n, c_n) = results[2]
+    bound = tolerance("float32")
+    for got, want in ((out.transpose(0, 1), want_hs), (h_n[0], want_h), (c_n[0], want_c)):
+        error, where = relative_error(got.double().numpy(), want)
+        assert error <= bound, f"relative error {error:.2e} at {where} > {bound:.0e}"
+    for got, want in zip((results[2][0], *results[2][1]), (results[1][0], *results[1][1])):
+        error, where = relative_error(got.double().numpy(), want.double().numpy())
+        assert error <= bound, f"sliced vs step-parallel: {error:.2e} at {where}"
