@@ -4,6 +4,9 @@ Compared, at each size (B, T, I, H), one layer, float32, time-major input (T, B,
 
 - ``MLSTM``: this project's layer (``backends.torch.MLSTM``, the fused path; on CPU its time loops
   run in compiled C++, see ``backends.torch.compiled_cpu_loops``);
+- ``MLSTM (no slices)``: the same layer with its inference forward on the step-parallel loop instead of
+  one slice of the batch per thread (``MLSTM_TORCH_FORWARD_SLICES=off`` during its calls); its
+  forward+backward is the same code as ``MLSTM``'s;
 - ``MLSTM (Python loops)``: the same fused layer with its time loops in Python, as on a machine
   without a C++ compiler (``MLSTM(..., cpu_loops="python")``);
 - ``MLSTM (plain)``: the same layer with ``fused=False`` (ordinary autograd, one step at a time);
@@ -92,9 +95,30 @@ class NaiveMLSTM(nn.Module):
         return torch.stack(outputs), (h, c)
 
 
+class WithoutSlices(nn.Module):
+    """A layer whose calls run with MLSTM_TORCH_FORWARD_SLICES=off (the C++ loops read it per call)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        before = os.environ.get("MLSTM_TORCH_FORWARD_SLICES")
+        os.environ["MLSTM_TORCH_FORWARD_SLICES"] = "off"
+        try:
+            return self.layer(x)
+        finally:
+            if before is None:
+                del os.environ["MLSTM_TORCH_FORWARD_SLICES"]
+            else:
+                os.environ["MLSTM_TORCH_FORWARD_SLICES"] = before
+
+
 def build(name, input_size, hidden_size):
     if name == "MLSTM":
         return MLSTM(input_size, hidden_size)
+    if name == "MLSTM (no slices)":
+        return WithoutSlices(MLSTM(input_size, hidden_size))
     if name == "MLSTM (Python loops)":
         return MLSTM(input_size, hidden_size, cpu_loops="python")
     if name == "MLSTM (plain)":
@@ -110,7 +134,7 @@ def build(name, input_size, hidden_size):
     raise ValueError(f"unknown implementation {name!r}")
 
 
-IMPLEMENTATIONS = ("MLSTM", "MLSTM (Python loops)", "MLSTM (plain)", "nn.LSTM", PEER, "naive")
+IMPLEMENTATIONS = ("MLSTM", "MLSTM (no slices)", "MLSTM (Python loops)", "MLSTM (plain)", "nn.LSTM", PEER, "naive")
 
 
 def unavailable(device: str) -> dict:
@@ -122,6 +146,7 @@ def unavailable(device: str) -> dict:
         reasons[PEER] = f"{PEER} is not installed (pip install {PEER})"
     if device != "cpu":
         reasons["MLSTM (Python loops)"] = "on a GPU the fused layer's loops are Python code already"
+        reasons["MLSTM (no slices)"] = "on a GPU the fused layer runs no C++ loops to slice"
     return reasons
 
 

@@ -40,12 +40,16 @@ def threads():
     torch.set_num_threads(before)
 
 
-def test_slices_follow_threads_and_rows(compiled, threads):
+def test_slices_follow_threads_and_rows(compiled, threads, monkeypatch):
     threads(3)
     assert compiled.forward_slices(26, False) == 3  # 9, 9 and 8 rows
     assert compiled.forward_slices(20, False) == 2  # at least 8 rows a slice
     assert compiled.forward_slices(7, False) == 1
     assert compiled.forward_slices(26, True) == 1  # the forward that writes the tape keeps its loop
+    monkeypatch.setenv("MLSTM_TORCH_FORWARD_SLICES", "off")  # read at every call
+    assert compiled.forward_slices(26, False) == 1
+    monkeypatch.delenv("MLSTM_TORCH_FORWARD_SLICES")
+    assert compiled.forward_slices(26, False) == 3
     threads(1)
     assert compiled.forward_slices(64, False) == 1
 

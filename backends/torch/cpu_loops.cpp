@@ -425,29 +425,6 @@ class OneMklThread {
 #endif
 };
 
-// C (rows x n, row stride ldc) = A (rows x k, row stride lda) Bt^T, with Bt (n x k, row stride ldb):
-// the input projection straight from weight_ih's own layout, on one thread's rows.
-template <typename scalar_t>
-void gemm_transposed_b(int64_t rows, int64_t n, int64_t k, const scalar_t* A, int64_t lda, const scalar_t* Bt,
-                       int64_t ldb, scalar_t* C, int64_t ldc) {
-#if AT_MKL_ENABLED()
-  const char no = 'N', yes = 'T';
-  const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
-  const int lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
-  const scalar_t one(1), zero(0);
-  if constexpr (std::is_same_v<scalar_t, float>)
-    sgemm_(&yes, &no, &m_, &n_, &k_, &one, Bt, &lda_, A, &ldb_, &zero, C, &ldc_);
-  else
-    dgemm_(&yes, &no, &m_, &n_, &k_, &one, Bt, &lda_, A, &ldb_, &zero, C, &ldc_);
-#else
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  Tensor a = at::from_blob(const_cast<scalar_t*>(A), {rows, k}, {lda, 1}, options);
-  Tensor bt = at::from_blob(const_cast<scalar_t*>(Bt), {n, k}, {ldb, 1}, options);
-  Tensor c = at::from_blob(C, {rows, n}, {ldc, 1}, options);
-  at::mm_out(c, a, bt.t());
-#endif
-}
-
 // body(s) for every s in [0, count), on the calling thread and count - 1 tasks of torch's inter-op thread
 // pool (at::launch). at::parallel_for cannot serve here: this file is compiled without OpenMP, so in it
 // at::parallel_for runs everything on the calling thread. The caller also runs every slice no task has
@@ -483,20 +460,28 @@ void run_on_threads(int64_t count, const Body& body) {
   if (shared->error) std::rethrow_exception(shared->error);
 }
 
-// The slices a forward without a tape splits the batch into: one per thread, each of at least
-// kMinSliceRows rows (fewer make each thread's products inefficient); 1 keeps the step-parallel loop.
+// The slices a forward without a tape splits the batch into: one per torch thread, each of at least
+// kMinSliceRows rows (fewer make each thread's products inefficient); 1 keeps the step-parallel loop,
+// as does MLSTM_TORCH_FORWARD_SLICES=off (read at every call; for comparing the two, and for a
+// processor where slices measure slower). Without MKL, whose products can be told to stay on the
+// calling thread, always 1.
 constexpr int64_t kMinSliceRows = 8;
 int64_t forward_slices(int64_t B, bool keep_tape) {
-  const char* off = std::getenv("MLSTM_TORCH_FWD_SLICED");  // DEV: side-by-side timing, removed before merge
-  if (keep_tape || (off && std::string(off) == "0")) return 1;
+#if AT_MKL_ENABLED()
+  const char* setting = std::getenv("MLSTM_TORCH_FORWARD_SLICES");
+  if (keep_tape || (setting && std::string(setting) == "off")) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinSliceRows));
+#else
+  return 1;
+#endif
 }
 
 // layer_forward without a tape, with the batch split into `slices` row ranges that are independent
 // through the whole recurrence: each thread runs every step for its rows, with single-threaded
-// products, so a step needs no fork and join (the loop above pays ~4 per step), and the thread's
-// projection chunk, h and c stay in its own core's cache. The same products and passes as the loop
-// above, on fewer rows.
+// products, so a step needs no fork and join (layer_forward's own loop has MKL fork and join its
+// threads twice a step), and the thread's projection chunk, h and c stay in its own core's cache. The
+// same products and passes as that loop, on fewer rows; the input projection is one product per chunk
+// of steps on a weight packed once per call (where measured faster, as for the per-step products).
 std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0, const Tensor& c0,
                                          const Tensor& w_ih, const Tensor& w_hh, const Tensor& w_mh,
                                          const std::optional<Tensor>& bias, const std::optional<Tensor>& b_hh,
@@ -518,7 +503,7 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
   const bool independent = w_hh.dim() == 1;
   Tensor w_hh_t = independent ? w_hh.contiguous() : w_hh.t().contiguous();
   Tensor w_mh_t = w_mh.t().contiguous();
-  Tensor w_ih_c = w_ih.contiguous();
+  Tensor w_ih_t = w_ih.t().contiguous();
   Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlstm_sliced_layer_forward", [&] {
@@ -532,6 +517,7 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
       std::optional<StepWeight<scalar_t>> w_hh_step;
       if (!independent) w_hh_step.emplace(w_hh_t, rows);
       const StepWeight<scalar_t> w_mh_step(w_mh_t, rows);
+      const StepWeight<scalar_t> w_ih_chunk(w_ih_t, chunk * rows);  // for whole chunks; a last, shorter one: gemm
       scalar_t* p_slice = p_all[s].data_ptr<scalar_t>();
       scalar_t* x_slice = x_all[s].data_ptr<scalar_t>();
       scalar_t* r = r_all[s].data_ptr<scalar_t>();
@@ -553,7 +539,8 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
             const scalar_t* from = x_p + ((t + step) * B + b0) * I;
             std::copy(from, from + rows * I, x_slice + step * rows * I);
           }
-          gemm_transposed_b<scalar_t>(n * rows, 5 * H, I, x_slice, I, w_ih_c.data_ptr<scalar_t>(), I, p_slice, 5 * H);
+          if (n == chunk) w_ih_chunk.multiply(x_slice, I, false, p_slice, 5 * H);
+          else gemm<scalar_t>(n * rows, 5 * H, I, x_slice, I, w_ih_t.data_ptr<scalar_t>(), 5 * H, false, p_slice, 5 * H);
         }
         scalar_t* p_t = p_slice + j * rows * 5 * H;
         const scalar_t* c_prev = cs + (t % 2) * most_rows * H;
