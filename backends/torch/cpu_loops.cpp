@@ -55,6 +55,7 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, long long m, long l
 void cblas_sgemm_compute(int layout, long long transa, long long transb, long long m, long long n, long long k,
                          const float* a, long long lda, const float* b, long long ldb, float beta, float* c,
                          long long ldc);
+int mkl_get_max_threads();  // the threads an MKL call from this thread would use
 }
 // CBLAS constants (mkl_cblas.h)
 constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151, kBMatrix = 162;
@@ -112,7 +113,7 @@ bool packed_is_faster(const float* w, int64_t rows, int64_t n, int64_t k) {
   const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM");
   if (fixed && std::string(fixed) == "packed") return true;
   if (fixed && std::string(fixed) == "plain") return false;
-  const ShapeKey key{rows, n, k, at::get_num_threads()};
+  const ShapeKey key{rows, n, k, mkl_get_max_threads()};  // the threads MKL will use here (1 in a slice)
   {
     std::lock_guard<std::mutex> guard(choices_mutex);
     auto found = packed_choices.find(key);
