@@ -83,17 +83,26 @@ def test_sliced_forward_equals_spec_float64(compiled, threads, mode, options, ch
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_sliced_forward_float32_equals_the_step_parallel_loop_and_spec(compiled, threads, mode):
+@pytest.mark.parametrize("gemm", ["packed", "plain"])
+@pytest.mark.parametrize("chunk_steps", [2, None], ids=["chunks of 2 steps", "default chunk"])
+def test_sliced_forward_float32_equals_the_step_parallel_loop_and_spec(compiled, threads, monkeypatch, mode,
+                                                                       gemm, chunk_steps):
     """float32 at the layer's own initialisation: the sliced path against the spec (float64 on the
-    same rounded inputs) within the float32 tolerance, and against the loop it replaces (one thread)."""
+    same rounded inputs) within the float32 tolerance, and against the loop it replaces (one thread);
+    with MKL's packed weights and without, the projection in one chunk and in several (packed from two
+    chunks on, plain for the shorter last one)."""
+    monkeypatch.setenv("MLSTM_TORCH_STEP_GEMM", gemm)
     torch.manual_seed(3)
-    model = bt.MLSTM(24, 40, integration_mode=mode)
-    x = torch.randn(9, 33, 24)
+    steps, batch, inputs, hidden = 9, 33, 24, 40
+    model = bt.MLSTM(inputs, hidden, integration_mode=mode)
+    x = torch.randn(steps, batch, inputs)
+    chunk_bytes = (loops.PROJECTION_CHUNK_BYTES if chunk_steps is None
+                   else chunk_steps * batch * 5 * hidden * 4)
     results = {}
     for count in (2, 1):
         threads(count)
-        assert compiled.forward_slices(33, False) == count
-        with torch.no_grad():
+        assert compiled.forward_slices(batch, False) == count
+        with mock.patch.object(loops, "PROJECTION_CHUNK_BYTES", chunk_bytes), torch.no_grad():
             results[count] = model(x)
     params = {name: value.astype(np.float64) for name, value in model.to_canonical()[0].items()}
     want_hs, (want_h, want_c) = mlstm_spec.forward(params, x.double().transpose(0, 1).numpy(),

@@ -518,7 +518,10 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
       std::optional<StepWeight<scalar_t>> w_hh_step;
       if (!independent) w_hh_step.emplace(w_hh_t, rows);
       const StepWeight<scalar_t> w_mh_step(w_mh_t, rows);
-      const StepWeight<scalar_t> w_ih_chunk(w_ih_t, chunk * rows);  // for whole chunks; a last, shorter one: gemm
+      // Packed for whole chunks where a call has two or more to amortise it over; else (and for a last,
+      // shorter chunk) plain products. So only one projection shape per (B, H) is ever measured.
+      std::optional<StepWeight<scalar_t>> w_ih_chunk;
+      if (T >= 2 * chunk) w_ih_chunk.emplace(w_ih_t, chunk * rows);
       scalar_t* p_slice = p_all[s].data_ptr<scalar_t>();
       scalar_t* x_slice = x_all[s].data_ptr<scalar_t>();
       scalar_t* r = r_all[s].data_ptr<scalar_t>();
@@ -540,7 +543,7 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
             const scalar_t* from = x_p + ((t + step) * B + b0) * I;
             std::copy(from, from + rows * I, x_slice + step * rows * I);
           }
-          if (n == chunk) w_ih_chunk.multiply(x_slice, I, false, p_slice, 5 * H);
+          if (w_ih_chunk && n == chunk) w_ih_chunk->multiply(x_slice, I, false, p_slice, 5 * H);
           else gemm<scalar_t>(n * rows, 5 * H, I, x_slice, I, w_ih_t.data_ptr<scalar_t>(), 5 * H, false, p_slice, 5 * H);
         }
         scalar_t* p_t = p_slice + j * rows * 5 * H;
