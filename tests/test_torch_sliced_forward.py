@@ -32,6 +32,12 @@ def compiled():
     return build.cpu_loops()
 
 
+@pytest.fixture(autouse=True)
+def slicing_on(monkeypatch):
+    """Slicing as by default, whatever the environment of the test run says."""
+    monkeypatch.delenv("MLSTM_TORCH_FORWARD_SLICES", raising=False)
+
+
 @pytest.fixture
 def threads():
     """Sets torch's thread count for one test (the slices follow it), and restores it."""
