@@ -59,6 +59,7 @@ int mkl_get_max_threads();  // the threads an MKL call from this thread would us
 }
 // CBLAS constants (mkl_cblas.h)
 constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151, kBMatrix = 162;
+constexpr int kTrans = 112;
 #endif
 
 namespace {
@@ -426,6 +427,69 @@ class OneMklThread {
 #endif
 };
 
+// C (rows x n, row stride ldc) = A (rows x k, row stride lda) W^T, plus C if accumulate, with W (n x k,
+// row stride ldw) as weights are stored, so that no transposed copy is needed.
+template <typename scalar_t>
+void gemm_transposed_b(int64_t rows, int64_t n, int64_t k, const scalar_t* A, int64_t lda, const scalar_t* W,
+                       int64_t ldw, bool accumulate, scalar_t* C, int64_t ldc) {
+#if AT_MKL_ENABLED()
+  const char no = 'N', yes = 'T';
+  const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
+  const int ldw_ = static_cast<int>(ldw), lda_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
+  const scalar_t one(1), beta(accumulate ? 1 : 0);
+  if constexpr (std::is_same_v<scalar_t, float>)
+    sgemm_(&yes, &no, &m_, &n_, &k_, &one, W, &ldw_, A, &lda_, &beta, C, &ldc_);
+  else
+    dgemm_(&yes, &no, &m_, &n_, &k_, &one, W, &ldw_, A, &lda_, &beta, C, &ldc_);
+#else
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  Tensor a = at::from_blob(const_cast<scalar_t*>(A), {rows, k}, {lda, 1}, options);
+  Tensor w = at::from_blob(const_cast<scalar_t*>(W), {n, k}, {ldw, 1}, options);
+  Tensor c = at::from_blob(C, {rows, n}, {ldc, 1}, options);
+  if (accumulate) c.addmm_(a, w.t());
+  else at::mm_out(c, a, w.t());
+#endif
+}
+
+// StepWeight's counterpart for a weight W (n x k, contiguous) as stored: products A W^T with `rows`
+// rows, on W packed straight from its own layout (MKL packs a transposed operand as cheaply) where
+// packed measured faster, else plain products with W transposed in the call. Saves the transposed
+// copy per call that StepWeight needs (~10 MB at the large benchmark size).
+template <typename scalar_t>
+class TransposedStepWeight {
+ public:
+  TransposedStepWeight(const Tensor& w, int64_t rows) : w_(w), n_(w.size(0)), k_(w.size(1)), rows_(rows) {
+#if AT_MKL_ENABLED()
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      // The measurement times products on a (k x n) operand; it reads W's n*k values as one (the
+      // values do not change a product's time), as the choice concerns the shape.
+      if (!packed_is_faster(w.data_ptr<float>(), rows, n_, k_)) return;
+      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_);
+      packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
+      cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, rows, n_, k_, 1.f, w.data_ptr<float>(), k_,
+                       packed_.data_ptr<float>());
+    }
+#endif
+  }
+  // C (rows x n, row stride ldc) = A (rows x k, row stride lda) W^T, plus C if accumulate
+  void multiply(const scalar_t* A, int64_t lda, bool accumulate, scalar_t* C, int64_t ldc) const {
+#if AT_MKL_ENABLED()
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (packed_.defined()) {
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows_, n_, k_, A, lda, packed_.data_ptr<float>(), n_,
+                            accumulate ? 1.f : 0.f, C, ldc);
+        return;
+      }
+    }
+#endif
+    gemm_transposed_b<scalar_t>(rows_, n_, k_, A, lda, w_.data_ptr<scalar_t>(), k_, accumulate, C, ldc);
+  }
+
+ private:
+  Tensor w_, packed_;
+  int64_t n_, k_, rows_;
+};
+
 // body(s) for every s in [0, count), on the calling thread and count - 1 tasks of torch's inter-op thread
 // pool (at::launch). at::parallel_for cannot serve here: this file is compiled without OpenMP, so in it
 // at::parallel_for runs everything on the calling thread. The caller also runs every slice no task has
@@ -502,26 +566,24 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
   Tensor z_all = scratch.take(rows_shape), tanh_c_all = scratch.take(rows_shape), c_all = scratch.take(c_shape);
   Tensor hs = at::empty({T, B, H}, x.options()), c_T = at::empty({B, H}, x.options());
   const bool independent = w_hh.dim() == 1;
-  Tensor w_hh_t = independent ? w_hh.contiguous() : w_hh.t().contiguous();
-  Tensor w_mh_t = w_mh.t().contiguous();
-  Tensor w_ih_t = w_ih.t().contiguous();
-  Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
+  const Tensor w_hh_c = w_hh.contiguous(), w_mh_c = w_mh.contiguous(), w_ih_c = w_ih.contiguous();
+  const Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlstm_sliced_layer_forward", [&] {
     const scalar_t* b_hh_p = ptr_or_null<scalar_t>(b_hh);
     const scalar_t* bias_p = ptr_or_null<scalar_t>(bias);  // (5H): bias_ih, plus bias_mh under addition
     const scalar_t* b_mh_p = multiplicative ? ptr_or_null<scalar_t>(b_mh) : nullptr;
-    const scalar_t* w_hh_vector = independent ? w_hh_t.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* w_hh_vector = independent ? w_hh_c.data_ptr<scalar_t>() : nullptr;
     auto run_slice = [&](int64_t s) {
       const int64_t b0 = s * base_rows + std::min(s, extra_rows), rows = base_rows + (s < extra_rows);
       // Weights packed (where measured faster) for this slice's row count, by the thread that uses them.
-      std::optional<StepWeight<scalar_t>> w_hh_step;
-      if (!independent) w_hh_step.emplace(w_hh_t, rows);
-      const StepWeight<scalar_t> w_mh_step(w_mh_t, rows);
+      std::optional<TransposedStepWeight<scalar_t>> w_hh_step;
+      if (!independent) w_hh_step.emplace(w_hh_c, rows);
+      const TransposedStepWeight<scalar_t> w_mh_step(w_mh_c, rows);
       // Packed for whole chunks where a call has two or more to amortise it over; else (and for a last,
       // shorter chunk) plain products. So only one projection shape per (B, H) is ever measured.
-      std::optional<StepWeight<scalar_t>> w_ih_chunk;
-      if (T >= 2 * chunk) w_ih_chunk.emplace(w_ih_t, chunk * rows);
+      std::optional<TransposedStepWeight<scalar_t>> w_ih_chunk;
+      if (T >= 2 * chunk) w_ih_chunk.emplace(w_ih_c, chunk * rows);
       scalar_t* p_slice = p_all[s].data_ptr<scalar_t>();
       scalar_t* x_slice = x_all[s].data_ptr<scalar_t>();
       scalar_t* r = r_all[s].data_ptr<scalar_t>();
@@ -544,7 +606,8 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
             std::copy(from, from + rows * I, x_slice + step * rows * I);
           }
           if (w_ih_chunk && n == chunk) w_ih_chunk->multiply(x_slice, I, false, p_slice, 5 * H);
-          else gemm<scalar_t>(n * rows, 5 * H, I, x_slice, I, w_ih_t.data_ptr<scalar_t>(), 5 * H, false, p_slice, 5 * H);
+          else gemm_transposed_b<scalar_t>(n * rows, 5 * H, I, x_slice, I, w_ih_c.data_ptr<scalar_t>(), I, false, p_slice,
+                                           5 * H);
         }
         scalar_t* p_t = p_slice + j * rows * 5 * H;
         const scalar_t* c_prev = cs + (t % 2) * most_rows * H;
