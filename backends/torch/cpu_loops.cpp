@@ -452,24 +452,34 @@ void gemm_transposed_b(int64_t rows, int64_t n, int64_t k, const scalar_t* A, in
 }
 
 // StepWeight's counterpart for a weight W (n x k, contiguous) as stored: products A W^T with `rows`
-// rows, on W packed straight from its own layout (MKL packs a transposed operand as cheaply) where
-// packed measured faster, else plain products with W transposed in the call. Saves the transposed
-// copy per call that StepWeight needs (~10 MB at the large benchmark size).
+// rows. Where packed measured faster, W is packed straight from its own layout (MKL packs a transposed
+// operand as cheaply), which saves the transposed copy per call that StepWeight needs (~10 MB at the
+// large benchmark size); otherwise (plain sgemm, float64) the products are StepWeight's plain ones, on
+// a transposed copy made by this thread (plain sgemm on the stored layout, "T", made the forward at
+// the small benchmark size 1.46x slower than the step-parallel loop in one run).
 template <typename scalar_t>
 class TransposedStepWeight {
  public:
-  TransposedStepWeight(const Tensor& w, int64_t rows) : w_(w), n_(w.size(0)), k_(w.size(1)), rows_(rows) {
+  TransposedStepWeight(const Tensor& w, int64_t rows) : n_(w.size(0)), k_(w.size(1)), rows_(rows) {
 #if AT_MKL_ENABLED()
     if constexpr (std::is_same_v<scalar_t, float>) {
       // The measurement times products on a (k x n) operand; it reads W's n*k values as one (the
       // values do not change a product's time), as the choice concerns the shape.
-      if (!packed_is_faster(w.data_ptr<float>(), rows, n_, k_)) return;
-      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_);
-      packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
-      cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, rows, n_, k_, 1.f, w.data_ptr<float>(), k_,
-                       packed_.data_ptr<float>());
+      if (packed_is_faster(w.data_ptr<float>(), rows, n_, k_)) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_);
+        packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
+        cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, rows, n_, k_, 1.f, w.data_ptr<float>(), k_,
+                         packed_.data_ptr<float>());
+        return;
+      }
     }
 #endif
+    // by hand: a torch copy would start an OpenMP team of its own from this (non-OpenMP) thread
+    w_t_ = at::empty({k_, n_}, w.options());
+    const scalar_t* from = w.data_ptr<scalar_t>();
+    scalar_t* to = w_t_.data_ptr<scalar_t>();
+    for (int64_t row = 0; row < n_; ++row)
+      for (int64_t col = 0; col < k_; ++col) to[col * n_ + row] = from[row * k_ + col];
   }
   // C (rows x n, row stride ldc) = A (rows x k, row stride lda) W^T, plus C if accumulate
   void multiply(const scalar_t* A, int64_t lda, bool accumulate, scalar_t* C, int64_t ldc) const {
@@ -482,11 +492,11 @@ class TransposedStepWeight {
       }
     }
 #endif
-    gemm_transposed_b<scalar_t>(rows_, n_, k_, A, lda, w_.data_ptr<scalar_t>(), k_, accumulate, C, ldc);
+    gemm<scalar_t>(rows_, n_, k_, A, lda, w_t_.data_ptr<scalar_t>(), n_, accumulate, C, ldc);
   }
 
  private:
-  Tensor w_, packed_;
+  Tensor packed_, w_t_;
   int64_t n_, k_, rows_;
 };
 
