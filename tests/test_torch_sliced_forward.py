@@ -93,15 +93,17 @@ def test_sliced_forward_equals_spec_float64(compiled, threads, mode, options, ch
 @pytest.mark.parametrize("chunk_steps", [2, None], ids=["chunks of 2 steps", "default chunk"])
 def test_sliced_forward_float32_equals_the_step_parallel_loop_and_spec(compiled, threads, monkeypatch, mode,
                                                                        gemm, chunk_steps):
-    """float32 at the layer's own initialisation: the sliced path against the spec (float64 on the
-    same rounded inputs) within the float32 tolerance, and against the loop it replaces (one thread);
-    with MKL's packed weights and without, the projection in one chunk and in several (packed from two
-    chunks on, plain for the shorter last one)."""
+    """float32: the sliced path against the spec (float64 on the same rounded inputs) within the
+    float32 tolerance, and against the loop it replaces (one thread); with MKL's packed weights and
+    without, the projection in one chunk and in several (packed from two chunks on, plain for the
+    shorter last one). Every weight random at an initialised layer's scale, so that a wrong product
+    (a weight packed untransposed, say) shows in either mode."""
     monkeypatch.setenv("MLSTM_TORCH_STEP_GEMM", gemm)
-    torch.manual_seed(3)
+    rng = np.random.default_rng(5)
     steps, batch, inputs, hidden = 9, 33, 24, 40
-    model = bt.MLSTM(inputs, hidden, integration_mode=mode)
-    x = torch.randn(steps, batch, inputs)
+    params = random_params(rng, inputs, hidden, dtype="float32", scale=3 ** 0.5 / hidden ** 0.5)
+    model = bt.MLSTM.from_canonical([params], integration_mode=mode, dtype=torch.float32)
+    x = torch.tensor(rng.standard_normal((steps, batch, inputs)), dtype=torch.float32)
     chunk_bytes = (loops.PROJECTION_CHUNK_BYTES if chunk_steps is None
                    else chunk_steps * batch * 5 * hidden * 4)
     results = {}
