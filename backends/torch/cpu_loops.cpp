@@ -159,22 +159,41 @@ std::vector<std::tuple<int64_t, int64_t, int64_t, int, std::string>> step_gemm_c
   return out;
 }
 
-// The right-hand operand of every step's product, W (k x n, row-major, contiguous), for products with
-// `rows` rows. In float with MKL it is packed once into MKL's internal layout where that measured
-// faster for this shape (see packed_is_faster), which saves the per-call packing of plain sgemm.
+// The right-hand operand of every step's product, W (k x n), for products with `rows` rows: given as
+// it is (row-major k x n, contiguous), or with `stored` as the weight (n x k, contiguous) whose
+// transpose it is. In float with MKL it is packed once into MKL's internal layout where that measured
+// faster for this shape (see packed_is_faster), which saves the per-call packing of plain sgemm; MKL
+// packs from either layout alike, so a stored weight needs no transposed copy then. Otherwise the
+// products are plain ones on W as given, or on a transposed copy of a stored weight (plain sgemm on the
+// stored layout, "T", made the sliced forward at the small benchmark size 1.46x slower in one run).
 template <typename scalar_t>
 class StepWeight {
  public:
-  StepWeight(const Tensor& w, int64_t rows) : w_(w), k_(w.size(0)), n_(w.size(1)), rows_(rows) {
+  StepWeight(const Tensor& w, int64_t rows, bool stored = false)
+      : k_(w.size(stored ? 1 : 0)), n_(w.size(stored ? 0 : 1)), rows_(rows) {
 #if AT_MKL_ENABLED()
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (!packed_is_faster(w.data_ptr<float>(), rows, n_, k_)) return;
-      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_);
-      packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
-      cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, rows, n_, k_, 1.f, w.data_ptr<float>(), n_,
-                       packed_.data_ptr<float>());
+      // The measurement times products on a (k x n) operand; for a stored weight it reads its n*k values
+      // as one (the values do not change a product's time; the choice concerns the shape).
+      if (packed_is_faster(w.data_ptr<float>(), rows, n_, k_)) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_);
+        packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
+        cblas_sgemm_pack(kRowMajor, kBMatrix, stored ? kTrans : kNoTrans, rows, n_, k_, 1.f, w.data_ptr<float>(),
+                         stored ? k_ : n_, packed_.data_ptr<float>());
+        return;
+      }
     }
 #endif
+    if (!stored) {
+      w_ = w;
+      return;
+    }
+    // by hand: a torch copy would start an OpenMP team of its own from a slice's (non-OpenMP) thread
+    w_ = at::empty({k_, n_}, w.options());
+    const scalar_t* from = w.data_ptr<scalar_t>();
+    scalar_t* to = w_.data_ptr<scalar_t>();
+    for (int64_t row = 0; row < n_; ++row)
+      for (int64_t col = 0; col < k_; ++col) to[col * n_ + row] = from[row * k_ + col];
   }
   // C (rows x n, row stride ldc) = A (rows x k, row stride lda) W, plus C if accumulate
   void multiply(const scalar_t* A, int64_t lda, bool accumulate, scalar_t* C, int64_t ldc) const {
@@ -191,7 +210,7 @@ class StepWeight {
   }
 
  private:
-  Tensor w_, packed_;
+  Tensor w_, packed_;  // W as given or transposed (plain products), or packed
   int64_t k_, n_, rows_;
 };
 
@@ -451,55 +470,6 @@ void gemm_transposed_b(int64_t rows, int64_t n, int64_t k, const scalar_t* A, in
 #endif
 }
 
-// StepWeight's counterpart for a weight W (n x k, contiguous) as stored: products A W^T with `rows`
-// rows. Where packed measured faster, W is packed straight from its own layout (MKL packs a transposed
-// operand as cheaply), which saves the transposed copy per call that StepWeight needs (~10 MB at the
-// large benchmark size); otherwise (plain sgemm, float64) the products are StepWeight's plain ones, on
-// a transposed copy made by this thread (plain sgemm on the stored layout, "T", made the forward at
-// the small benchmark size 1.46x slower than the step-parallel loop in one run).
-template <typename scalar_t>
-class TransposedStepWeight {
- public:
-  TransposedStepWeight(const Tensor& w, int64_t rows) : n_(w.size(0)), k_(w.size(1)), rows_(rows) {
-#if AT_MKL_ENABLED()
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      // The measurement times products on a (k x n) operand; it reads W's n*k values as one (the
-      // values do not change a product's time), as the choice concerns the shape.
-      if (packed_is_faster(w.data_ptr<float>(), rows, n_, k_)) {
-        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_);
-        packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
-        cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, rows, n_, k_, 1.f, w.data_ptr<float>(), k_,
-                         packed_.data_ptr<float>());
-        return;
-      }
-    }
-#endif
-    // by hand: a torch copy would start an OpenMP team of its own from this (non-OpenMP) thread
-    w_t_ = at::empty({k_, n_}, w.options());
-    const scalar_t* from = w.data_ptr<scalar_t>();
-    scalar_t* to = w_t_.data_ptr<scalar_t>();
-    for (int64_t row = 0; row < n_; ++row)
-      for (int64_t col = 0; col < k_; ++col) to[col * n_ + row] = from[row * k_ + col];
-  }
-  // C (rows x n, row stride ldc) = A (rows x k, row stride lda) W^T, plus C if accumulate
-  void multiply(const scalar_t* A, int64_t lda, bool accumulate, scalar_t* C, int64_t ldc) const {
-#if AT_MKL_ENABLED()
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (packed_.defined()) {
-        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows_, n_, k_, A, lda, packed_.data_ptr<float>(), n_,
-                            accumulate ? 1.f : 0.f, C, ldc);
-        return;
-      }
-    }
-#endif
-    gemm<scalar_t>(rows_, n_, k_, A, lda, w_t_.data_ptr<scalar_t>(), n_, accumulate, C, ldc);
-  }
-
- private:
-  Tensor packed_, w_t_;
-  int64_t n_, k_, rows_;
-};
-
 // body(s) for every s in [0, count), on the calling thread and count - 1 tasks of torch's inter-op thread
 // pool (at::launch). at::parallel_for cannot serve here: this file is compiled without OpenMP, so in it
 // at::parallel_for runs everything on the calling thread. The caller also runs every slice no task has
@@ -587,13 +557,13 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
     auto run_slice = [&](int64_t s) {
       const int64_t b0 = s * base_rows + std::min(s, extra_rows), rows = base_rows + (s < extra_rows);
       // Weights packed (where measured faster) for this slice's row count, by the thread that uses them.
-      std::optional<TransposedStepWeight<scalar_t>> w_hh_step;
-      if (!independent) w_hh_step.emplace(w_hh_c, rows);
-      const TransposedStepWeight<scalar_t> w_mh_step(w_mh_c, rows);
+      std::optional<StepWeight<scalar_t>> w_hh_step;
+      if (!independent) w_hh_step.emplace(w_hh_c, rows, /*stored=*/true);
+      const StepWeight<scalar_t> w_mh_step(w_mh_c, rows, /*stored=*/true);
       // Packed for whole chunks where a call has two or more to amortise it over; else (and for a last,
       // shorter chunk) plain products. So only one projection shape per (B, H) is ever measured.
-      std::optional<TransposedStepWeight<scalar_t>> w_ih_chunk;
-      if (T >= 2 * chunk) w_ih_chunk.emplace(w_ih_c, chunk * rows);
+      std::optional<StepWeight<scalar_t>> w_ih_chunk;
+      if (T >= 2 * chunk) w_ih_chunk.emplace(w_ih_c, chunk * rows, /*stored=*/true);
       scalar_t* p_slice = p_all[s].data_ptr<scalar_t>();
       scalar_t* x_slice = x_all[s].data_ptr<scalar_t>();
       scalar_t* r = r_all[s].data_ptr<scalar_t>();
