@@ -732,6 +732,44 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
   return {hs, h_T, c_T, p_tape, r_all, m_all, f_tape, K, dh_to_dc, q_all};
 }
 
+// The gradients every layer's backward ends with, each one product or sum over all T*B rows (fresh
+// tensors), from the per-step gradients of the input projection d_p (T, B, 5H), of W_mh m (+ b_mh) d_q
+// (T, B, 4H) and of W_hh h (+ b_hh) d_r (T, B, H), with the multiplicative states m (T, B, H) and
+// the outputs hs (T, B, P), h0 (B, P): those of x (when need_dx), h0, W_ih, W_hh, W_mh and the biases
+// present (empty tensors for the others).
+struct LayerGradients {
+  Tensor d_x, d_h0, d_w_ih, d_w_hh, d_w_mh, d_b_ih, d_b_hh, d_b_mh;
+};
+LayerGradients layer_gradients(const Tensor& x, const Tensor& h0, const Tensor& hs, const Tensor& w_ih,
+                               const Tensor& w_hh, const Tensor& d_p, const Tensor& d_q, const Tensor& d_r,
+                               const Tensor& m, bool has_b_ih, bool has_b_hh, bool has_b_mh, bool need_dx) {
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = d_r.size(-1), P = hs.size(-1), rows = T * B;
+  LayerGradients g;
+  const Tensor d_r0 = d_r[0];
+  const bool independent = w_hh.dim() == 1;
+  g.d_h0 = independent ? d_r0 * w_hh : at::mm(d_r0, w_hh);
+  const Tensor d_p2 = d_p.view({rows, 5 * H});
+  g.d_x = need_dx ? at::mm(d_p2, w_ih).view({T, B, I}) : empty0(x);
+  g.d_w_ih = at::mm(d_p2.t(), x.reshape({rows, I}));
+  const Tensor d_q2 = d_q.reshape({rows, 4 * H});
+  g.d_w_mh = at::mm(d_q2.t(), m.reshape({rows, H}));
+  const Tensor d_r_rest = d_r.narrow(0, 1, T - 1).reshape({(T - 1) * B, H});
+  const Tensor hs_prev = hs.narrow(0, 0, T - 1).reshape({(T - 1) * B, P});
+  if (independent) {
+    g.d_w_hh = (d_r0 * h0).sum(0);
+    if (T > 1) g.d_w_hh.add_((d_r_rest * hs_prev).sum(0));
+  } else {
+    g.d_w_hh = at::mm(d_r0.t(), h0);
+    if (T > 1) g.d_w_hh.addmm_(d_r_rest.t(), hs_prev);
+  }
+  // bias gradients: column sums as matrix-vector products (2-3x faster than sum(0) here)
+  const Tensor ones = at::ones({rows}, x.options());
+  g.d_b_ih = has_b_ih ? at::mv(d_p2.t(), ones) : empty0(x);
+  g.d_b_hh = has_b_hh ? at::mv(d_r.view({rows, H}).t(), ones) : empty0(x);
+  g.d_b_mh = has_b_mh ? at::mv(d_q2.t(), ones) : empty0(x);
+  return g;
+}
+
 // Back-propagation through time: the computation of backward_loop in backends/torch/loops.py, for
 // its arguments, with the same nine results (empty tensors for gradients not asked for).
 std::vector<Tensor> layer_backward(const std::optional<Tensor>& d_hs_given, const std::optional<Tensor>& d_hT,
@@ -740,7 +778,7 @@ std::vector<Tensor> layer_backward(const std::optional<Tensor>& d_hs_given, cons
                                    bool has_b_hh, bool has_b_mh, bool multiplicative, bool need_dx,
                                    const Tensor& hs, const Tensor& p, const Tensor& r_all, const Tensor& m_all,
                                    const Tensor& f, const Tensor& K, const Tensor& dh_to_dc, const Tensor& q_all) {
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(-1), rows = T * B;
+  const int64_t T = x.size(0), B = x.size(1), H = h0.size(-1);
   const bool independent = w_hh.dim() == 1;
   Scratch scratch(x.options());
   const std::vector<int64_t> d_p_shape{T, B, 5 * H}, d_q_shape{T, B, 4 * H}, d_r_shape{T, B, H}, row{B, H};
@@ -802,31 +840,10 @@ std::vector<Tensor> layer_backward(const std::optional<Tensor>& d_hs_given, cons
       });
     }
   });
-  // Every weight gradient is one product over all T*B rows; the results are fresh tensors.
-  Tensor d_r0 = d_r[0];
-  Tensor d_h0 = independent ? d_r0 * w_hh : at::mm(d_r0, w_hh);
+  const LayerGradients g = layer_gradients(x, h0, hs, w_ih, w_hh, d_p, d_q, d_r, m_all, has_b_ih, has_b_hh, has_b_mh,
+                                           need_dx);
   Tensor d_c0 = d_c * f[0];
-  Tensor d_p2 = d_p.view({rows, 5 * H});
-  Tensor d_x = need_dx ? at::mm(d_p2, w_ih).view({T, B, I}) : empty0(x);
-  Tensor d_w_ih = at::mm(d_p2.t(), x.reshape({rows, I}));
-  Tensor d_q2 = d_q.reshape({rows, 4 * H});
-  Tensor d_w_mh = at::mm(d_q2.t(), m_all.reshape({rows, H}));
-  Tensor d_w_hh;
-  Tensor d_r_rest = d_r.narrow(0, 1, T - 1).reshape({(T - 1) * B, H});
-  Tensor hs_prev = hs.narrow(0, 0, T - 1).reshape({(T - 1) * B, H});
-  if (independent) {
-    d_w_hh = (d_r0 * h0).sum(0);
-    if (T > 1) d_w_hh.add_((d_r_rest * hs_prev).sum(0));
-  } else {
-    d_w_hh = at::mm(d_r0.t(), h0);
-    if (T > 1) d_w_hh.addmm_(d_r_rest.t(), hs_prev);
-  }
-  // bias gradients: column sums as matrix-vector products (2-3x faster than sum(0) here)
-  Tensor ones = at::ones({rows}, x.options());
-  Tensor d_b_ih = has_b_ih ? at::mv(d_p2.t(), ones) : empty0(x);
-  Tensor d_b_hh = has_b_hh ? at::mv(d_r.view({rows, H}).t(), ones) : empty0(x);
-  Tensor d_b_mh = has_b_mh ? at::mv(d_q2.t(), ones) : empty0(x);
-  return {d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_w_mh, d_b_ih, d_b_hh, d_b_mh};
+  return {g.d_x, g.d_h0, d_c0, g.d_w_ih, g.d_w_hh, g.d_w_mh, g.d_b_ih, g.d_b_hh, g.d_b_mh};
 }
 
 // ---- the layer with the spec's variants (backends/torch/variants.py) --------------------------------------
@@ -1080,7 +1097,7 @@ std::vector<Tensor> variant_layer_backward(
   for (const Tensor& f : tape_given) tape.push_back(f.contiguous());
   const std::optional<Tensor> w_ci = contiguous(w_ci_given), w_cf = contiguous(w_cf_given),
                               w_co = contiguous(w_co_given);
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = tape[kCs].size(-1), P = h0.size(-1);
+  const int64_t T = x.size(0), B = x.size(1), H = tape[kCs].size(-1), P = h0.size(-1);
   const int64_t rows = T * B;
   const bool independent = w_hh.dim() == 1, projection = w_hr.has_value(), peepholes = w_ci.has_value();
   Scratch scratch(x.options());
@@ -1163,29 +1180,9 @@ std::vector<Tensor> variant_layer_backward(
       });
     }
   });
-  // Every weight gradient is one product or sum over all T*B rows; the results are fresh tensors.
-  Tensor d_r0 = d_r[0];
-  Tensor d_h0 = independent ? d_r0 * w_hh : at::mm(d_r0, w_hh);
+  const LayerGradients g = layer_gradients(x, h0, hs, w_ih, w_hh, d_p, d_q, d_r, tape[kM], has_b_ih, has_b_hh,
+                                           has_b_mh, need_dx);
   Tensor d_c0 = d_c.clone();
-  Tensor d_p2 = d_p.view({rows, 5 * H});
-  Tensor d_x = need_dx ? at::mm(d_p2, w_ih).view({T, B, I}) : empty0(x);
-  Tensor d_w_ih = at::mm(d_p2.t(), x.reshape({rows, I}));
-  Tensor d_q2 = d_q.reshape({rows, 4 * H});
-  Tensor d_w_mh = at::mm(d_q2.t(), tape[kM].view({rows, H}));
-  Tensor d_w_hh;
-  Tensor d_r_rest = d_r.narrow(0, 1, T - 1).reshape({(T - 1) * B, H});
-  Tensor hs_prev = hs.narrow(0, 0, T - 1).reshape({(T - 1) * B, P});
-  if (independent) {
-    d_w_hh = (d_r0 * h0).sum(0);
-    if (T > 1) d_w_hh.add_((d_r_rest * hs_prev).sum(0));
-  } else {
-    d_w_hh = at::mm(d_r0.t(), h0);
-    if (T > 1) d_w_hh.addmm_(d_r_rest.t(), hs_prev);
-  }
-  Tensor ones = at::ones({rows}, x.options());
-  Tensor d_b_ih = has_b_ih ? at::mv(d_p2.t(), ones) : empty0(x);
-  Tensor d_b_hh = has_b_hh ? at::mv(d_r.view({rows, H}).t(), ones) : empty0(x);
-  Tensor d_b_mh = has_b_mh ? at::mv(d_q2.t(), ones) : empty0(x);
   Tensor d_w_hr = projection ? at::mm(d_k.view({rows, P}).t(), tape[kK].view({rows, H})) : empty0(x);
   Tensor d_w_ci = empty0(x), d_w_cf = empty0(x), d_w_co = empty0(x);
   if (peepholes) {
@@ -1194,7 +1191,8 @@ std::vector<Tensor> variant_layer_backward(
     d_w_co = (d_a.narrow(2, H, H) * cs.narrow(0, 1, T)).sum({0, 1});
     d_w_cf = (d_a.narrow(2, 2 * H, H) * cs.narrow(0, 0, T)).sum({0, 1});
   }
-  return {d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_w_mh, d_b_ih, d_b_hh, d_b_mh, d_w_hr, d_w_ci, d_w_cf, d_w_co};
+  return {g.d_x, g.d_h0, d_c0, g.d_w_ih, g.d_w_hh, g.d_w_mh, g.d_b_ih, g.d_b_hh, g.d_b_mh, d_w_hr, d_w_ci, d_w_cf,
+          d_w_co};
 }
 
 }  // namespace
