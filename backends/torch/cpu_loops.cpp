@@ -69,24 +69,26 @@ using at::vec::Vectorized;
 
 // ---- matrix products and element-wise functions --------------------------------------------------------
 
-// C (rows x n, row stride ldc) = A (rows x k, row stride lda) B (k x n, row stride ldb), plus C if
-// accumulate. Row-major C = A B is column-major C^T = B^T A^T, hence the swapped operands.
+// C (rows x n, row stride ldc) = A (rows x k, row stride lda) B, plus C if accumulate, where B is
+// (k x n, row stride ldb), or with b_stored the transpose of the (n x k, row stride ldb) matrix given,
+// as weights are stored. Row-major C = A B is column-major C^T = B^T A^T, hence the swapped operands.
 template <typename scalar_t>
 void gemm(int64_t rows, int64_t n, int64_t k, const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
-          bool accumulate, scalar_t* C, int64_t ldc) {
+          bool accumulate, scalar_t* C, int64_t ldc, bool b_stored = false) {
 #if AT_MKL_ENABLED()
-  const char no = 'N';
+  const char no = 'N', b_op = b_stored ? 'T' : 'N';
   const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
   const int lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
   const scalar_t one(1), beta(accumulate ? 1 : 0);
   if constexpr (std::is_same_v<scalar_t, float>)
-    sgemm_(&no, &no, &m_, &n_, &k_, &one, B, &lda_, A, &ldb_, &beta, C, &ldc_);
+    sgemm_(&b_op, &no, &m_, &n_, &k_, &one, B, &lda_, A, &ldb_, &beta, C, &ldc_);
   else
-    dgemm_(&no, &no, &m_, &n_, &k_, &one, B, &lda_, A, &ldb_, &beta, C, &ldc_);
+    dgemm_(&b_op, &no, &m_, &n_, &k_, &one, B, &lda_, A, &ldb_, &beta, C, &ldc_);
 #else
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
   Tensor a = at::from_blob(const_cast<scalar_t*>(A), {rows, k}, {lda, 1}, options);
-  Tensor b = at::from_blob(const_cast<scalar_t*>(B), {k, n}, {ldb, 1}, options);
+  Tensor b = b_stored ? at::from_blob(const_cast<scalar_t*>(B), {n, k}, {ldb, 1}, options).t()
+                      : at::from_blob(const_cast<scalar_t*>(B), {k, n}, {ldb, 1}, options);
   Tensor c = at::from_blob(C, {rows, n}, {ldc, 1}, options);
   if (accumulate) c.addmm_(a, b);
   else at::mm_out(c, a, b);
@@ -446,30 +448,6 @@ class OneMklThread {
 #endif
 };
 
-// C (rows x n, row stride ldc) = A (rows x k, row stride lda) W^T, plus C if accumulate, with W (n x k,
-// row stride ldw) as weights are stored, so that no transposed copy is needed.
-template <typename scalar_t>
-void gemm_transposed_b(int64_t rows, int64_t n, int64_t k, const scalar_t* A, int64_t lda, const scalar_t* W,
-                       int64_t ldw, bool accumulate, scalar_t* C, int64_t ldc) {
-#if AT_MKL_ENABLED()
-  const char no = 'N', yes = 'T';
-  const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
-  const int ldw_ = static_cast<int>(ldw), lda_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
-  const scalar_t one(1), beta(accumulate ? 1 : 0);
-  if constexpr (std::is_same_v<scalar_t, float>)
-    sgemm_(&yes, &no, &m_, &n_, &k_, &one, W, &ldw_, A, &lda_, &beta, C, &ldc_);
-  else
-    dgemm_(&yes, &no, &m_, &n_, &k_, &one, W, &ldw_, A, &lda_, &beta, C, &ldc_);
-#else
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  Tensor a = at::from_blob(const_cast<scalar_t*>(A), {rows, k}, {lda, 1}, options);
-  Tensor w = at::from_blob(const_cast<scalar_t*>(W), {n, k}, {ldw, 1}, options);
-  Tensor c = at::from_blob(C, {rows, n}, {ldc, 1}, options);
-  if (accumulate) c.addmm_(a, w.t());
-  else at::mm_out(c, a, w.t());
-#endif
-}
-
 // body(s) for every s in [0, count), on the calling thread and count - 1 tasks of torch's inter-op thread
 // pool (at::launch). at::parallel_for cannot serve here: this file is compiled without OpenMP, so in it
 // at::parallel_for runs everything on the calling thread. The caller also runs every slice no task has
@@ -586,8 +564,8 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
             std::copy(from, from + rows * I, x_slice + step * rows * I);
           }
           if (w_ih_chunk && n == chunk) w_ih_chunk->multiply(x_slice, I, false, p_slice, 5 * H);
-          else gemm_transposed_b<scalar_t>(n * rows, 5 * H, I, x_slice, I, w_ih_c.data_ptr<scalar_t>(), I, false, p_slice,
-                                           5 * H);
+          else gemm<scalar_t>(n * rows, 5 * H, I, x_slice, I, w_ih_c.data_ptr<scalar_t>(), I, false, p_slice, 5 * H,
+                              /*b_stored=*/true);
         }
         scalar_t* p_t = p_slice + j * rows * 5 * H;
         const scalar_t* c_prev = cs + (t % 2) * most_rows * H;
