@@ -349,6 +349,29 @@ def test_build_held_by_a_live_process_times_out_to_the_python_loops(empty_build_
         holder.wait()
 
 
+def test_the_library_appears_only_whole(empty_build_root, monkeypatch):
+    """Another process finds the library by its path, without the build lock (pytest-xdist workers, a
+    DataLoader's spawned workers): the build must never leave a half-written file there, which that
+    process would fail to import ("file too short") and so run the Python loops instead."""
+    name = build.build_name()
+    directory = empty_build_root / name
+    library = directory / f"{name}.so"
+
+    def compile_slowly(name_, flags, where):
+        where.mkdir(parents=True, exist_ok=True)
+        with open(where / f"{name_}.so", "wb") as out:
+            out.write(b"half")
+            out.flush()
+            assert not library.exists(), "a half-written library is visible where other processes look"
+            out.write(b" and the rest")
+
+    monkeypatch.setattr(build, "_compile", compile_slowly)
+    build._build_locked(name, [], directory, library)
+    assert library.read_bytes() == b"half and the rest"
+    assert [p.name for p in empty_build_root.iterdir()] == [name]  # nothing of the build left beside it
+    assert not (directory / build.LOCK_NAME).exists()
+
+
 def test_build_ahead_of_time_command(empty_build_root, monkeypatch):
     """``python -m backends.torch`` is the documented way to build ahead of time (e.g. in a
     Docker image): it runs the build and says what it did. (Here with the compiled loops switched off,

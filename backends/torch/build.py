@@ -200,7 +200,14 @@ def _build_locked(name: str, flags: list, directory: Path, library: Path) -> Non
              f"takes about 20-60 s (set {CPU_LOOPS_VARIABLE}=python to skip, or build ahead of time with "
              "`python -m backends.torch`)")
         started = time.monotonic()
-        _compile(name, flags, directory)
+        # Built in a directory of its own and moved into place whole: another process that finds the
+        # library (it checks that the file exists, without the lock) must never load a half-linked one.
+        staging = directory.with_name(f"{directory.name}.building-{os.getpid()}")
+        try:
+            _compile(name, flags, staging)
+            os.replace(staging / library.name, library)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         _say(f"compiled the C++ CPU loops in {time.monotonic() - started:.0f} s into {directory}")
     finally:
         lock.unlink(missing_ok=True)
