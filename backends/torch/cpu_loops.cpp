@@ -583,6 +583,19 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
       const scalar_t* c_last = cs + (T % 2) * most_rows * H;
       std::copy(c_last, c_last + rows * H, c_T.data_ptr<scalar_t>() + b0 * H);
     };
+#if AT_MKL_ENABLED()
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      // The packed-or-plain choices of this call's products, measured (once per process and shape) here,
+      // with the other threads idle: measured inside the slices, each thread timed its products beside
+      // the others' and the choice flipped from run to run.
+      OneMklThread alone;
+      for (const int64_t rows : {base_rows, most_rows}) {
+        if (!independent) packed_is_faster(w_hh_c.data_ptr<float>(), rows, H, H);
+        packed_is_faster(w_mh_c.data_ptr<float>(), rows, 4 * H, H);
+        if (T >= 2 * chunk) packed_is_faster(w_ih_c.data_ptr<float>(), chunk * rows, 5 * H, I);
+      }
+    }
+#endif
     run_on_threads(slices, [&](int64_t s) {
       OneMklThread alone;
       run_slice(s);
