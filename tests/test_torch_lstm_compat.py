@@ -372,6 +372,17 @@ def test_the_library_appears_only_whole(empty_build_root, monkeypatch):
     assert not (directory / build.LOCK_NAME).exists()
 
 
+def test_a_changed_header_rebuilds(monkeypatch, tmp_path):
+    """The extension's name hashes the headers the sources include as well as the sources, so that an
+    edited declaration is compiled rather than an old library loaded."""
+    header = tmp_path / "mkl_routines.h"
+    header.write_bytes(build.HEADERS[0].read_bytes())
+    monkeypatch.setattr(build, "HEADERS", (header,))
+    before = build.build_name()
+    header.write_bytes(header.read_bytes() + b"// edited\n")
+    assert build.build_name() != before
+
+
 def test_build_ahead_of_time_command(empty_build_root, monkeypatch):
     """``python -m backends.torch`` is the documented way to build ahead of time (e.g. in a
     Docker image): it runs the build and says what it did. (Here with the compiled loops switched off,

@@ -37,6 +37,8 @@ CPU_LOOPS_VARIABLE = "MLSTM_TORCH_CPU_LOOPS"
 SOURCE = Path(__file__).with_name("cpu_loops.cpp")
 #: Every source of the extension: the loops, and the one-step kernel of the cell (its ``cell_step``).
 SOURCES = (SOURCE, Path(__file__).with_name("cpu_step.cpp"))
+#: Headers the sources include: hashed with them (see build_name), not compiled on their own.
+HEADERS = (Path(__file__).with_name("mkl_routines.h"),)
 #: torch.backends.cpu.get_cpu_capability() -> compiler flags for ATen's vector types at that level
 CAPABILITY_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
@@ -120,7 +122,7 @@ def _flags(capability: str) -> list:
 def build_name() -> str:
     """The extension's name (and build directory): a hash of the source, flags and versions."""
     capability = torch.backends.cpu.get_cpu_capability()
-    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + repr((_flags(capability), torch.__version__, sys.version)).encode())
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS) + repr((_flags(capability), torch.__version__, sys.version)).encode())
     return f"mlstm_cpu_loops_{capability.lower()}_{key.hexdigest()[:12]}"
 
 

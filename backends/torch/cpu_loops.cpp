@@ -35,32 +35,7 @@
 #include <type_traits>
 #include <vector>
 
-#if AT_MKL_ENABLED()
-// MKL, which x86 builds of torch carry and export; torch's own CPU BLAS calls these with 32-bit ints.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
-// MKL's vector tanh, the one torch.tanh uses on contiguous CPU tensors: about 4x faster here than
-// SLEEF's, which ATen's Vectorized::tanh calls. Integers go as 64 bits: right for LP64 and ILP64.
-void vsTanh(long long n, const float* a, float* r);
-void vdTanh(long long n, const double* a, double* r);
-// MKL's packed products: a weight packed once per call serves every step's product (float only).
-size_t cblas_sgemm_pack_get_size(int identifier, long long m, long long n, long long k);
-void cblas_sgemm_pack(int layout, int identifier, int trans, long long m, long long n, long long k, float alpha,
-                      const float* src, long long ld, float* dest);
-void cblas_sgemm_compute(int layout, long long transa, long long transb, long long m, long long n, long long k,
-                         const float* a, long long lda, const float* b, long long ldb, float beta, float* c,
-                         long long ldc);
-int mkl_get_max_threads();  // the threads an MKL call from this thread would use
-}
-// CBLAS constants (mkl_cblas.h)
-constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151, kBMatrix = 162;
-constexpr int kTrans = 112;
-#endif
+#include "mkl_routines.h"
 
 namespace {
 
@@ -426,12 +401,6 @@ class Scratch {
 };
 
 // ---- the forward without a tape, one slice of the batch per thread -------------------------------------
-
-#if AT_MKL_ENABLED()
-// The Fortran-convention entry (by reference), the one libtorch_cpu exports under both names; returns the
-// thread's previous setting (0: none of its own).
-extern "C" int mkl_set_num_threads_local_(const int* threads);
-#endif
 
 // While it lives, MKL runs this thread's calls on this thread alone; then its setting is restored.
 class OneMklThread {

@@ -21,20 +21,7 @@
 #include <tuple>
 #include <type_traits>
 
-#if AT_MKL_ENABLED()
-extern "C" {
-void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a, const int* lda,
-            const float* x, const int* incx, const float* beta, float* y, const int* incy);
-void dgemv_(const char* trans, const int* m, const int* n, const double* alpha, const double* a, const int* lda,
-            const double* x, const int* incx, const double* beta, double* y, const int* incy);
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
-}
-#endif
+#include "mkl_routines.h"
 
 namespace {
 
