@@ -108,14 +108,20 @@ def _(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, has_b_ih, has_b_hh, has_b_mh, m
             new(4 * H) if has_b_mh else new(0))
 
 
-def _setup_context(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, multiplicative, keep_tape, python_loops = inputs
-    hs, _, _, *tape = output
+def keep_for_backward(ctx, operator: str, keep_tape: bool, tape) -> None:
+    """What every layer operator's autograd set-up does first: refuse a call that kept no tape, and mark
+    the tape as outputs without gradients (absent output gradients stay None)."""
     if not keep_tape:
-        raise RuntimeError("the mLSTM layer operator was called with keep_tape=False on inputs that "
+        raise RuntimeError(f"the mLSTM {operator} operator was called with keep_tape=False on inputs that "
                            "require grad; it cannot be differentiated then")
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*tape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, multiplicative, keep_tape, python_loops = inputs
+    hs, _, _, *tape = output
+    keep_for_backward(ctx, "layer", keep_tape, tape)
     ctx.flags = (b_ih is not None, b_hh is not None, b_mh is not None, multiplicative, python_loops)
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_mh, b_ih, b_hh, b_mh, hs, *tape)
 

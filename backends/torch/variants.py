@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import build, loops
-from .fused import NAMESPACE, gradients_with_graph
+from .fused import NAMESPACE, gradients_with_graph, keep_for_backward
 from .plain import plain_layer
 
 # Change when what the operators compute or return changes without a change of schema (see fused.py).
@@ -324,11 +324,7 @@ def _(d_hs, d_hT, d_cT, x, h0, w_ih, w_hh, w_mh, w_hr, w_ci, w_cf, w_co, has_b_i
 def _setup_context(ctx, inputs, output):
     x, h0, c0, *weights, multiplicative, cell_clip, proj_clip, forget_bias, keep_tape, python_loops = inputs
     hs, _, _, *tape = output
-    if not keep_tape:
-        raise RuntimeError("the mLSTM variant layer operator was called with keep_tape=False on inputs that "
-                           "require grad; it cannot be differentiated then")
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(*tape)
+    keep_for_backward(ctx, "variant layer", keep_tape, tape)
     ctx.options = (multiplicative, cell_clip, proj_clip, forget_bias, python_loops)
     ctx.save_for_backward(x, h0, c0, *weights, hs, *tape)
 
