@@ -203,3 +203,64 @@ def test_the_measured_choices_are_reported(monkeypatch):
                if threads == torch.get_num_threads()}
     # r = h W_hh^T: (7 x 24) by (24 x 24); a = m W_mh^T: (7 x 24) by (24 x 96)
     assert choices.get((7, 24, 24)) in ("packed", "plain") and choices.get((7, 96, 24)) in ("packed", "plain")
+
+
+# ---- the element-wise passes on torch's OpenMP threads (build.openmp) ------------------------------------
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_loops_join_torchs_own_openmp_runtime(two_threads):
+    """Where build.openmp() allows it, the extension's at::parallel_for runs on torch's threads; in every
+    case the process maps one OpenMP runtime at most (a second would compete with torch's threads)."""
+    from backends.torch import build
+
+    runtimes = build.openmp_runtimes_loaded()
+    assert len(runtimes) <= 1, f"more than one OpenMP runtime in the process: {runtimes}"
+    flags, why = build.openmp()
+    threads = build.cpu_loops().parallel_for_threads(2)
+    if not flags:
+        assert threads == 1
+        pytest.skip(f"the C++ loops are built without OpenMP here: {why}")
+    assert threads == 2, "built with OpenMP, yet at::parallel_for ran on one thread"
+
+
+VARIANTS = dict(proj_size=24, peepholes=True, cell_clip=0.9, proj_clip=0.4, forget_bias=0.5)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(integration_mode="multiplicative_integration"), VARIANTS,
+                                     dict(VARIANTS, integration_mode="multiplicative_integration")],
+                         ids=["addition", "multiplicative", "variants", "variants, multiplicative"])
+def test_rows_split_across_threads_compute_the_layer(options, two_threads):
+    """A batch large enough for the per-step passes to split their rows across two threads (more than
+    4096 / H rows: here 300 rows of H = 32, so two pieces of 150), training forward and backward, against
+    the same layer's Python loops in float64: a piece that wrote or read another's rows would differ
+    by O(1)."""
+    from backends.torch import build
+
+    if build.cpu_loops().parallel_for_threads(2) < 2:
+        pytest.skip(f"the C++ loops are built without OpenMP here: {build.openmp()[1]}")
+    torch.manual_seed(3)
+    compiled = bt.MLSTM(5, 32, num_layers=2, dtype=torch.float64, **options)
+    with torch.no_grad():  # every parameter, biases too: under multiplicative integration zero biases
+        for parameter in compiled.parameters():  # and a zero state would keep every h at exactly 0
+            parameter.uniform_(-0.5, 0.5)
+    python = bt.MLSTM(5, 32, num_layers=2, dtype=torch.float64, cpu_loops="python", **options)
+    python.load_state_dict(compiled.state_dict())
+    x = torch.randn(4, 300, 5, dtype=torch.float64)
+    state = (torch.randn(2, 300, compiled.proj_size or 32, dtype=torch.float64),
+             torch.randn(2, 300, 32, dtype=torch.float64))
+    results = {}
+    for name, model in (("compiled", compiled), ("python", python)):
+        given = x.clone().requires_grad_(True)
+        output, (h, c) = model(given, state)
+        (output.square().sum() + h.sum() + c.sum()).backward()
+        results[name] = [output, h, c, given.grad, *(p.grad for p in model.parameters())]
+    for got, want in zip(results["compiled"], results["python"]):
+        assert_close(got, want)

@@ -17,6 +17,7 @@ of time (e.g. in a Docker image): ``python -m backends.torch``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -112,11 +113,57 @@ def build() -> dict:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return {"module": None, "warn": True,
                 "reason": f"could not compile {SOURCE.name} ({type(error).__name__}: {first_line[:300]})"}
-    return {"module": module, "warn": False, "reason": f"compiled {SOURCE.name} for {capability}"}
+    threads = openmp()[1] if "-fopenmp" in flags else f"without OpenMP: {openmp()[1]}"
+    return {"module": module, "warn": False, "reason": f"compiled {SOURCE.name} for {capability}, {threads}"}
 
 
 def _flags(capability: str) -> list:
-    return ["-O3", *CAPABILITY_FLAGS.get(capability, CAPABILITY_FLAGS["DEFAULT"])]
+    return ["-O3", *CAPABILITY_FLAGS.get(capability, CAPABILITY_FLAGS["DEFAULT"]), *openmp()[0]]
+
+
+#: File names of OpenMP runtimes, as they appear among a process's mapped files.
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
+
+
+def openmp_runtimes_loaded() -> list[str]:
+    """The OpenMP runtime libraries mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    files = {line.split()[-1] for line in maps.splitlines() if "/" in line}
+    return sorted(path for path in files if Path(path).name.startswith(OPENMP_RUNTIMES))
+
+
+@functools.lru_cache(maxsize=None)
+def openmp() -> tuple[tuple, str]:
+    """(compiler flags, why): ``-fopenmp`` where the extension can join torch's own OpenMP runtime.
+
+    Compiled without it, ATen's ``at::parallel_for`` runs its whole range on the calling thread, so the
+    loops' element-wise passes (``over_rows``) ran on one thread. With it they share the threads torch
+    and MKL use, which is safe only if the extension loads the very runtime torch loaded: GCC links
+    ``libgomp.so.1``, and the dynamic loader hands an already-loaded library of that name to the
+    extension instead of loading a second one. So the flag is given only with GCC, on Linux, when the
+    runtime torch loaded is a file of exactly that name (a wheel that renamed it, Intel's or LLVM's
+    runtime, or another compiler would bring a second runtime, whose threads would compete with
+    torch's: the loops then stay without OpenMP, as they were).
+    """
+    if not sys.platform.startswith("linux"):
+        return (), "not Linux"
+    if not torch.backends.openmp.is_available():
+        return (), "torch is built without OpenMP"
+    runtimes = openmp_runtimes_loaded()
+    names = [Path(path).name for path in runtimes]
+    if len(names) != 1 or not (names[0] == "libgomp.so.1" or names[0].startswith("libgomp.so.1.")):
+        return (), f"torch's OpenMP runtime is not GCC's libgomp.so.1 alone ({runtimes or 'none found'})"
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (), f"could not ask {compiler} its version"
+    if "Free Software Foundation" not in version:
+        return (), f"{compiler} is not GCC"
+    return ("-fopenmp",), "with OpenMP (torch's libgomp)"
 
 
 def build_name() -> str:
@@ -232,6 +279,7 @@ def _compile(name: str, flags: list, directory: Path) -> None:
         "import os\n"
         "name, sources, directory, *flags = sys.argv[1:]\n"
         "cpp_extension.load(name=name, sources=sources.split(os.pathsep), extra_cflags=flags,\n"
+        "                   extra_ldflags=['-fopenmp'] if '-fopenmp' in flags else [],\n"
         "                   build_directory=directory,\n"
         "                   is_python_module=True, verbose=False)\n"
     )

@@ -30,6 +30,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -222,7 +223,8 @@ inline void each_vector(int64_t b0, int64_t b1, int64_t H, const Body& body) {
 }
 
 // fn(b0, b1) over the B rows of a step, split across threads in chunks of at least ~4096 values, so
-// that small steps stay on one thread.
+// that small steps stay on one thread. (Only where the extension is compiled with OpenMP: without it
+// at::parallel_for runs the whole range on the calling thread.)
 template <typename Fn>
 inline void over_rows(int64_t B, int64_t H, const Fn& fn) {
   at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)), fn);
@@ -418,9 +420,10 @@ class OneMklThread {
 };
 
 // body(s) for every s in [0, count), on the calling thread and count - 1 tasks of torch's inter-op thread
-// pool (at::launch). at::parallel_for cannot serve here: this file is compiled without OpenMP, so in it
-// at::parallel_for runs everything on the calling thread. The caller also runs every slice no task has
-// claimed yet, so it never waits for a task that has not started (the pool may be busy, or be this thread).
+// pool (at::launch), rather than at::parallel_for: where this file is compiled without OpenMP (see
+// openmp() in build.py) at::parallel_for runs everything on the calling thread. The caller also runs
+// every slice no task has claimed yet, so it never waits for a task that has not started (the pool may
+// be busy, or be this thread).
 template <typename Body>
 void run_on_threads(int64_t count, const Body& body) {
   struct Shared {
@@ -1162,6 +1165,18 @@ std::vector<Tensor> variant_layer_backward(
 // The variant functions': (hs, h_T, c_T, *VariantTape) and those nine plus d_w_hr, d_w_ci, d_w_cf, d_w_co.
 void define_cell_step(pybind11::module& m);  // cpu_step.cpp: one step without autograd
 
+// The distinct threads at::parallel_for runs `count` one-item pieces on: 1 where the extension is
+// compiled without OpenMP, whatever torch's thread count (the tests check which build this is).
+int64_t parallel_for_threads(int64_t count) {
+  std::mutex mutex;
+  std::set<int> seen;
+  at::parallel_for(0, count, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> guard(mutex);
+    seen.insert(at::get_thread_num());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_forward", &layer_forward, "the fused forward loop");
   m.def("layer_backward", &layer_backward, "the fused backward loop");
@@ -1171,6 +1186,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_slices", &forward_slices,
         "the slices of the batch a forward of this many rows runs on (1: the step-parallel loop), given "
         "whether it keeps the tape");
+  m.def("parallel_for_threads", &parallel_for_threads,
+        "the distinct threads at::parallel_for runs this many one-item pieces on");
   m.def("step_gemm_choices", &step_gemm_choices,
         "the per-step products' measured choices: (rows, n, k, threads, 'packed' or 'plain')");
 }
