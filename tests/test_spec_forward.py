@@ -496,3 +496,30 @@ def test_sigmoid_is_the_logistic_function_without_overflow():
             value = mlstm_spec.sigmoid(extremes)
         assert value.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(value, np.array([0, 0, 0.5, 1, 1], dtype=dtype))
+
+
+@pytest.mark.parametrize("bias, recurrent_bias, multiplicative_bias, learns", [
+    (True, True, True, True),      # the defaults: biases present (zero), bias_hh and bias_mh get gradients
+    (False, False, True, True),    # bias_mh alone: q_z = bias_mh, so d a_z / d bias_mh = p_z
+    (True, False, False, False),   # bias_ih alone is inside the product with q = 0: nothing moves
+    (False, False, False, False),  # no bias at all
+])
+def test_multiplicative_integration_from_zero_state_and_zero_biases_stays_at_zero(
+        bias, recurrent_bias, multiplicative_bias, learns):
+    """What docs/equations.md says of the defaults under multiplicative integration: with the biases at
+    their initial zeros and a zero initial state, r = 0, so m = 0 and every gate pre-activation
+    p * q is 0: every output is exactly 0. Only bias_hh and bias_mh can then receive a gradient, so
+    without both the layer cannot leave that point (under addition it can: a = p + q = p)."""
+    rng = np.random.default_rng(5)
+    params = mlstm_spec.init_params(3, 4, rng=rng, dtype=np.float64, bias=bias, recurrent_bias=recurrent_bias,
+                                    multiplicative_bias=multiplicative_bias)
+    xs = rng.standard_normal((2, 5, 3))
+    zeros = np.zeros((2, 4))
+    hs, _ = mlstm_spec.forward(params, xs, integration_mode="multiplicative_integration")
+    np.testing.assert_array_equal(hs, 0.0)
+    d_hs = rng.standard_normal(hs.shape)
+    grads = mlstm_spec.backward(params, xs, (zeros, zeros), d_hs, integration_mode="multiplicative_integration")
+    moved = {name for name in params if np.any(grads[name] != 0)}
+    assert moved == ({"bias_hh", "bias_mh"} & set(params) if learns else set())
+    hs_addition, _ = mlstm_spec.forward(params, xs)
+    assert np.all(np.abs(hs_addition[:, 0]) > 0)
