@@ -96,6 +96,21 @@ def _writer(like, steps):
     return tf.TensorArray(like.dtype, size=steps, element_shape=like.shape)
 
 
+def _recomputed(p_m, p_g, q, h0, hs, c0, cs, w_hh, b_hh, keep, independent, multiplicative):
+    """For a backward pass: every step's ``h_prev`` (as it entered ``weight_hh``, dropout applied),
+    ``c_prev``, ``r``, ``m`` and the gate pre-activations ``a``, recomputed at once from the stored
+    ``h``, ``c`` and ``q`` (one large product for ``r``, no sequential dependency)."""
+    h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
+    if keep is not None:
+        h_prev = h_prev * keep
+    c_prev = tf.concat([c0[None], cs[:-1]], axis=0)
+    r = h_prev * w_hh if independent else tf.einsum("tbk,jk->tbj", h_prev, w_hh)
+    if b_hh is not None:
+        r = r + b_hh
+    a = p_g * q if multiplicative else p_g + q
+    return h_prev, c_prev, r, p_m * r, a
+
+
 @functools.lru_cache(maxsize=None)
 def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_mh: bool, has_keep: bool):
     """The unmasked recurrence over a precomputed projection, with a hand-written backward pass.
@@ -126,16 +141,8 @@ def _recurrence(independent: bool, multiplicative: bool, has_b_hh: bool, has_b_m
             # forward's own size tensors: under XLA, a size passed between the two graphs is a value
             # that must be a compile-time constant, which would make XLA recompile for every input.
             steps = tf.shape(p_m)[0]
-            # Every other intermediate of every step, recomputed at once from the stored h, c and q.
-            h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
-            if keep is not None:  # from here on h_prev is what entered weight_hh
-                h_prev = h_prev * keep
-            c_prev = tf.concat([c0[None], cs[:-1]], axis=0)
-            r = h_prev * w_hh if independent else tf.einsum("tbk,jk->tbj", h_prev, w_hh)
-            if b_hh is not None:
-                r = r + b_hh
-            m = p_m * r
-            a = p_g * q if multiplicative else p_g + q
+            h_prev, c_prev, r, m, a = _recomputed(p_m, p_g, q, h0, hs, c0, cs, w_hh, b_hh, keep, independent,
+                                                  multiplicative)
             a_i, a_o, a_f, a_z = tf.split(a, 4, axis=-1)
             i, o, f, z = tf.sigmoid(a_i), tf.sigmoid(a_o), tf.sigmoid(a_f), tf.tanh(a_z)
             tanh_c = tf.tanh(cs)
@@ -216,15 +223,8 @@ def _variant_recurrence(independent: bool, multiplicative: bool, has_b_hh: bool,
             d_hs = tf.zeros_like(hs) if d_hs is None else d_hs
             d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
             steps = tf.shape(p_m)[0]  # from a tensor the backward graph receives (see _recurrence)
-            h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
-            if keep is not None:
-                h_prev = h_prev * keep
-            c_prev = tf.concat([c0[None], cs[:-1]], axis=0)
-            r = h_prev * w_hh if independent else tf.einsum("tbk,jk->tbj", h_prev, w_hh)
-            if b_hh is not None:
-                r = r + b_hh
-            m = p_m * r
-            a = p_g * q if multiplicative else p_g + q
+            h_prev, c_prev, r, m, a = _recomputed(p_m, p_g, q, h0, hs, c0, cs, w_hh, b_hh, keep, independent,
+                                                  multiplicative)
             a_i, a_o, a_f, a_z = tf.split(a, 4, axis=-1)
             if peepholes:
                 a_i, a_f, a_o = a_i + w_ci * c_prev, a_f + w_cf * c_prev, a_o + w_co * cs
