@@ -732,19 +732,24 @@ def test_non_finite_input_stays_in_its_batch_row(fused):
 
 # ---- the benchmark script (run outside the tests; here only at a tiny size, so that it keeps working) ----
 
-def test_benchmark_script_runs(tmp_path, capsys):
-    """benchmarks/bench_torch.py times every implementation it lists and writes its report between the
-    markers of an existing document, keeping the prose around them."""
-    import importlib.util
+def _bench_module():
     import runpy
     import sys
 
     bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
     sys.path.insert(0, bench_dir)
     try:
-        bench = runpy.run_path(f"{bench_dir}/bench_torch.py", run_name="bench_torch")
+        return runpy.run_path(f"{bench_dir}/bench_torch.py", run_name="bench_torch")
     finally:
         sys.path.remove(bench_dir)
+
+
+def test_benchmark_script_runs(tmp_path, capsys):
+    """benchmarks/bench_torch.py times every implementation it lists and writes its report between the
+    markers of an existing document, keeping the prose around them."""
+    import importlib.util
+
+    bench = _bench_module()
     report = tmp_path / "performance.md"
     report.write_text(f"intro\n\n{bench['BEGIN']}\nold\n{bench['END']}\n\noutro\n")
     results = bench["main"](["--sizes", "2,3,4,5", "--repeats", "1", "--warmup", "0", "--output", str(report)])
@@ -756,6 +761,41 @@ def test_benchmark_script_runs(tmp_path, capsys):
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "MLSTM (Python loops)" in text and "MLSTM's CPU loops:" in text
 
+
+
+def test_benchmark_in_processes_reports_the_median_and_each_process(capsys):
+    """--processes: the table holds the median over the processes of each one's median, and each target
+    line every process's ratio and how many met it (the processes' results made up here: 3 processes)."""
+    bench = _bench_module()
+    size = bench["TARGET_SIZE"]
+    made_up = [  # MLSTM, nn.LSTM, torchrecurrent forward times (ms) of three processes
+        (100.0, 90.0, 190.0), (110.0, 80.0, 200.0), (130.0, 85.0, 220.0)]
+    runs = [{"results": {size: {("MLSTM", "forward"): a, ("nn.LSTM", "forward"): b, ("torchrecurrent", "forward"): c,
+                                ("MLSTM", "forward+backward"): 3 * a, ("nn.LSTM", "forward+backward"): 3 * b,
+                                ("torchrecurrent", "forward+backward"): 3 * c}},
+             "choices": "Per-step products: made up.", "load": "load average 0.0"} for a, b, c in made_up]
+    bench["main"].__globals__["in_processes"] = lambda argv, processes: runs[:processes]
+    bench["main"].__globals__["unavailable"] = lambda device: {}  # as if torchrecurrent were installed
+    results = bench["main"](["--sizes", ",".join(map(str, size)), "--processes", "3",
+                             "--only", "nn.LSTM,torchrecurrent"])
+    assert results[size][("MLSTM", "forward")] == 110.0 and results[size][("nn.LSTM", "forward")] == 85.0
+    out = capsys.readouterr().out
+    # torchrecurrent / MLSTM per process: 1.90, 1.82, 1.69 -> met (>= 1.8) in 2 of 3; median ratio 200/110
+    assert f"- {size} forward: MLSTM is 1.82x faster than torchrecurrent (target >= 1.8x: met; " \
+           "per process 1.90, 1.82, 1.69, met in 2 of 3)" in out
+    # MLSTM / nn.LSTM per process: 1.11, 1.38, 1.53 -> met (<= 1.5) in 2 of 3
+    assert "per process 1.11, 1.38, 1.53, met in 2 of 3" in out
+    assert "Median over 3 processes" in out and "Per-step products: made up." in out
+
+
+def test_benchmark_in_processes_runs_them(tmp_path):
+    """The real thing at a tiny size: two child processes, their medians combined."""
+    bench = _bench_module()
+    results = bench["main"](["--sizes", "2,3,4,5", "--repeats", "1", "--warmup", "0", "--processes", "2",
+                             "--only", "nn.LSTM"])
+    assert set(results[(2, 3, 4, 5)]) == {(name, mode) for name in ("MLSTM", "nn.LSTM")
+                                          for mode in ("forward", "forward+backward")}
+    assert all(ms > 0 for ms in results[(2, 3, 4, 5)].values())
 
 
 def test_runner_reports_which_cpu_loops_it_checked(tmp_path):
