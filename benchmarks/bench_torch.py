@@ -31,6 +31,7 @@ Usage::
     python benchmarks/bench_torch.py --sizes 32,128,64,256 --only MLSTM,nn.LSTM
     python benchmarks/bench_torch.py --generation --threads 1   # one step at batch 1 (text generation)
     python benchmarks/bench_torch.py --threads 2 --sizes 64,100,512,512 --processes 5   # a verdict per process
+    python benchmarks/bench_torch.py --variants --threads 2 --repeats 9   # layers with the spec's variants
 
 ``--processes N`` runs the timing in N fresh processes, one after the other: the table is the median of
 their medians, and each target line adds every process's ratio and in how many the target was met. On
@@ -177,7 +178,27 @@ def time_once(function, model, x):
     return time.perf_counter() - start
 
 
-def run_size(size, names, repeats, warmup, device):
+#: --variants: the layers timed against the default (variant-free) layer, as MLSTM keyword arguments;
+#: "every variant" projects to half the hidden size. The Python-loops rows show what the C++ loops are worth.
+VARIANT_LAYERS = {
+    "MLSTM": {},
+    "forget_bias": {"forget_bias": 1.0},
+    "forget_bias (Python loops)": {"forget_bias": 1.0, "cpu_loops": "python"},
+    "every variant": {"peepholes": True, "cell_clip": 1.0, "proj_clip": 0.5, "forget_bias": 1.0},
+    "every variant (Python loops)": {"peepholes": True, "cell_clip": 1.0, "proj_clip": 0.5, "forget_bias": 1.0,
+                                     "cpu_loops": "python"},
+}
+VARIANT_SIZE = (32, 64, 128, 256)
+
+
+def build_variant(name, input_size, hidden_size):
+    options = dict(VARIANT_LAYERS[name])
+    if name.startswith("every variant"):
+        options["proj_size"] = hidden_size // 2
+    return MLSTM(input_size, hidden_size, **options)
+
+
+def run_size(size, names, repeats, warmup, device, build=build):
     B, T, I, H = size
     torch.manual_seed(0)
     models = {name: build(name, I, H).to(device) for name in names}
@@ -367,13 +388,16 @@ def main(argv=None):
                         help="run the timing this many times, each in a fresh process, one after the other; the "
                              "table gives the median of the processes' medians, and each target every process's ratio")
     parser.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)  # one process of --processes
+    parser.add_argument("--variants", action="store_true",
+                        help=f"time layers with the spec's variants against the default layer instead "
+                             f"(default size {','.join(map(str, VARIANT_SIZE))})")
     parser.add_argument("--generation", action="store_true",
                         help="time one step at batch 1 (MLSTMCell vs nn.LSTMCell, MLSTM's path choice) instead")
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error(f"--processes must be at least 1, got {args.processes}")
-    if args.processes > 1 and args.generation:
-        parser.error("--processes times the layers, not --generation")
+    if args.processes > 1 and (args.generation or args.variants):
+        parser.error("--processes runs the main comparison, not --generation or --variants")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.generation:
@@ -383,6 +407,8 @@ def main(argv=None):
                   f"median of {args.repeats} interleaved rounds; {load_average()}.\n\n{table}\n")
         print(report)
         return report
+    if args.variants:
+        return variants(args, parser)
     left_out = unavailable(torch.device(args.device).type)
     if args.only is None:
         names = [n for n in IMPLEMENTATIONS if n not in left_out]
@@ -449,6 +475,26 @@ def main(argv=None):
     if args.output is not None:
         write_report(args.output, report)
         print(draw_chart(args.output, "PyTorch backend"), file=sys.stderr)
+    return results
+
+
+def variants(args, parser) -> dict:
+    """--variants: the layers of VARIANT_LAYERS side by side, as the main comparison times its peers."""
+    if torch.device(args.device).type != "cpu":
+        parser.error("--variants compares the C++ and the Python loops, which differ only on CPU")
+    sizes = [tuple(size) for size in args.sizes] if args.sizes != list(DEFAULT_SIZES) else [VARIANT_SIZE]
+    names = list(VARIANT_LAYERS)
+    results = {}
+    for size in sizes:
+        print(f"timing {size} ...", file=sys.stderr, flush=True)
+        results[size] = run_size(size, names, args.repeats, args.warmup, args.device, build=build_variant)
+    report = (f"Layers with variants, measured {datetime.date.today().isoformat()} on {machine()}; torch threads "
+              f"{torch.get_num_threads()}; {versions()}; MLSTM's CPU loops: {compiled_cpu_loops()[1]}; "
+              f"{load_average()}. Median of {args.repeats} interleaved runs after {args.warmup} warm-up runs, "
+              "float32, one layer. " + "; ".join(f"{name}: {options or 'no variant'}"
+                                                 for name, options in VARIANT_LAYERS.items())
+              + "; every variant also has proj_size = H / 2.\n\n" + ratio_table(results, names, "MLSTM") + "\n")
+    print(report)
     return results
 
 

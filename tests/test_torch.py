@@ -763,6 +763,15 @@ def test_benchmark_script_runs(tmp_path, capsys):
 
 
 
+def test_benchmark_of_the_variants_runs(capsys):
+    """--variants times every layer of VARIANT_LAYERS against the default layer (here at a tiny size)."""
+    bench = _bench_module()
+    results = bench["main"](["--variants", "--sizes", "2,3,4,6", "--repeats", "1", "--warmup", "0"])
+    assert {name for name, _mode in results[(2, 3, 4, 6)]} == set(bench["VARIANT_LAYERS"])
+    assert all(ms > 0 for ms in results[(2, 3, 4, 6)].values())
+    assert "every variant (Python loops)" in capsys.readouterr().out
+
+
 def test_benchmark_in_processes_reports_the_median_and_each_process(capsys):
     """--processes: the table holds the median over the processes of each one's median, and each target
     line every process's ratio and how many met it (the processes' results made up here: 3 processes)."""
