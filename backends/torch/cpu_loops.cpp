@@ -823,6 +823,26 @@ std::vector<Tensor> layer_backward(const std::optional<Tensor>& d_hs_given, cons
 // w_co reads c_t); c_t clipped to +-cell_clip; forget_bias added to f's pre-activation. The computation
 // of forward_loop and backward_loop in variants.py, on its VariantTape.
 
+// What the variant forward and backward both set up once per call: the peephole vectors (null where
+// absent), the clip bounds (0 where off), and the per-step products' weights, W_hh (unless independent),
+// W_hr (with a projection) and W_mh, as (k x n) operands for products of B rows.
+template <typename scalar_t>
+struct VariantStep {
+  const scalar_t *w_ci, *w_cf, *w_co;
+  scalar_t c_bound, h_bound;
+  std::optional<StepWeight<scalar_t>> w_hh, w_hr;
+  StepWeight<scalar_t> w_mh;
+  VariantStep(const std::optional<Tensor>& w_ci_, const std::optional<Tensor>& w_cf_,
+              const std::optional<Tensor>& w_co_, std::optional<double> cell_clip, std::optional<double> proj_clip,
+              const std::optional<Tensor>& w_hh_, const std::optional<Tensor>& w_hr_, const Tensor& w_mh_, int64_t B)
+      : w_ci(ptr_or_null<scalar_t>(w_ci_)), w_cf(ptr_or_null<scalar_t>(w_cf_)), w_co(ptr_or_null<scalar_t>(w_co_)),
+        c_bound(cell_clip ? static_cast<scalar_t>(*cell_clip) : scalar_t(0)),
+        h_bound(proj_clip ? static_cast<scalar_t>(*proj_clip) : scalar_t(0)), w_mh(w_mh_, B) {
+    if (w_hh_) w_hh.emplace(*w_hh_, B);
+    if (w_hr_) w_hr.emplace(*w_hr_, B);
+  }
+};
+
 // One step's gates and cell, rows [b0, b1): a = pre pg (multiplicative) or pre + pg, the blocks (i, o, f, z);
 // i and f also see c_prev (peepholes, w_ci null: none) and f forget_bias; c = f c_prev + i z, written
 // unclipped to c_unclipped (when given) and clipped to +-clip (when clip_c) into c; o sees that c through
@@ -1001,14 +1021,9 @@ std::vector<Tensor> variant_layer_forward(
     };
     const scalar_t* b_hh_p = ptr_or_null<scalar_t>(b_hh);
     const scalar_t* b_mh_p = ptr_or_null<scalar_t>(b_mh);
-    const scalar_t *w_ci_p = ptr_or_null<scalar_t>(w_ci), *w_cf_p = ptr_or_null<scalar_t>(w_cf),
-                   *w_co_p = ptr_or_null<scalar_t>(w_co);
-    const scalar_t c_bound = clip_c ? static_cast<scalar_t>(*cell_clip) : scalar_t(0);
-    const scalar_t h_bound = clip_h ? static_cast<scalar_t>(*proj_clip) : scalar_t(0);
-    std::optional<StepWeight<scalar_t>> w_hh_step, w_hr_step;
-    if (!independent) w_hh_step.emplace(w_hh_t, B);
-    if (projection) w_hr_step.emplace(w_hr_t, B);
-    const StepWeight<scalar_t> w_mh_step(w_mh_t, B);
+    const VariantStep<scalar_t> v(
+        w_ci, w_cf, w_co, cell_clip, proj_clip, independent ? std::nullopt : std::optional<Tensor>(w_hh_t),
+        projection ? std::optional<Tensor>(w_hr_t) : std::nullopt, w_mh_t, B);
     const scalar_t* h_prev = h0c.data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) {
       if (t % chunk == 0) {
@@ -1023,27 +1038,27 @@ std::vector<Tensor> variant_layer_forward(
       scalar_t* m = rows_of(kM, t);
       scalar_t* q = rows_of(kQ, t);
       scalar_t* h = hs.data_ptr<scalar_t>() + t * B * P;
-      if (!independent) w_hh_step->multiply(h_prev, P, false, r, H);
+      if (!independent) v.w_hh->multiply(h_prev, P, false, r, H);
       over_rows(B, H, [&](int64_t b0, int64_t b1) {
         mix_rows<scalar_t>(b0, b1, H, r, h_prev, independent ? w_hh_t.data_ptr<scalar_t>() : nullptr, b_hh_p, p_t,
                            5 * H, nullptr, nullptr, 0, m);
       });
       if (b_mh_p)
         for (int64_t b = 0; b < B; ++b) std::copy(b_mh_p, b_mh_p + 4 * H, q + b * 4 * H);
-      w_mh_step.multiply(m, H, b_mh_p != nullptr, q, 4 * H);
+      v.w_mh.multiply(m, H, b_mh_p != nullptr, q, 4 * H);
       scalar_t* k = projection ? rows_of(kK, t) : h;
       over_rows(B, H, [&](int64_t b0, int64_t b1) {
-        variant_gate_rows<scalar_t>(b0, b1, H, q, p_t + H, 5 * H, multiplicative, w_ci_p, w_cf_p, w_co_p, clip_c,
-                                    c_bound, static_cast<scalar_t>(forget_bias), rows_of(kCs, t),
+        variant_gate_rows<scalar_t>(b0, b1, H, q, p_t + H, 5 * H, multiplicative, v.w_ci, v.w_cf, v.w_co, clip_c,
+                                    v.c_bound, static_cast<scalar_t>(forget_bias), rows_of(kCs, t),
                                     rows_of(kCs, t + 1), clip_c ? rows_of(kCUnclipped, t) : nullptr,
                                     rows_of(kGates, t), rows_of(kTanhC, t), k);
       });
       if (projection && clip_h) {
         scalar_t* h_unclipped = rows_of(kHUnclipped, t);
-        w_hr_step->multiply(k, H, false, h_unclipped, P);
-        over_rows(B, P, [&](int64_t b0, int64_t b1) { clip_rows<scalar_t>(b0, b1, P, h_unclipped, h_bound, h); });
+        v.w_hr->multiply(k, H, false, h_unclipped, P);
+        over_rows(B, P, [&](int64_t b0, int64_t b1) { clip_rows<scalar_t>(b0, b1, P, h_unclipped, v.h_bound, h); });
       } else if (projection) {
-        w_hr_step->multiply(k, H, false, h, P);
+        v.w_hr->multiply(k, H, false, h, P);
       }
       h_prev = h;
     }
@@ -1101,14 +1116,9 @@ std::vector<Tensor> variant_layer_backward(
   Tensor w_hr_c = projection ? w_hr->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlstm_variant_layer_backward", [&] {
     auto step_of = [&](const Tensor& f, int64_t t) { return f.data_ptr<scalar_t>() + t * f.stride(0); };
-    const scalar_t *w_ci_p = ptr_or_null<scalar_t>(w_ci), *w_cf_p = ptr_or_null<scalar_t>(w_cf),
-                   *w_co_p = ptr_or_null<scalar_t>(w_co);
-    const scalar_t c_bound = cell_clip ? static_cast<scalar_t>(*cell_clip) : scalar_t(0);
-    const scalar_t h_bound = proj_clip ? static_cast<scalar_t>(*proj_clip) : scalar_t(0);
-    std::optional<StepWeight<scalar_t>> w_hh_step, w_hr_step;
-    if (!independent) w_hh_step.emplace(w_hh_c, B);
-    if (projection) w_hr_step.emplace(w_hr_c, B);
-    const StepWeight<scalar_t> w_mh_step(w_mh_c, B);
+    const VariantStep<scalar_t> v(
+        w_ci, w_cf, w_co, cell_clip, proj_clip, independent ? std::nullopt : std::optional<Tensor>(w_hh_c),
+        projection ? std::optional<Tensor>(w_hr_c) : std::nullopt, w_mh_c, B);
     const scalar_t* d_hs_base = ptr_or_null<scalar_t>(d_hs);
     for (int64_t t = T - 1; t >= 0; --t) {
       const scalar_t* extra = d_hT_or_zero.data_ptr<scalar_t>();
@@ -1119,7 +1129,7 @@ std::vector<Tensor> variant_layer_backward(
           extra = d_r_next;
           w_hh_vector = w_hh_c.data_ptr<scalar_t>();
         } else {
-          w_hh_step->multiply(d_r_next, H, false, d_h_product.data_ptr<scalar_t>(), P);
+          v.w_hh->multiply(d_r_next, H, false, d_h_product.data_ptr<scalar_t>(), P);
           extra = d_h_product.data_ptr<scalar_t>();
         }
       }
@@ -1128,9 +1138,9 @@ std::vector<Tensor> variant_layer_backward(
         scalar_t* d_k_t = step_of(d_k, t);
         const scalar_t* h_unclipped = proj_clip ? step_of(tape[kHUnclipped], t) : nullptr;
         over_rows(B, P, [&](int64_t b0, int64_t b1) {
-          projected_backward_rows<scalar_t>(b0, b1, P, d_hs_t, extra, h_unclipped, h_bound, d_k_t);
+          projected_backward_rows<scalar_t>(b0, b1, P, d_hs_t, extra, h_unclipped, v.h_bound, d_k_t);
         });
-        w_hr_step->multiply(d_k_t, P, false, d_projected.data_ptr<scalar_t>(), H);
+        v.w_hr->multiply(d_k_t, P, false, d_projected.data_ptr<scalar_t>(), H);
         extra = d_projected.data_ptr<scalar_t>();
         d_hs_t = nullptr;
       }
@@ -1140,12 +1150,12 @@ std::vector<Tensor> variant_layer_backward(
       over_rows(B, H, [&](int64_t b0, int64_t b1) {
         variant_backward_rows<scalar_t>(
             b0, b1, H, d_hs_t, extra, w_hh_vector, step_of(tape[kGates], t), step_of(tape[kTanhC], t),
-            step_of(tape[kCs], t), cell_clip ? step_of(tape[kCUnclipped], t) : nullptr, c_bound, w_ci_p, w_cf_p,
-            w_co_p, d_c.data_ptr<scalar_t>(), p_t + H, 5 * H, multiplicative ? step_of(tape[kQ], t) : nullptr,
+            step_of(tape[kCs], t), cell_clip ? step_of(tape[kCUnclipped], t) : nullptr, v.c_bound, v.w_ci, v.w_cf,
+            v.w_co, d_c.data_ptr<scalar_t>(), p_t + H, 5 * H, multiplicative ? step_of(tape[kQ], t) : nullptr,
             d_p_t + H, 5 * H, multiplicative ? d_q_t : nullptr,
             multiplicative && peepholes ? step_of(d_a, t) : nullptr);
       });
-      w_mh_step.multiply(d_q_t, multiplicative ? 4 * H : 5 * H, false, d_m.data_ptr<scalar_t>(), H);
+      v.w_mh.multiply(d_q_t, multiplicative ? 4 * H : 5 * H, false, d_m.data_ptr<scalar_t>(), H);
       over_rows(B, H, [&](int64_t b0, int64_t b1) {
         mix_backward_rows<scalar_t>(b0, b1, H, d_m.data_ptr<scalar_t>(), p_t, 5 * H, step_of(tape[kR], t),
                                     step_of(d_r, t), d_p_t, 5 * H);
