@@ -360,6 +360,12 @@ void mix_backward_rows(int64_t b0, int64_t b1, int64_t H, const scalar_t* d_m, c
   });
 }
 
+// Where a reverse loop starts: the incoming gradient of a final state, or zeros where none was given.
+void start_from(const std::optional<Tensor>& given, Tensor& into) {
+  if (given) into.copy_(*given);
+  else into.zero_();
+}
+
 std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
   return t ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
 }
@@ -763,10 +769,8 @@ std::vector<Tensor> layer_backward(const std::optional<Tensor>& d_hs_given, cons
   Tensor d_r = scratch.take(d_r_shape);
   Tensor d_m = scratch.take(row), d_h_product = scratch.take(row), d_c = scratch.take(row);
   Tensor d_hT_or_zero = scratch.take(row);
-  if (d_hT) d_hT_or_zero.copy_(*d_hT);
-  else d_hT_or_zero.zero_();
-  if (d_cT) d_c.copy_(*d_cT);
-  else d_c.zero_();
+  start_from(d_hT, d_hT_or_zero);
+  start_from(d_cT, d_c);
   std::optional<Tensor> d_hs = contiguous(d_hs_given);
   Tensor w_hh_c = w_hh.contiguous(), w_mh_c = w_mh.contiguous();
   const int64_t p_stride = p.stride(1);
@@ -1107,10 +1111,8 @@ std::vector<Tensor> variant_layer_backward(
   Tensor d_k = projection ? scratch.take(d_k_shape) : Tensor();
   Tensor d_m = scratch.take(row), d_c = scratch.take(row), d_projected = scratch.take(row);
   Tensor d_h_product = scratch.take(output_row), d_hT_or_zero = scratch.take(output_row);
-  if (d_hT) d_hT_or_zero.copy_(*d_hT);
-  else d_hT_or_zero.zero_();
-  if (d_cT) d_c.copy_(*d_cT);
-  else d_c.zero_();
+  start_from(d_hT, d_hT_or_zero);
+  start_from(d_cT, d_c);
   std::optional<Tensor> d_hs = contiguous(d_hs_given);
   Tensor w_hh_c = w_hh.contiguous(), w_mh_c = w_mh.contiguous();
   Tensor w_hr_c = projection ? w_hr->contiguous() : Tensor();
