@@ -254,16 +254,20 @@ def targets(results, per_process=()):
 
 
 def gemm_choices() -> str:
-    """The C++ loops' per-step products, each with the kind (MKL packed or plain) measured faster for
-    its shape on this machine (cpu_loops.cpp, packed_is_faster)."""
+    """The C++ loops' products, each with the kind measured faster for its shape on this machine
+    (cpu_loops.cpp: step_product, sequence_product_on_onednn)."""
     from backends.torch import build
 
     loops = build.cpu_loops()
     if loops is None:
-        return "Per-step products: the C++ loops are not built here."
-    choices = ", ".join(f"{rows}x{k} by {k}x{n} ({threads} threads): {kind}"
-                        for rows, n, k, threads, kind in loops.step_gemm_choices())
-    return f"Per-step products, packed or plain as measured on this machine: {choices or 'none run'}."
+        return "Matrix products: the C++ loops are not built here."
+    names = {"packed": "MKL packed", "plain": "MKL", "mkl": "MKL", "onednn": "oneDNN"}
+    steps = ", ".join(f"{rows}x{k} by {k}x{n} ({threads} threads): {names[kind]}"
+                      for rows, n, k, threads, kind in loops.step_gemm_choices())
+    sequences = ", ".join(f"rows x {k} by {k}x{n} ({threads} threads): {names[kind]}"
+                          for n, k, threads, kind in loops.sequence_gemm_choices())
+    return (f"Per-step products (MKL packed, MKL or oneDNN, as measured on this machine): {steps or 'none run'}. "
+            f"Whole-sequence products (input projection with a tape, d_input): {sequences or 'none run'}.")
 
 
 def load_average() -> str:

@@ -89,15 +89,17 @@ def test_sliced_forward_equals_spec_float64(compiled, threads, mode, options, ch
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("gemm", ["packed", "plain"])
+@pytest.mark.parametrize("gemm", ["packed", "plain", "onednn"])
 @pytest.mark.parametrize("chunk_steps", [2, None], ids=["chunks of 2 steps", "default chunk"])
 def test_sliced_forward_float32_equals_the_step_parallel_loop_and_spec(compiled, threads, monkeypatch, mode,
                                                                        gemm, chunk_steps):
     """float32: the sliced path against the spec (float64 on the same rounded inputs) within the
-    float32 tolerance, and against the loop it replaces (one thread); with MKL's packed weights and
-    without, the projection in one chunk and in several (packed from two chunks on, plain for the
+    float32 tolerance, and against the loop it replaces (one thread); with MKL's packed weights, plain
+    MKL and oneDNN, the projection in one chunk and in several (packed from two chunks on, plain for the
     shorter last one). Every weight random at an initialised layer's scale, so that a wrong product
     (a weight packed untransposed, say) shows in either mode."""
+    if gemm == "onednn" and not compiled.onednn_products():
+        pytest.skip("this torch has no oneDNN linear operator (mkldnn::_linear_pointwise)")
     monkeypatch.setenv("MLSTM_TORCH_STEP_GEMM", gemm)
     rng = np.random.default_rng(5)
     steps, batch, inputs, hidden = 9, 33, 24, 40

@@ -166,30 +166,47 @@ def test_layer_on_one_step_equals_its_plain_path(bidirectional, batch_first, mon
         assert_close(got, want)
 
 
-@pytest.mark.parametrize("kind", ["packed", "plain"])
-def test_both_kinds_of_step_product_compute_the_layer(kind, monkeypatch):
-    """The per-step products run on an MKL-packed weight or on plain sgemm, whichever measured faster
-    for the shape (cpu_loops.cpp); MLSTM_TORCH_STEP_GEMM fixes the kind. Either must give the layer's
-    float32 results, forward and backward, against the same layer in float64 (no packing there)."""
+@pytest.mark.parametrize("options", [dict(integration_mode="multiplicative_integration"),
+                                     dict(peepholes=True, cell_clip=0.9, proj_size=6, proj_clip=0.4)],
+                         ids=["multiplicative", "variants"])
+@pytest.mark.parametrize("kind", ["packed", "plain", "onednn"])
+def test_every_kind_of_product_computes_the_layer(kind, options, monkeypatch):
+    """The products run on an MKL-packed weight, on plain MKL or on oneDNN, whichever measured faster
+    for the shape (cpu_loops.cpp); MLSTM_TORCH_STEP_GEMM fixes the kind, and the choices report it.
+    Either must give the layer's float32 results, forward and backward, against the same layer in
+    float64 (MKL's double products there). Every parameter random: at default initialisation the biases
+    are zero, and under multiplicative integration every h would then be exactly 0."""
+    from backends.torch import build
     from mlstm_spec.conformance.tolerances import tolerance
 
+    loops = build.cpu_loops()
+    if kind == "onednn" and not loops.onednn_products():
+        pytest.skip("this torch has no oneDNN linear operator (mkldnn::_linear_pointwise)")
     torch.manual_seed(6)
-    wide = bt.MLSTM(5, 8, batch_first=True, dtype=torch.float64, integration_mode="multiplicative_integration")
-    narrow = bt.MLSTM.from_canonical(wide.to_canonical(), batch_first=True, dtype=torch.float32,
-                                     integration_mode="multiplicative_integration")
-    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    inputs = 5 if options.get("integration_mode") else 7  # so that each case's products have their own shapes
+    wide = bt.MLSTM(inputs, 8, batch_first=True, dtype=torch.float64, **options)
+    with torch.no_grad():
+        for parameter in wide.parameters():
+            parameter.uniform_(-0.5, 0.5)
+    narrow = bt.MLSTM.from_canonical(wide.to_canonical(), batch_first=True, dtype=torch.float32, **options)
+    x = torch.randn(4, 6, inputs, dtype=torch.float64)
     results = {}
     for name, model in (("float64", wide), (kind, narrow)):
         if name == kind:
             monkeypatch.setenv("MLSTM_TORCH_STEP_GEMM", kind)
-        inputs = x.to(model.weight_ih_l0.dtype).clone().requires_grad_()
-        output, (h_n, c_n) = model(inputs)
+        given = x.to(model.weight_ih_l0.dtype).clone().requires_grad_()
+        output, (h_n, c_n) = model(given)
         (output.sum() + c_n.sum()).backward()
-        results[name] = [output, h_n, c_n, inputs.grad] + [p.grad for p in model.parameters()]
+        results[name] = [output, h_n, c_n, given.grad] + [p.grad for p in model.parameters()]
     bound = tolerance("float32", "cpu")
     for got, want in zip(results[kind], results["float64"]):
         error, where = relative_error(got.detach().double().numpy(), want.detach().numpy())
         assert error <= bound, f"relative error {error:.2e} at {where} > {bound:.0e}"
+    threads = torch.get_num_threads()
+    steps = {(rows, n, k): chosen for rows, n, k, count, chosen in loops.step_gemm_choices() if count == threads}
+    assert steps.get((4, 32, 8)) == kind, "a = m W_mh^T, (4 x 8) by (8 x 32), did not run as fixed"
+    sequences = {(n, k): chosen for n, k, count, chosen in loops.sequence_gemm_choices() if count == threads}
+    assert sequences.get((40, inputs)) == ("onednn" if kind == "onednn" else "mkl"), "x W_ih^T did not run as fixed"
 
 
 def test_the_measured_choices_are_reported(monkeypatch):

@@ -15,9 +15,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/utils/pybind.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
@@ -71,15 +74,101 @@ void gemm(int64_t rows, int64_t n, int64_t k, const scalar_t* A, int64_t lda, co
 #endif
 }
 
-// Whether a float product of this shape runs on a weight packed into MKL's internal layout
-// (cblas_sgemm_pack/compute) or on plain sgemm. On the Intel Xeon this was tuned on, packed is 18-27%
-// faster per step at the benchmark sizes (2 threads); MKL takes other code paths on other vendors'
-// processors, where that is not known to hold. So the choice is measured, once per process for each
-// shape and thread count over a few products of each (packing included): packed unless plain is over
-// 10% faster, kept for every later call. MLSTM_TORCH_STEP_GEMM=packed or =plain fixes it instead; step_gemm_choices() reports them.
+// ---- the OpenMP runtime's thread count for this thread ------------------------------------------------
+
+// omp_get_max_threads and omp_set_num_threads of the OpenMP runtime torch loaded (its oneDNN runs on it),
+// looked up in the process rather than linked: this file is not always compiled with OpenMP (see
+// openmp() in build.py). Null where no OpenMP runtime is loaded.
+struct OpenMpThreads {
+  int (*get)();
+  void (*set)(int);
+};
+const OpenMpThreads* openmp_threads() {
+  static const std::optional<OpenMpThreads> found = []() -> std::optional<OpenMpThreads> {
+    auto get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+    auto set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+    if (!get || !set) return std::nullopt;
+    return OpenMpThreads{get, set};
+  }();
+  return found ? &*found : nullptr;
+}
+
+// ---- oneDNN's products, through torch's operator --------------------------------------------------------
+
+// torch's CPU builds carry oneDNN ("mkldnn"), the library nn.LSTM's CPU kernels run on, which picks its
+// code for the processor's instruction sets whatever its vendor. Its symbols are not exported, but torch
+// registers operators on it: mkldnn::_linear_pointwise, Y = X W^T for a dense float X (rows x k) and a
+// weight W (n x k), and mkldnn::_reorder_linear_weight, which lays W out once in oneDNN's blocked format
+// for products of a given row count (at 32 rows 1.3-1.7x faster per product here than a dense W, which
+// oneDNN multiplies in its plain layout). Null where this torch has no such operators (built without
+// oneDNN), or where this thread's OpenMP team cannot be set: a slice of the batch (sliced_layer_forward)
+// must run its products on its own thread.
+using OneDnnLinear = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+                            c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>);
+using OneDnnReorder = Tensor(const Tensor&, std::optional<int64_t>);
+struct OneDnn {
+  c10::TypedOperatorHandle<OneDnnLinear> linear;
+  c10::TypedOperatorHandle<OneDnnReorder> reorder;
+};
+const OneDnn* onednn() {
+  static const std::optional<OneDnn> found = []() -> std::optional<OneDnn> {
+    if (!at::hasMKLDNN() || !openmp_threads()) return std::nullopt;
+    auto& dispatcher = c10::Dispatcher::singleton();
+    const auto linear = dispatcher.findSchema({"mkldnn::_linear_pointwise", ""});
+    const auto reorder = dispatcher.findSchema({"mkldnn::_reorder_linear_weight", ""});
+    if (!linear || !reorder) return std::nullopt;
+    try {
+      return OneDnn{linear->typed<OneDnnLinear>(), reorder->typed<OneDnnReorder>()};
+    } catch (const std::exception&) {  // another torch's signatures: not used
+      return std::nullopt;
+    }
+  }();
+  return found ? &*found : nullptr;
+}
+
+// W (n x k, contiguous float) laid out for oneDNN's products of `rows` rows (onednn() not null).
+Tensor onednn_weight(const Tensor& W, int64_t rows) {
+  return onednn()->reorder.call(W, rows);
+}
+
+// C (rows x n, row stride ldc) = X W^T, plus C if accumulate, on oneDNN (onednn() not null), W as
+// onednn_weight gives it.
+void onednn_product(const Tensor& X, const Tensor& W, bool accumulate, float* C, int64_t ldc) {
+  const Tensor Y = onednn()->linear.call(X, W, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(),
+                                         std::nullopt);
+  const int64_t rows = X.size(0), n = W.size(0);
+  const float* y = Y.data_ptr<float>();
+  using V = Vectorized<float>;
+  for (int64_t b = 0; b < rows; ++b) {
+    float* c_row = C + b * ldc;
+    const float* y_row = y + b * n;
+    if (!accumulate) {
+      std::copy(y_row, y_row + n, c_row);
+      continue;
+    }
+    for (int64_t j = 0; j < n; j += V::size()) {
+      const int count = static_cast<int>(std::min<int64_t>(V::size(), n - j));
+      (V::loadu(c_row + j, count) + V::loadu(y_row + j, count)).store(c_row + j, count);
+    }
+  }
+}
+
+// How a float product of a given shape runs: plain MKL sgemm, MKL on a weight packed into its internal
+// layout once per call (cblas_sgemm_pack/compute), or oneDNN. On the Intel Xeon this was tuned on,
+// packed is 18-27% faster per step at the benchmark sizes (2 threads). MKL picks its code by vendor as
+// well as by instruction set; with it held to AVX2 on that Xeon (MKL_ENABLE_INSTRUCTIONS=AVX2, which
+// reproduced the slow layer reported from an AMD EPYC) its products ran at 22-39 G multiply-adds/s
+// against oneDNN's 35-72. So the choice is measured, once per process for each shape and thread count
+// over a few products of each (packing included): packed unless another is over 10% faster, kept for
+// every later call. MLSTM_TORCH_STEP_GEMM=packed, =plain or =onednn fixes it instead;
+// step_gemm_choices() reports them.
+enum class Product { plain, packed, onednn };
+const char* product_name(Product kind) {
+  return kind == Product::packed ? "packed" : kind == Product::onednn ? "onednn" : "plain";
+}
 using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int>;
 std::mutex choices_mutex;
-std::map<ShapeKey, bool> packed_choices;  // (rows, n, k, threads) -> packed is faster
+std::map<ShapeKey, Product> product_choices;  // (rows, n, k, threads) -> the fastest
 
 #if AT_MKL_ENABLED()
 double seconds(const std::function<void()>& work) {
@@ -88,15 +177,21 @@ double seconds(const std::function<void()>& work) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-bool packed_is_faster(const float* w, int64_t rows, int64_t n, int64_t k) {
-  const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM");
-  if (fixed && std::string(fixed) == "packed") return true;
-  if (fixed && std::string(fixed) == "plain") return false;
+Product step_product(const float* w, int64_t rows, int64_t n, int64_t k) {
   const ShapeKey key{rows, n, k, mkl_get_max_threads()};  // the threads MKL will use here (1 in a slice)
+  if (const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM")) {  // reported as the shape's choice
+    const std::string kind(fixed);
+    if (kind == "packed" || kind == "plain" || (kind == "onednn" && onednn())) {
+      const Product chosen = kind == "packed" ? Product::packed : kind == "plain" ? Product::plain : Product::onednn;
+      std::lock_guard<std::mutex> guard(choices_mutex);
+      product_choices[key] = chosen;
+      return chosen;
+    }
+  }
   {
     std::lock_guard<std::mutex> guard(choices_mutex);
-    auto found = packed_choices.find(key);
-    if (found != packed_choices.end()) return found->second;
+    auto found = product_choices.find(key);
+    if (found != product_choices.end()) return found->second;
   }
   // A stand-in left operand of ones (the products' time does not depend on the values, short of
   // denormals). A call packs once and runs T products, so the packing is timed on its own and counted
@@ -104,7 +199,8 @@ bool packed_is_faster(const float* w, int64_t rows, int64_t n, int64_t k) {
   // thread, best of 15): packed / plain per product 0.90, 0.85, 0.91 for the large benchmark's 32x512 by
   // 512x512, 32x512 by 512x2048 and 192x512 by 512x2560 products with the packing counted once per 8
   // products (as this did at first), 0.86, 0.81, 0.89 once per 32, 0.85, 0.79, 0.89 once per 100; one
-  // process in five still chose plain for the first shape with 8 and 5 repeats.
+  // process in five still chose plain for the first shape with 8 and 5 repeats. oneDNN is given the
+  // (n x k) weight it multiplies by (its values are the same n*k; the choice concerns the shape).
   constexpr int kTimedProducts = 4, kAmortisedProducts = 32;
   std::vector<float> a(static_cast<size_t>(rows * k), 1.f), c(static_cast<size_t>(rows * n));
   std::vector<float> packed(cblas_sgemm_pack_get_size(kBMatrix, rows, n, k) / sizeof(float) + 1);
@@ -116,43 +212,134 @@ bool packed_is_faster(const float* w, int64_t rows, int64_t n, int64_t k) {
   auto plain_products = [&] {
     for (int step = 0; step < kTimedProducts; ++step) gemm<float>(rows, n, k, a.data(), k, w, n, false, c.data(), n);
   };
-  pack();  // warm-up: first touch of the buffers, MKL's own set-up
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  const Tensor a_tensor = at::from_blob(a.data(), {rows, k}, options);
+  const Tensor w_tensor = at::from_blob(const_cast<float*>(w), {n, k}, options);
+  const bool use_onednn = onednn() != nullptr;
+  Tensor w_onednn;
+  auto lay_out = [&] { w_onednn = onednn_weight(w_tensor, rows); };
+  auto onednn_products = [&] {
+    for (int step = 0; step < kTimedProducts; ++step) onednn_product(a_tensor, w_onednn, false, c.data(), n);
+  };
+  pack();  // warm-up: first touch of the buffers, MKL's and oneDNN's own set-up
   packed_products();
   plain_products();
-  // Alternated, so that a change of machine load between them hits all three; the best of each.
-  double pack_time = 1e30, packed_time = 1e30, plain_time = 1e30;
+  if (use_onednn) {
+    lay_out();
+    onednn_products();
+  }
+  // Alternated, so that a change of machine load between them hits all of them; the best of each.
+  double pack_time = 1e30, packed_time = 1e30, plain_time = 1e30, lay_out_time = 1e30, onednn_time = 1e30;
   for (int repeat = 0; repeat < 7; ++repeat) {
     pack_time = std::min(pack_time, seconds(pack));
     packed_time = std::min(packed_time, seconds(packed_products));
     plain_time = std::min(plain_time, seconds(plain_products));
+    if (!use_onednn) continue;
+    lay_out_time = std::min(lay_out_time, seconds(lay_out));
+    onednn_time = std::min(onednn_time, seconds(onednn_products));
   }
   packed_time += pack_time * kTimedProducts / kAmortisedProducts;
-  // Packed, the choice measured on Intel, unless plain is clearly faster: noise on a busy machine
-  // should not flip it, a vendor's slow packed path should.
-  const bool faster = plain_time > 0.9 * packed_time;
+  onednn_time += lay_out_time * kTimedProducts / kAmortisedProducts;
+  // Packed, the choice measured on Intel, unless another is clearly faster: noise on a busy machine
+  // should not flip it, a vendor's slow path should.
+  Product fastest = Product::packed;
+  const double other_time = std::min(plain_time, onednn_time);
+  if (other_time < 0.9 * packed_time) fastest = onednn_time < plain_time ? Product::onednn : Product::plain;
   std::lock_guard<std::mutex> guard(choices_mutex);
-  packed_choices.emplace(key, faster);
-  return faster;
+  product_choices.emplace(key, fastest);
+  return fastest;
 }
 #endif
 
-// The measured choices so far: a list of (rows, n, k, threads, "packed" or "plain").
+// The choices so far, measured or fixed: a list of (rows, n, k, threads, "packed", "plain" or "onednn").
 std::vector<std::tuple<int64_t, int64_t, int64_t, int, std::string>> step_gemm_choices() {
   std::lock_guard<std::mutex> guard(choices_mutex);
   std::vector<std::tuple<int64_t, int64_t, int64_t, int, std::string>> out;
-  for (const auto& [key, packed] : packed_choices)
-    out.emplace_back(std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key),
-                     packed ? "packed" : "plain");
+  for (const auto& [key, kind] : product_choices)
+    out.emplace_back(std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key), product_name(kind));
+  return out;
+}
+
+// ---- the products over a whole sequence -----------------------------------------------------------------
+
+// a (rows x k) W^T, plus bias (n) where given, for a weight W (n x k, contiguous or not), where rows spans
+// a whole sequence (T * B, or chunks of it): the input projection of the loops that keep a tape, and
+// d_x. On MKL (at::mm) or oneDNN, whichever measured faster for (n, k) and the thread count, once per
+// process on 512-row products (a product's speed changes little with more rows): MKL unless oneDNN is
+// over 10% faster. Measured here (Intel Xeon, 2 threads, 6400 rows): MKL 83 and 115 G multiply-adds/s for
+// the projection and d_x of the large benchmark, oneDNN 80 and 107; with MKL held to AVX2 MKL 52 and
+// 57, oneDNN 81 and 111. The weight gradients (their k is T * B) stay on MKL: oneDNN's inner product
+// ran them at 41-55 against MKL's 110-124 here, and no faster than MKL held to AVX2; its weight-gradient
+// primitive (nn.LSTM's) at 79 against that MKL's 65, which changed the benchmark's backward by 1.4%, less
+// than converting to its tensors is worth. MLSTM_TORCH_STEP_GEMM (see step_product) fixes this choice
+// too: oneDNN for =onednn, MKL otherwise.
+std::map<std::tuple<int64_t, int64_t, int>, bool> sequence_choices;  // (n, k, threads) -> oneDNN is faster
+
+bool sequence_product_on_onednn(const Tensor& w) {
+#if AT_MKL_ENABLED()
+  if (w.scalar_type() != at::kFloat || !onednn()) return false;
+  const int64_t n = w.size(0), k = w.size(1);
+  const std::tuple<int64_t, int64_t, int> key{n, k, at::get_num_threads()};
+  if (const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM")) {  // reported as the shape's choice
+    const bool chosen = std::string(fixed) == "onednn";
+    std::lock_guard<std::mutex> guard(choices_mutex);
+    sequence_choices[key] = chosen;
+    return chosen;
+  }
+  {
+    std::lock_guard<std::mutex> guard(choices_mutex);
+    auto found = sequence_choices.find(key);
+    if (found != sequence_choices.end()) return found->second;
+  }
+  constexpr int64_t kRows = 512;
+  constexpr int kTimedProducts = 2;
+  const Tensor a = at::ones({kRows, k}, w.options()), w_dense = at::ones({n, k}, w.options());
+  Tensor c = at::empty({kRows, n}, w.options());
+  auto mkl_products = [&] {
+    for (int step = 0; step < kTimedProducts; ++step) at::mm_out(c, a, w_dense.t());
+  };
+  auto onednn_products = [&] {
+    for (int step = 0; step < kTimedProducts; ++step) onednn_product(a, w_dense, false, c.data_ptr<float>(), n);
+  };
+  mkl_products();  // warm-up
+  onednn_products();
+  double mkl_time = 1e30, onednn_time = 1e30;
+  for (int repeat = 0; repeat < 4; ++repeat) {
+    mkl_time = std::min(mkl_time, seconds(mkl_products));
+    onednn_time = std::min(onednn_time, seconds(onednn_products));
+  }
+  const bool faster = onednn_time < 0.9 * mkl_time;
+  std::lock_guard<std::mutex> guard(choices_mutex);
+  sequence_choices.emplace(key, faster);
+  return faster;
+#else
+  return false;
+#endif
+}
+
+Tensor sequence_product(const Tensor& a, const Tensor& w, const std::optional<Tensor>& bias = std::nullopt) {
+  if (sequence_product_on_onednn(w))
+    return onednn()->linear.call(a, w, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  return bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+}
+
+// The choices so far, measured or fixed: a list of (n, k, threads, "onednn" or "mkl").
+std::vector<std::tuple<int64_t, int64_t, int, std::string>> sequence_gemm_choices() {
+  std::lock_guard<std::mutex> guard(choices_mutex);
+  std::vector<std::tuple<int64_t, int64_t, int, std::string>> out;
+  for (const auto& [key, onednn_faster] : sequence_choices)
+    out.emplace_back(std::get<0>(key), std::get<1>(key), std::get<2>(key), onednn_faster ? "onednn" : "mkl");
   return out;
 }
 
 // The right-hand operand of every step's product, W (k x n), for products with `rows` rows: given as
 // it is (row-major k x n, contiguous), or with `stored` as the weight (n x k, contiguous) whose
-// transpose it is. In float with MKL it is packed once into MKL's internal layout where that measured
-// faster for this shape (see packed_is_faster), which saves the per-call packing of plain sgemm; MKL
-// packs from either layout alike, so a stored weight needs no transposed copy then. Otherwise the
-// products are plain ones on W as given, or on a transposed copy of a stored weight (plain sgemm on the
-// stored layout, "T", made the sliced forward at the small benchmark size 1.46x slower in one run).
+// transpose it is. In float with MKL it runs as step_product measured fastest for this shape: packed
+// once into MKL's internal layout (which saves the per-call packing of plain sgemm; MKL packs from
+// either layout alike, so a stored weight needs no transposed copy then), on oneDNN (which multiplies
+// by the stored layout: a weight given as W gets a transposed copy), or plain. Plain products run on W
+// as given, or on a transposed copy of a stored weight (plain sgemm on the stored layout, "T", made the
+// sliced forward at the small benchmark size 1.46x slower in one run).
 template <typename scalar_t>
 class StepWeight {
  public:
@@ -162,25 +349,21 @@ class StepWeight {
     if constexpr (std::is_same_v<scalar_t, float>) {
       // The measurement times products on a (k x n) operand; for a stored weight it reads its n*k values
       // as one (the values do not change a product's time; the choice concerns the shape).
-      if (packed_is_faster(w.data_ptr<float>(), rows, n_, k_)) {
+      const Product kind = step_product(w.data_ptr<float>(), rows, n_, k_);
+      if (kind == Product::packed) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_);
         packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
         cblas_sgemm_pack(kRowMajor, kBMatrix, stored ? kTrans : kNoTrans, rows, n_, k_, 1.f, w.data_ptr<float>(),
                          stored ? k_ : n_, packed_.data_ptr<float>());
         return;
       }
+      if (kind == Product::onednn) {
+        onednn_weight_ = onednn_weight(stored ? w.contiguous() : transposed(w), rows);
+        return;
+      }
     }
 #endif
-    if (!stored) {
-      w_ = w;
-      return;
-    }
-    // by hand: a torch copy would start an OpenMP team of its own from a slice's (non-OpenMP) thread
-    w_ = at::empty({k_, n_}, w.options());
-    const scalar_t* from = w.data_ptr<scalar_t>();
-    scalar_t* to = w_.data_ptr<scalar_t>();
-    for (int64_t row = 0; row < n_; ++row)
-      for (int64_t col = 0; col < k_; ++col) to[col * n_ + row] = from[row * k_ + col];
+    w_ = stored ? transposed(w) : w;
   }
   // C (rows x n, row stride ldc) = A (rows x k, row stride lda) W, plus C if accumulate
   void multiply(const scalar_t* A, int64_t lda, bool accumulate, scalar_t* C, int64_t ldc) const {
@@ -191,13 +374,29 @@ class StepWeight {
                             accumulate ? 1.f : 0.f, C, ldc);
         return;
       }
+      if (onednn_weight_.defined()) {
+        const Tensor a = at::from_blob(const_cast<float*>(A), {rows_, k_}, {lda, 1}, at::TensorOptions().dtype(at::kFloat));
+        onednn_product(a, onednn_weight_, accumulate, C, ldc);
+        return;
+      }
     }
 #endif
     gemm<scalar_t>(rows_, n_, k_, A, lda, w_.data_ptr<scalar_t>(), n_, accumulate, C, ldc);
   }
 
  private:
-  Tensor w_, packed_;  // W as given or transposed (plain products), or packed
+  // The contiguous transpose of a contiguous matrix, by hand: a torch copy would start an OpenMP team of
+  // its own from a slice's (non-OpenMP) thread.
+  static Tensor transposed(const Tensor& w) {
+    const int64_t rows = w.size(0), cols = w.size(1);
+    Tensor out = at::empty({cols, rows}, w.options());
+    const scalar_t* from = w.data_ptr<scalar_t>();
+    scalar_t* to = out.data_ptr<scalar_t>();
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t col = 0; col < cols; ++col) to[col * rows + row] = from[row * cols + col];
+    return out;
+  }
+  Tensor w_, packed_, onednn_weight_;  // W as given or transposed (plain), packed, or stored (oneDNN)
   int64_t k_, n_, rows_;
 };
 
@@ -419,19 +618,29 @@ class Scratch {
 
 // ---- the forward without a tape, one slice of the batch per thread -------------------------------------
 
-// While it lives, MKL runs this thread's calls on this thread alone; then its setting is restored.
-class OneMklThread {
+// While it lives, MKL's and oneDNN's products called from this thread run on this thread alone; then
+// its settings are restored.
+class OneThread {
  public:
+  OneThread() {
 #if AT_MKL_ENABLED()
-  OneMklThread() {
     const int one = 1;
-    before_ = mkl_set_num_threads_local_(&one);
+    mkl_before_ = mkl_set_num_threads_local_(&one);
+#endif
+    if (const OpenMpThreads* omp = openmp_threads()) {
+      omp_before_ = omp->get();
+      omp->set(1);
+    }
   }
-  ~OneMklThread() { mkl_set_num_threads_local_(&before_); }
+  ~OneThread() {
+#if AT_MKL_ENABLED()
+    mkl_set_num_threads_local_(&mkl_before_);
+#endif
+    if (const OpenMpThreads* omp = openmp_threads()) omp->set(omp_before_);
+  }
 
  private:
-  int before_;
-#endif
+  int mkl_before_ = 0, omp_before_ = 1;
 };
 
 // body(s) for every s in [0, count), on the calling thread and count - 1 tasks of torch's inter-op thread
@@ -575,16 +784,16 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
       // The packed-or-plain choices of this call's products, measured (once per process and shape) here,
       // with the other threads idle: measured inside the slices, each thread timed its products beside
       // the others' and the choice flipped from run to run.
-      OneMklThread alone;
+      OneThread alone;
       for (const int64_t rows : {base_rows, most_rows}) {
-        if (!independent) packed_is_faster(w_hh_c.data_ptr<float>(), rows, H, H);
-        packed_is_faster(w_mh_c.data_ptr<float>(), rows, 4 * H, H);
-        if (T >= 2 * chunk) packed_is_faster(w_ih_c.data_ptr<float>(), chunk * rows, 5 * H, I);
+        if (!independent) step_product(w_hh_c.data_ptr<float>(), rows, H, H);
+        step_product(w_mh_c.data_ptr<float>(), rows, 4 * H, H);
+        if (T >= 2 * chunk) step_product(w_ih_c.data_ptr<float>(), chunk * rows, 5 * H, I);
       }
     }
 #endif
     run_on_threads(slices, [&](int64_t s) {
-      OneMklThread alone;
+      OneThread alone;
       run_slice(s);
     });
   });
@@ -667,7 +876,8 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
         const int64_t n = std::min(chunk, T - t);
         Tensor x_rows = x.narrow(0, t, n).reshape({n * B, I});
         Tensor p_rows = p_buffer.narrow(0, 0, n).view({n * B, 5 * H});
-        at::mm_out(p_rows, x_rows, w_ih_t);  // the bias is added in the element-wise passes
+        if (sequence_product_on_onednn(w_ih)) p_rows.copy_(sequence_product(x_rows, w_ih));
+        else at::mm_out(p_rows, x_rows, w_ih_t);  // the bias is added in the element-wise passes
       }
       scalar_t* p_t = p_base + j * step_size;
       const int64_t k = keep_tape ? t : 0;
@@ -727,7 +937,7 @@ LayerGradients layer_gradients(const Tensor& x, const Tensor& h0, const Tensor& 
   const bool independent = w_hh.dim() == 1;
   g.d_h0 = independent ? d_r0 * w_hh : at::mm(d_r0, w_hh);
   const Tensor d_p2 = d_p.view({rows, 5 * H});
-  g.d_x = need_dx ? at::mm(d_p2, w_ih).view({T, B, I}) : empty0(x);
+  g.d_x = need_dx ? sequence_product(d_p2, w_ih.t()).view({T, B, I}) : empty0(x);
   g.d_w_ih = at::mm(d_p2.t(), x.reshape({rows, I}));
   const Tensor d_q2 = d_q.reshape({rows, 4 * H});
   g.d_w_mh = at::mm(d_q2.t(), m.reshape({rows, H}));
@@ -1034,7 +1244,8 @@ std::vector<Tensor> variant_layer_forward(
         const int64_t n = std::min(chunk, T - t);
         Tensor x_rows = x.narrow(0, t, n).reshape({n * B, I});
         Tensor p_rows = field[kP].narrow(0, 0, n).view({n * B, 5 * H});
-        if (b_ih) at::addmm_out(p_rows, *b_ih, x_rows, w_ih_t);
+        if (sequence_product_on_onednn(w_ih)) p_rows.copy_(sequence_product(x_rows, w_ih, b_ih));
+        else if (b_ih) at::addmm_out(p_rows, *b_ih, x_rows, w_ih_t);
         else at::mm_out(p_rows, x_rows, w_ih_t);
       }
       scalar_t* p_t = rows_of(kP, t);
@@ -1209,6 +1420,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether it keeps the tape");
   m.def("parallel_for_threads", &parallel_for_threads,
         "the distinct threads at::parallel_for runs this many one-item pieces on");
+  m.def("onednn_products", [] { return onednn() != nullptr; },
+        "whether products can run on oneDNN here (torch's mkldnn::_linear_pointwise operator)");
+  m.def("sequence_gemm_choices", &sequence_gemm_choices,
+        "the whole-sequence products' choices so far: (n, k, threads, 'onednn' or 'mkl')");
   m.def("step_gemm_choices", &step_gemm_choices,
-        "the per-step products' measured choices: (rows, n, k, threads, 'packed' or 'plain')");
+        "the per-step products' choices so far: (rows, n, k, threads, 'packed', 'plain' or 'onednn')");
 }
