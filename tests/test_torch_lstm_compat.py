@@ -349,6 +349,33 @@ def test_build_held_by_a_live_process_times_out_to_the_python_loops(empty_build_
         holder.wait()
 
 
+# The end of what torch's build printed on this machine when cpu_loops.cpp had an unbalanced #ifdef:
+# the traceback of the ninja call comes before the compiler's lines and also contains "error".
+FAILED_BUILD = """Traceback (most recent call last):
+  File ".../torch/utils/cpp_extension.py", line 2709, in _run_ninja_build
+    subprocess.run(
+  File ".../subprocess.py", line 571, in run
+    raise CalledProcessError(retcode, process.args,
+subprocess.CalledProcessError: Command '['ninja', '-v']' returned non-zero exit status 1.
+FAILED: cpu_loops.o
+/work/backends/torch/cpu_loops.cpp:636: error: unterminated #ifdef
+/work/backends/torch/cpu_loops.cpp:672:3: error: 'AT_DISPATCH_FLOATING_TYPES' was not declared in this scope
+RuntimeError: Error building extension 'mlstm_cpu_loops_avx512_2cf336312db7'
+"""
+
+
+@pytest.mark.parametrize("stderr, said", [
+    (FAILED_BUILD, "/work/backends/torch/cpu_loops.cpp:636: error: unterminated #ifdef"),
+    ("c++: fatal error: no input files\ncompilation terminated.\n", "c++: fatal error: no input files"),
+    (FAILED_BUILD.replace(": error:", ":"), "RuntimeError: Error building extension 'mlstm_cpu_loops_avx512_2cf336312db7'"),
+    ("", "the build exited with status 2"),
+], ids=["compiler error", "driver error", "no compiler line", "nothing printed"])
+def test_a_failed_build_says_why(stderr, said):
+    """The reason a failed build reports (compiled_cpu_loops(), the warning) is the compiler's first
+    error, not the first line of the traceback that mentions one."""
+    assert build.build_error(stderr, 2) == said
+
+
 def test_the_library_appears_only_whole(empty_build_root, monkeypatch):
     """Another process finds the library by its path, without the build lock (pytest-xdist workers, a
     DataLoader's spawned workers): the build must never leave a half-written file there, which that

@@ -287,5 +287,17 @@ def _compile(name: str, flags: list, directory: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script, name, sources, str(directory), *flags], env=env,
                           capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if "error" in line.lower()] or done.stderr.splitlines()
-        raise RuntimeError(lines[0] if lines else f"the build exited with status {done.returncode}")
+        raise RuntimeError(build_error(done.stderr, done.returncode))
+
+
+def build_error(stderr: str, returncode: int) -> str:
+    """The line of a failed build's output that says why: the compiler's first error (``file:line:col:
+    error: ...``, or the driver's ``c++: error: ...``), else the exception that ended the build, else
+    the exit status. (torch's build prints the traceback of the ninja call first, whose lines also
+    contain "error", so the first such line says nothing.)"""
+    lines = stderr.splitlines()
+    for line in lines:
+        if ": error:" in line or ": fatal error:" in line:
+            return line.strip()
+    exceptions = [line for line in lines if line and not line[0].isspace() and "Error" in line.split(":")[0]]
+    return exceptions[-1].strip() if exceptions else f"the build exited with status {returncode}"
