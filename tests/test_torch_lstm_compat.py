@@ -368,8 +368,10 @@ RuntimeError: Error building extension 'mlstm_cpu_loops_avx512_2cf336312db7'
     (FAILED_BUILD, "/work/backends/torch/cpu_loops.cpp:636: error: unterminated #ifdef"),
     ("c++: fatal error: no input files\ncompilation terminated.\n", "c++: fatal error: no input files"),
     (FAILED_BUILD.replace(": error:", ":"), "RuntimeError: Error building extension 'mlstm_cpu_loops_avx512_2cf336312db7'"),
+    ("error: no compiler found\n", "error: no compiler found"),
+    ("ninja: build stopped: subcommand failed.\n", "ninja: build stopped: subcommand failed."),
     ("", "the build exited with status 2"),
-], ids=["compiler error", "driver error", "no compiler line", "nothing printed"])
+], ids=["compiler error", "driver error", "no compiler line", "bare error", "no error line", "nothing printed"])
 def test_a_failed_build_says_why(stderr, said):
     """The reason a failed build reports (compiled_cpu_loops(), the warning) is the compiler's first
     error, not the first line of the traceback that mentions one."""

@@ -292,12 +292,15 @@ def _compile(name: str, flags: list, directory: Path) -> None:
 
 def build_error(stderr: str, returncode: int) -> str:
     """The line of a failed build's output that says why: the compiler's first error (``file:line:col:
-    error: ...``, or the driver's ``c++: error: ...``), else the exception that ended the build, else
-    the exit status. (torch's build prints the traceback of the ninja call first, whose lines also
-    contain "error", so the first such line says nothing.)"""
-    lines = stderr.splitlines()
+    error: ...``, the driver's ``c++: error: ...`` or a bare ``error: ...``), else the exception that
+    ended the build, else the last line printed, else the exit status. (torch's build prints the
+    traceback of its ninja call first, whose lines also contain "error", so the first such line says
+    nothing.)"""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in lines:
-        if ": error:" in line or ": fatal error:" in line:
-            return line.strip()
-    exceptions = [line for line in lines if line and not line[0].isspace() and "Error" in line.split(":")[0]]
-    return exceptions[-1].strip() if exceptions else f"the build exited with status {returncode}"
+        if line.startswith(("error:", "fatal error:")) or ": error:" in line or ": fatal error:" in line:
+            return line
+    exceptions = [line for line in lines if ":" in line and line.split(":")[0].endswith(("Error", "Exception"))]
+    if exceptions:
+        return exceptions[-1]
+    return lines[-1] if lines else f"the build exited with status {returncode}"
