@@ -154,3 +154,12 @@ def assert_close(actual, expected, bound, what, case=None):
             f"(relative error {error:.3g} > {bound:g}) [{case}]"
         )
     return error
+
+
+#: Drawn by Hypothesis in tests/test_torch_variants.py: the spec's own float32 rounding happened to err
+#: 30-300 times less than rounding moves this example's results, and torch (both paths) and TensorFlow
+#: failed the final state and gradients at 37-73 times the spec's error.
+LUCKY_SPEC_CASE = Case(batch=8, steps=5, input_size=19, hidden_size=8, dtype="float32", integration_mode="addition",
+                       bias=False, recurrent_bias=False, multiplicative_bias=False, independent_recurrence=False,
+                       num_layers=1, with_state=False, with_d_state=False, weight_scale=2.0, seed=4522568,
+                       scale_by_fan_in=False, proj_size=7, forget_bias=1.0)

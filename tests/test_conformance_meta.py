@@ -21,10 +21,12 @@ from mlstm_spec import reference
 from mlstm_spec.conformance import (VARIANTS, Case, ConformanceError, assert_conforms, check, defects,
                                     diagnose, reproduce)
 from mlstm_spec.conformance.calls import Caller
-from mlstm_spec.conformance.cases import VARIANT_OPTIONS, reference_forward, rounded_reference
+from mlstm_spec.conformance.cases import (VARIANT_OPTIONS, perturbed_reference, reference_forward, reference_gradients,
+                                         rounded_reference)
 from mlstm_spec.conformance.diagnosis import DIAGNOSTIC_CASES, VARIANT_DIAGNOSTIC_CASES
 from mlstm_spec.conformance.runner import suite_settings
-from mlstm_spec.conformance.tolerances import SHARPNESS, case_tolerance, tolerance
+from spec_strategies import LUCKY_SPEC_CASE
+from mlstm_spec.conformance.tolerances import SENSITIVITY_SHARE, SHARPNESS, case_tolerance, spec_error, tolerance
 
 #: 8 examples, not shrunk (these tests are about what is reported, not about the smallest example)
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
@@ -186,6 +188,38 @@ def test_the_rounded_reference_is_what_the_spec_computes_in_that_dtype():
     np.testing.assert_array_equal(hs, np.stack(steps, axis=1).astype(np.float64))
     exact, _ = reference_forward(arrays, case.integration_mode)
     assert 0 < np.abs(hs - exact).max() < 1e-2
+
+
+def test_the_tolerance_follows_the_sensitivity_where_the_spec_rounds_luckily():
+    """On LUCKY_SPEC_CASE the spec's own float32 error on the final state is below 2e-5, while moving every
+    value it is given by up to one float32 rounding unit moves the float64 results by over 1e-4: the
+    error the tolerance scales with is the share of the sensitivity, so the tolerance is the ceiling."""
+    from mlstm_spec.conformance.suite import _tensor_errors
+
+    case = LUCKY_SPEC_CASE
+    arrays, mode, runtime = case.arrays(), case.integration_mode, case.runtime
+    want = reference_forward(arrays, mode, **runtime)
+    want_grads = reference_gradients(arrays, mode, **runtime)
+    own = _tensor_errors(rounded_reference(arrays, mode, "float32", True, **runtime), want, 1, want_grads)
+    moved = _tensor_errors(perturbed_reference(arrays, mode, "float32", True, case.seed, **runtime), want, 1,
+                           want_grads)
+    assert own["final_state"] < 2e-5 and moved["final_state"] > 1e-4
+    assert spec_error(own["final_state"], moved["final_state"]) == SENSITIVITY_SHARE * moved["final_state"]
+    assert case_tolerance("float32", "cpu", spec_error(own["final_state"], moved["final_state"])) == tolerance("float32")
+    # and where the spec's own error is the larger, it stays the one
+    assert spec_error(1e-5, 1e-5) == 1e-5
+
+
+def test_perturbed_reference_moves_by_rounding_units_only():
+    """float64 inputs moved by up to one unit of the dtype's rounding: the results move, by far less than
+    the dtype's tolerance on a well-conditioned case, and the same seed moves them the same way."""
+    case = Case(batch=3, steps=4, input_size=5, hidden_size=6, dtype="float32", seed=2)
+    arrays = case.arrays()
+    exact, _ = reference_forward(arrays, case.integration_mode)
+    moved, _, _ = perturbed_reference(arrays, case.integration_mode, "float32", False, case.seed)
+    again, _, _ = perturbed_reference(arrays, case.integration_mode, "float32", False, case.seed)
+    np.testing.assert_array_equal(moved, again)
+    assert 0 < np.abs(moved - exact).max() / np.abs(exact).max() < 1e-5
 
 
 # ---- the diagnosis ----

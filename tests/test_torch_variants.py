@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 from helpers import require_backend
-from hypothesis import HealthCheck, given, reject, settings
-from spec_strategies import VARIANTS, assert_close, cases, clips_something, variant_case
+from hypothesis import HealthCheck, example, given, reject, settings
+from spec_strategies import LUCKY_SPEC_CASE, VARIANTS, assert_close, cases, clips_something, variant_case
 
 bt = require_backend("torch")
 
@@ -70,6 +70,7 @@ def test_every_path_equals_the_spec_float64(configuration, case):
 
 @pytest.mark.parametrize("configuration", ["fused", "plain"])
 @given(case=cases(max_size=19, max_steps=5, dtype="float32"))
+@example(case=LUCKY_SPEC_CASE)  # failed both paths while the tolerance followed only the spec's own error
 def test_every_path_equals_the_spec_float32(configuration, case):
     """float32 against the spec, judged as the conformance suite judges a case: each check's tolerance is
     k times the spec's own float32 rounding error on this very case (tolerances.py; a fixed 1e-3 is too

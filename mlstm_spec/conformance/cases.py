@@ -335,6 +335,36 @@ def rounded_reference(arrays: CaseArrays, integration_mode: str, dtype: str, gra
 
 # ---- clip bounds that clip some values, and none within rounding of the bound ----
 
+#: One unit of rounding (machine epsilon) of each dtype judged below float64.
+UNIT_ROUNDING = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def perturbed_reference(arrays: CaseArrays, integration_mode: str, dtype: str, gradients: bool, seed: int,
+                        **runtime):
+    """How far the spec's results move when each value it is given (inputs, parameters, state and
+    incoming gradients) moves by up to one unit of ``dtype``'s rounding: the spec in float64 on this
+    case with every value multiplied by ``1 + u * eps`` (``u`` uniform in [-1, 1], drawn from
+    ``seed``), as float64 arrays ``(hs, final, grads or None)``. Where the case amplifies rounding,
+    this moves as far as rounding anywhere in the computation does (see tolerances.SENSITIVITY_SHARE)."""
+    rng = np.random.default_rng(seed)
+    eps = UNIT_ROUNDING[dtype]
+
+    def moved(tree):
+        if isinstance(tree, dict):
+            return {k: moved(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(moved(v) for v in tree)
+        if tree is None:
+            return None
+        values = np.asarray(tree, dtype=np.float64)
+        return values * (1.0 + eps * rng.uniform(-1.0, 1.0, values.shape))
+
+    shifted = CaseArrays(**{field.name: moved(getattr(arrays, field.name)) for field in dataclasses.fields(arrays)})
+    hs, final = reference_forward(shifted, integration_mode, **runtime)
+    grads = reference_gradients(shifted, integration_mode, **runtime) if gradients else None
+    return hs, final, grads
+
+
 def clipped_values(case: Case, arrays: "CaseArrays | None" = None) -> dict:
     """The values each clip acts on over the whole case, as computed in float64 with the case's
     run-time options: ``{"cell_clip": |c before the clip|, "proj_clip": |h before the clip|}``

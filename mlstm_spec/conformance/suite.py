@@ -36,9 +36,9 @@ from hypothesis.errors import Unsatisfiable
 
 from ..equations import INTEGRATION_MODES
 from .calls import DEFAULT_TIMEOUT, Caller
-from .cases import (LARGE_SHAPES, RUNTIME_OPTIONS, VARIANT_OPTIONS, Case, large_case, reference_forward,
-                    reference_gradients, rounded_reference, variants_on, with_clips)
-from .tolerances import case_tolerance, judgeable, relative_error, tolerance, tolerance_rule
+from .cases import (LARGE_SHAPES, RUNTIME_OPTIONS, VARIANT_OPTIONS, Case, large_case, perturbed_reference,
+                    reference_forward, reference_gradients, rounded_reference, variants_on, with_clips)
+from .tolerances import case_tolerance, judgeable, relative_error, spec_error, tolerance, tolerance_rule
 
 if sys.version_info >= (3, 11):
     _ExceptionGroup = BaseExceptionGroup  # noqa: F821
@@ -427,7 +427,10 @@ def evaluate_case(adapter, case: Case, caller: Caller, gradients: bool) -> dict:
         tolerances = dict.fromkeys(CHECKS, tolerance(case.dtype, device))
     else:  # per case: k times the spec's own rounding in this dtype on this very case (tolerances.py)
         rounded = rounded_reference(arrays, mode, case.dtype, gradients, **runtime)
-        spec_errors = _tensor_errors(rounded, (want_hs, want_final), layers, want_grads)
+        moved = perturbed_reference(arrays, mode, case.dtype, gradients, case.seed, **runtime)
+        own = _tensor_errors(rounded, (want_hs, want_final), layers, want_grads)
+        sensitivity = _tensor_errors(moved, (want_hs, want_final), layers, want_grads)
+        spec_errors = {check: spec_error(own[check], sensitivity[check]) for check in own}
         unjudgeable = {c: e for c, e in spec_errors.items() if not judgeable(case.dtype, device, e)}
         if unjudgeable:
             raise _Unrepresentable(f"{case!r}: the spec's own {case.dtype} rounding error ({unjudgeable}) is too "
