@@ -131,11 +131,15 @@ Tensor onednn_weight(const Tensor& W, int64_t rows) {
   return onednn()->reorder.call(W, rows);
 }
 
+// X W^T (+ bias) on oneDNN (onednn() not null), for W dense or as onednn_weight gives it.
+Tensor onednn_linear(const Tensor& X, const Tensor& W, const std::optional<Tensor>& bias = std::nullopt) {
+  return onednn()->linear.call(X, W, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+}
+
 // C (rows x n, row stride ldc) = X W^T, plus C if accumulate, on oneDNN (onednn() not null), W as
 // onednn_weight gives it.
 void onednn_product(const Tensor& X, const Tensor& W, bool accumulate, float* C, int64_t ldc) {
-  const Tensor Y = onednn()->linear.call(X, W, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(),
-                                         std::nullopt);
+  const Tensor Y = onednn_linear(X, W);
   const int64_t rows = X.size(0), n = W.size(0);
   const float* y = Y.data_ptr<float>();
   using V = Vectorized<float>;
@@ -167,7 +171,27 @@ const char* product_name(Product kind) {
   return kind == Product::packed ? "packed" : kind == Product::onednn ? "onednn" : "plain";
 }
 using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int>;
-std::mutex choices_mutex;
+std::mutex choices_mutex;  // guards every map of choices
+
+// The choice kept for key, if any.
+template <typename Map>
+std::optional<typename Map::mapped_type> recall(const Map& choices, const typename Map::key_type& key) {
+  std::lock_guard<std::mutex> guard(choices_mutex);
+  const auto found = choices.find(key);
+  if (found == choices.end()) return std::nullopt;
+  return found->second;
+}
+
+// Keeps a choice for key: a fixed one (MLSTM_TORCH_STEP_GEMM) replaces what was kept, a measured one
+// does not (a process measures a shape once; a second thread measuring it at the same time loses).
+template <typename Map>
+typename Map::mapped_type remember(Map& choices, const typename Map::key_type& key, typename Map::mapped_type chosen,
+                                   bool fixed) {
+  std::lock_guard<std::mutex> guard(choices_mutex);
+  if (fixed) choices[key] = chosen;
+  else chosen = choices.emplace(key, chosen).first->second;
+  return chosen;
+}
 std::map<ShapeKey, Product> product_choices;  // (rows, n, k, threads) -> the fastest
 
 #if AT_MKL_ENABLED()
@@ -183,16 +207,10 @@ Product step_product(const float* w, int64_t rows, int64_t n, int64_t k) {
     const std::string kind(fixed);
     if (kind == "packed" || kind == "plain" || (kind == "onednn" && onednn())) {
       const Product chosen = kind == "packed" ? Product::packed : kind == "plain" ? Product::plain : Product::onednn;
-      std::lock_guard<std::mutex> guard(choices_mutex);
-      product_choices[key] = chosen;
-      return chosen;
+      return remember(product_choices, key, chosen, /*fixed=*/true);
     }
   }
-  {
-    std::lock_guard<std::mutex> guard(choices_mutex);
-    auto found = product_choices.find(key);
-    if (found != product_choices.end()) return found->second;
-  }
+  if (const auto kept = recall(product_choices, key)) return *kept;
   // A stand-in left operand of ones (the products' time does not depend on the values, short of
   // denormals). A call packs once and runs T products, so the packing is timed on its own and counted
   // once per kAmortisedProducts products (a typical sequence's steps). Measured here (Intel Xeon, one
@@ -245,9 +263,7 @@ Product step_product(const float* w, int64_t rows, int64_t n, int64_t k) {
   Product fastest = Product::packed;
   const double other_time = std::min(plain_time, onednn_time);
   if (other_time < 0.9 * packed_time) fastest = onednn_time < plain_time ? Product::onednn : Product::plain;
-  std::lock_guard<std::mutex> guard(choices_mutex);
-  product_choices.emplace(key, fastest);
-  return fastest;
+  return remember(product_choices, key, fastest, /*fixed=*/false);
 }
 #endif
 
@@ -280,17 +296,9 @@ bool sequence_product_on_onednn(const Tensor& w) {
   if (w.scalar_type() != at::kFloat || !onednn()) return false;
   const int64_t n = w.size(0), k = w.size(1);
   const std::tuple<int64_t, int64_t, int> key{n, k, at::get_num_threads()};
-  if (const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM")) {  // reported as the shape's choice
-    const bool chosen = std::string(fixed) == "onednn";
-    std::lock_guard<std::mutex> guard(choices_mutex);
-    sequence_choices[key] = chosen;
-    return chosen;
-  }
-  {
-    std::lock_guard<std::mutex> guard(choices_mutex);
-    auto found = sequence_choices.find(key);
-    if (found != sequence_choices.end()) return found->second;
-  }
+  if (const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM"))  // reported as the shape's choice
+    return remember(sequence_choices, key, std::string(fixed) == "onednn", /*fixed=*/true);
+  if (const auto kept = recall(sequence_choices, key)) return *kept;
   constexpr int64_t kRows = 512;
   constexpr int kTimedProducts = 2;
   const Tensor a = at::ones({kRows, k}, w.options()), w_dense = at::ones({n, k}, w.options());
@@ -308,18 +316,14 @@ bool sequence_product_on_onednn(const Tensor& w) {
     mkl_time = std::min(mkl_time, seconds(mkl_products));
     onednn_time = std::min(onednn_time, seconds(onednn_products));
   }
-  const bool faster = onednn_time < 0.9 * mkl_time;
-  std::lock_guard<std::mutex> guard(choices_mutex);
-  sequence_choices.emplace(key, faster);
-  return faster;
+  return remember(sequence_choices, key, onednn_time < 0.9 * mkl_time, /*fixed=*/false);
 #else
   return false;
 #endif
 }
 
 Tensor sequence_product(const Tensor& a, const Tensor& w, const std::optional<Tensor>& bias = std::nullopt) {
-  if (sequence_product_on_onednn(w))
-    return onednn()->linear.call(a, w, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  if (sequence_product_on_onednn(w)) return onednn_linear(a, w, bias);
   return bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
 }
 
@@ -870,13 +874,14 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
     scalar_t* p_base = p_buffer.data_ptr<scalar_t>();
     const int64_t row = 5 * H, step_size = B * 5 * H;
     const scalar_t* h_prev = h0c.data_ptr<scalar_t>();
+    const bool projection_on_onednn = sequence_product_on_onednn(w_ih);
     for (int64_t t = 0; t < T; ++t) {
       const int64_t j = t % chunk;
       if (j == 0) {
         const int64_t n = std::min(chunk, T - t);
         Tensor x_rows = x.narrow(0, t, n).reshape({n * B, I});
         Tensor p_rows = p_buffer.narrow(0, 0, n).view({n * B, 5 * H});
-        if (sequence_product_on_onednn(w_ih)) p_rows.copy_(sequence_product(x_rows, w_ih));
+        if (projection_on_onednn) p_rows.copy_(onednn_linear(x_rows, w_ih));
         else at::mm_out(p_rows, x_rows, w_ih_t);  // the bias is added in the element-wise passes
       }
       scalar_t* p_t = p_base + j * step_size;
@@ -1239,12 +1244,13 @@ std::vector<Tensor> variant_layer_forward(
         w_ci, w_cf, w_co, cell_clip, proj_clip, independent ? std::nullopt : std::optional<Tensor>(w_hh_t),
         projection ? std::optional<Tensor>(w_hr_t) : std::nullopt, w_mh_t, B);
     const scalar_t* h_prev = h0c.data_ptr<scalar_t>();
+    const bool projection_on_onednn = sequence_product_on_onednn(w_ih);
     for (int64_t t = 0; t < T; ++t) {
       if (t % chunk == 0) {
         const int64_t n = std::min(chunk, T - t);
         Tensor x_rows = x.narrow(0, t, n).reshape({n * B, I});
         Tensor p_rows = field[kP].narrow(0, 0, n).view({n * B, 5 * H});
-        if (sequence_product_on_onednn(w_ih)) p_rows.copy_(sequence_product(x_rows, w_ih, b_ih));
+        if (projection_on_onednn) p_rows.copy_(onednn_linear(x_rows, w_ih, b_ih));
         else if (b_ih) at::addmm_out(p_rows, *b_ih, x_rows, w_ih_t);
         else at::mm_out(p_rows, x_rows, w_ih_t);
       }
