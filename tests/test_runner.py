@@ -7,6 +7,7 @@ as "torch" etc.), so they need no framework and take well under a second each. T
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import re
@@ -80,6 +81,8 @@ def run(capsys, *argv, tmp_path=None):
     argv = list(argv)
     if "--tiers" not in argv:
         argv += ["--tiers", "small"]
+    if "--jobs" not in argv:  # a --jobs child would import the real backends, not the test's fakes
+        argv += ["--jobs", "1"]
     report_path = None
     if tmp_path is not None:
         report_path = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
@@ -678,7 +681,8 @@ def test_docs_exit_statuses_options_and_tolerances_match_the_code():
     statuses = {int(row[0]) for row in _doc_table("exit status")}
     assert statuses == {report.EXIT_PASS, report.EXIT_FAIL, report.EXIT_USAGE, report.EXIT_NOTHING_CHECKED}
     documented = set(re.findall(r"`(--[a-z-]+)", " ".join(row[0] for row in _doc_table("option"))))
-    actual = {o for action in runner.build_parser()._actions for o in action.option_strings} - {"-h", "--help"}
+    actual = {o for action in runner.build_parser()._actions if action.help != argparse.SUPPRESS
+              for o in action.option_strings} - {"-h", "--help"}
     assert documented == actual
     for dtype, value in _doc_table("dtype | tolerance"):
         assert tolerances.tolerance(dtype, "cpu") == tolerances.tolerance(dtype, "gpu") == float(value)
@@ -728,3 +732,51 @@ def test_docs_large_tier_variants_and_sharpness_match_the_code():
     for dtype, k, floor, _ in _doc_table("dtype | k | floor"):
         assert SHARPNESS[dtype][0] == float(k)
         assert SHARPNESS[dtype][1] == pytest.approx(float(re.search(r"\(([\d.e-]+)\)", floor).group(1)), rel=0.05)
+
+
+# ---- --jobs: the checks split by dtype across processes ----
+
+def test_checks_split_across_processes_give_the_report_of_one_process(capsys, tmp_path):
+    argv = ("--backends", "spec", "--max-examples", "3", "--seed", "7")
+    one = run(capsys, *argv, "--jobs", "1", tmp_path=tmp_path)
+    status, out, err, two = run(capsys, *argv, "--jobs", "2", tmp_path=tmp_path)
+    assert one[0] == status == 0, out + err
+    assert (one[3]["metadata"]["processes"], two["metadata"]["processes"]) == (1, 2)
+    assert two["results"] == one[3]["results"]
+    assert {r["dtype"] for r in two["results"]} == {"float64", "float32", "float16"}
+    # every unit's progress line reached this process, the child's included
+    assert sorted(re.findall(r"mlstm_spec cpu (\w+): pass", err)) == ["float16", "float32", "float64"]
+
+
+def test_one_dtype_runs_in_one_process(capsys, tmp_path):
+    report = run(capsys, "--backends", "spec", "--dtypes", "float64", "--max-examples", "2", "--jobs", "4",
+                 tmp_path=tmp_path)[3]
+    assert report["metadata"]["processes"] == 1
+
+
+def test_a_child_process_that_dies_fails_its_checks_and_says_so(capsys, tmp_path, monkeypatch):
+    # float32 goes to the child (dtypes are dealt out in turn: float64 here, float32 there); the
+    # adapter ends its process there, as a crashing native library would
+    write_module(tmp_path, "my_dying_adapter", """
+        import os
+        from mlstm_spec.conformance.defects import SpecAdapter
+
+        class Dying(SpecAdapter):
+            name = "dying"
+            dtypes = ("float64", "float32")
+
+            def forward(self, params, xs, state, **options):
+                if xs.dtype.name == "float32":
+                    os.write(2, b"native crash in the float32 kernel\\n")
+                    os._exit(7)
+                return super().forward(params, xs, state, **options)
+    """)
+    monkeypatch.chdir(tmp_path)
+    status, out, err, report = run(capsys, "--impl", "my_dying_adapter:Dying", "--max-examples", "2",
+                                   "--jobs", "2", tmp_path=tmp_path)
+    assert status == 1, out + err
+    assert {r["status"] for r in rows(report, dtype="float64")} == {"pass"}
+    (failed,) = rows(report, dtype="float32")
+    assert failed["status"] == "fail" and failed["check"] == "suite"
+    assert "ended (exit status 7) without their results" in failed["message"]
+    assert "native crash in the float32 kernel" in failed["message"]

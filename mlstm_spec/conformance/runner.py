@@ -23,9 +23,11 @@ import os
 import platform
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
+from . import lanes
 from .calls import DEFAULT_TIMEOUT
 from .report import (EXIT_FAIL, EXIT_NOTHING_CHECKED, EXIT_PASS, EXIT_USAGE, Report, markdown, plain_text,
                      print_rich, to_json)
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default: {DEFAULT_TIMEOUT:g}; 0: no limit)")
     parser.add_argument("--no-diagnosis", action="store_true",
                         help="do not try the known mLSTM variants on an implementation that fails")
+    parser.add_argument("--jobs", type=_int_at_least(1), metavar="N", default=None,
+                        help="run the checks in up to N processes, one per group of dtypes (default: 2 "
+                             "where the machine has 2 or more CPU cores, else 1; 1: all in this process)")
+    parser.add_argument("--lane-results", metavar="PATH", help=argparse.SUPPRESS)  # a child of --jobs
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
     return parser
@@ -498,6 +504,7 @@ class PlainProgress:
 
     def __init__(self, stream, total):
         self.stream, self.total, self.done = stream, total, 0
+        self.lock = threading.Lock()  # lines come from this process and from --jobs children
 
     def __enter__(self):
         return self
@@ -512,10 +519,13 @@ class PlainProgress:
         pass
 
     def finish(self, label, results, seconds):
-        self.done += 1
-        verdict, examples = _verdict(results)
-        print(f"[{self.done}/{self.total}] {label}: {verdict} ({examples} examples, {seconds:.1f} s)",
-              file=self.stream, flush=True)
+        self.finished_elsewhere(label, *_verdict(results), seconds)
+
+    def finished_elsewhere(self, label, verdict, examples, seconds):
+        with self.lock:
+            self.done += 1
+            print(f"[{self.done}/{self.total}] {label}: {verdict} ({examples} examples, {seconds:.1f} s)",
+                  file=self.stream, flush=True)
 
 
 class RichProgress:
@@ -548,10 +558,18 @@ class RichProgress:
 
     def finish(self, label, results, seconds):
         verdict, examples = _verdict(results)
-        style = {"pass": "green", "FAIL": "bold red"}.get(verdict.split()[0], "yellow")
-        self.progress.update(self.task, completed=self.max_examples,
-                             status=f"[{style}]{verdict}[/] ({examples} examples)")
+        self.progress.update(self.task, completed=self.max_examples, status=self._status(verdict, examples))
         self.progress.advance(self.overall)
+
+    def finished_elsewhere(self, label, verdict, examples, seconds):
+        """A unit a --jobs child ran: one finished bar (its own display is not shown)."""
+        self.progress.add_task(label, total=1, completed=1, status=self._status(verdict, examples))
+        self.progress.advance(self.overall)
+
+    @staticmethod
+    def _status(verdict, examples) -> str:
+        style = {"pass": "green", "FAIL": "bold red"}.get(verdict.split()[0], "yellow")
+        return f"[{style}]{verdict}[/] ({examples} examples)"
 
 
 def _verdict(results) -> tuple[str, int]:
@@ -696,20 +714,40 @@ def main(argv=None) -> int:
     large = profile if "large" in args.tiers else None
     small = "small" in args.tiers
     units = [(target, dtype) for target in plan.targets for dtype in target.dtypes]
+    jobs = lanes.default_jobs() if args.jobs is None else args.jobs
+    here, *elsewhere = lanes.split(units, jobs)
+    if args.lane_results:  # a child of a --jobs run: its units, reported to the parent
+        with lanes.ChildProgress() as progress:
+            done = [(t, d, run_target(t, d, settings, seed, progress, large, timeout, small)) for t, d in units]
+        lanes.write_results(args.lane_results, done)
+        return EXIT_PASS
     results, counted, failing = [], 0, []
     console = _console()
     progress = (RichProgress(console, len(units)) if console is not None and console.is_terminal
                 else PlainProgress(sys.stderr, len(units)))
+
+    def record(target, unit_results):
+        nonlocal results, counted
+        results += unit_results
+        if target.counts and any(r.status != "skip" for r in unit_results):
+            counted += 1
+        abandoned = any("is not called again" in r.message for r in unit_results)
+        if any(r.status == "fail" for r in unit_results) and all(t is not target for t in failing):
+            failing.append(target)
+        target.abandoned = target.abandoned or abandoned
+
     with progress:
-        for target, dtype in units:
-            unit_results = run_target(target, dtype, settings, seed, progress, large, timeout, small)
-            results += unit_results
-            if target.counts and any(r.status != "skip" for r in unit_results):
-                counted += 1
-            abandoned = any("is not called again" in r.message for r in unit_results)
-            if any(r.status == "fail" for r in unit_results) and all(t is not target for t in failing):
-                failing.append(target)
-            target.abandoned = target.abandoned or abandoned
+        children = []
+        try:
+            children = [lanes.Child(args, profile, seed, lane, progress) for lane in elsewhere]
+            for target, dtype in here:
+                record(target, run_target(target, dtype, settings, seed, progress, large, timeout, small))
+            for child in children:
+                for target, dtype, unit_results in child.collect():
+                    record(target, unit_results)
+        finally:
+            for child in children:
+                child.stop()
     diagnoses = []
     if not args.no_diagnosis:
         for target in failing:
@@ -736,6 +774,7 @@ def main(argv=None) -> int:
         "seed": seed,
         "seed_source": seed_source,
         "timeout_s": timeout or None,
+        "processes": 1 + len(elsewhere),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "versions": _versions(plan, results),
         "devices": {f"{t.adapter.name} {t.device}": describe_device(t.backend, t.device) for t in plan.targets},
