@@ -255,7 +255,7 @@ def targets(results, per_process=()):
 
 def gemm_choices() -> str:
     """The C++ loops' products, each with the kind measured faster for its shape on this machine
-    (cpu_loops.cpp: step_product, sequence_product_on_onednn)."""
+    (cpu_loops.cpp: step_product, sequence_product_on_onednn, weight_gradient_on_onednn)."""
     from backends.torch import build
 
     loops = build.cpu_loops()
@@ -266,8 +266,11 @@ def gemm_choices() -> str:
                       for rows, n, k, threads, kind in loops.step_gemm_choices())
     sequences = ", ".join(f"rows x {k} by {k}x{n} ({threads} threads): {names[kind]}"
                           for n, k, threads, kind in loops.sequence_gemm_choices())
+    gradients = ", ".join(f"rows x {n} by rows x {k} ({threads} threads): {names[kind]}"
+                          for n, k, threads, kind in loops.gradient_gemm_choices())
     return (f"Per-step products (MKL packed, MKL or oneDNN, as measured on this machine): {steps or 'none run'}. "
-            f"Whole-sequence products (input projection with a tape, d_input): {sequences or 'none run'}.")
+            f"Whole-sequence products (input projection with a tape, d_input): {sequences or 'none run'}. "
+            f"Weight gradients (A^T B over all rows): {gradients or 'none run'}.")
 
 
 def load_average() -> str:

@@ -207,6 +207,37 @@ def test_every_kind_of_product_computes_the_layer(kind, options, monkeypatch):
     assert steps.get((4, 32, 8)) == kind, "a = m W_mh^T, (4 x 8) by (8 x 32), did not run as fixed"
     sequences = {(n, k): chosen for n, k, count, chosen in loops.sequence_gemm_choices() if count == threads}
     assert sequences.get((40, inputs)) == ("onednn" if kind == "onednn" else "mkl"), "x W_ih^T did not run as fixed"
+    gradients = {(n, k): chosen for n, k, count, chosen in loops.gradient_gemm_choices() if count == threads}
+    assert gradients.get((40, inputs)) == ("onednn" if kind == "onednn" else "mkl"), "d W_ih did not run as fixed"
+
+
+@pytest.mark.parametrize("options", [{}, dict(proj_size=6)], ids=["default", "projection"])
+def test_weight_gradients_on_onednn_add_up_over_several_chunks(options, monkeypatch):
+    """On oneDNN the weight gradients are summed over chunks of 1024 rows (cpu_loops.cpp,
+    weight_gradient): 1200 rows here, so two chunks, the second a partial one."""
+    from backends.torch import build
+    from mlstm_spec.conformance.tolerances import tolerance
+
+    loops = build.cpu_loops()
+    if not loops.onednn_products():
+        pytest.skip("this torch has no oneDNN linear operator (mkldnn::_linear_pointwise)")
+    torch.manual_seed(9)
+    wide = bt.MLSTM(5, 8, dtype=torch.float64, **options)
+    narrow = bt.MLSTM.from_canonical(wide.to_canonical(), dtype=torch.float32, **options)
+    x = torch.randn(30, 40, 5, dtype=torch.float64)  # T * B = 1200 rows
+    grads = {}
+    for name, model in (("float64", wide), ("onednn", narrow)):
+        if name == "onednn":
+            monkeypatch.setenv("MLSTM_TORCH_STEP_GEMM", "onednn")
+        model(x.to(model.weight_ih_l0.dtype))[0].sum().backward()
+        grads[name] = {key: p.grad for key, p in model.named_parameters() if key.startswith("weight")}
+    bound = tolerance("float32", "cpu")
+    for key, want in grads["float64"].items():
+        error, where = relative_error(grads["onednn"][key].double().numpy(), want.numpy())
+        assert error <= bound, f"{key}: relative error {error:.2e} at {where} > {bound:.0e}"
+    chosen = {(n, k): kind for n, k, threads, kind in loops.gradient_gemm_choices()
+              if threads == torch.get_num_threads()}
+    assert chosen.get((40, 5)) == "onednn"
 
 
 def test_the_measured_choices_are_reported(monkeypatch):

@@ -327,13 +327,22 @@ Tensor sequence_product(const Tensor& a, const Tensor& w, const std::optional<Te
   return bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
 }
 
+std::map<std::tuple<int64_t, int64_t, int>, bool> gradient_choices;  // (n, k, threads) -> oneDNN is faster (see weight_gradient)
+
 // The choices so far, measured or fixed: a list of (n, k, threads, "onednn" or "mkl").
-std::vector<std::tuple<int64_t, int64_t, int, std::string>> sequence_gemm_choices() {
+std::vector<std::tuple<int64_t, int64_t, int, std::string>> listed(
+    const std::map<std::tuple<int64_t, int64_t, int>, bool>& choices) {
   std::lock_guard<std::mutex> guard(choices_mutex);
   std::vector<std::tuple<int64_t, int64_t, int, std::string>> out;
-  for (const auto& [key, onednn_faster] : sequence_choices)
+  for (const auto& [key, onednn_faster] : choices)
     out.emplace_back(std::get<0>(key), std::get<1>(key), std::get<2>(key), onednn_faster ? "onednn" : "mkl");
   return out;
+}
+std::vector<std::tuple<int64_t, int64_t, int, std::string>> sequence_gemm_choices() {
+  return listed(sequence_choices);
+}
+std::vector<std::tuple<int64_t, int64_t, int, std::string>> gradient_gemm_choices() {
+  return listed(gradient_choices);
 }
 
 // The right-hand operand of every step's product, W (k x n), for products with `rows` rows: given as
@@ -589,13 +598,16 @@ Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
 constexpr int64_t kKeptBytes = 64 << 20;
 class Scratch {
  public:
-  explicit Scratch(const at::TensorOptions& options) : options_(options) {}
+  // A call's arrays come from the kept buffer of a slot: the loops', or weight_gradient's transposes
+  // (which run while the loops' arrays are still in use).
+  enum Slot { kLoops = 0, kTransposes = 1 };
+  explicit Scratch(const at::TensorOptions& options, Slot slot = kLoops) : options_(options), slot_(slot) {}
   // reserve(shape) for every array first, then take(shape) for each, in the same order
   void reserve(at::IntArrayRef shape) { total_ += padded(shape); }
   Tensor take(at::IntArrayRef shape) {
     if (!buffer_.defined()) {
-      thread_local Tensor kept[2];  // float32, float64
-      Tensor& mine = kept[options_.dtype() == at::kDouble ? 1 : 0];
+      thread_local Tensor kept[2][2];  // by slot: float32, float64
+      Tensor& mine = kept[slot_][options_.dtype() == at::kDouble ? 1 : 0];
       const bool keep = total_ * static_cast<int64_t>(options_.dtype().itemsize()) <= kKeptBytes;
       if (!keep) buffer_ = at::empty({total_}, options_);  // too large to hold on to: this call's own
       else if (!mine.defined() || mine.numel() < total_) {
@@ -616,9 +628,95 @@ class Scratch {
     return (c10::multiply_integers(shape) + 15) / 16 * 16;
   }
   at::TensorOptions options_;
+  Slot slot_;
   Tensor buffer_;
   int64_t total_ = 0, offset_ = 0;
 };
+
+// ---- the weight gradients ------------------------------------------------------------------------------
+
+// A^T B for A (rows x n) and B (rows x k), rows spanning a whole sequence (T * B): the weight
+// gradients. The product runs along the rows, so oneDNN's linear (X W^T, k contiguous) needs both
+// operands transposed first; sequence_product's choice does not carry over. MKL (at::mm) or oneDNN,
+// whichever measured faster for (n, k) and the thread count, once per process on 1024-row operands,
+// transposes included: MKL unless oneDNN is over 10% faster. Measured here (Intel Xeon, 2 threads, the
+// large benchmark's 6400 x 2560 by 6400 x 512): MKL 125 G multiply-adds/s, oneDNN 127 on operands
+// already transposed; with MKL held to AVX2 MKL 67. So the transposes must be cheap: MKL's omatcopy took
+// 18 ms for the 6400 x 2560 operand where torch's strided copy took 59-77 ms (and oneDNN, given
+// transposed views, copies them as slowly itself: 145 ms in all). They go kGradientChunkRows rows at a
+// time into a scratch buffer kept from call to call, so they fault no fresh pages in.
+// MLSTM_TORCH_STEP_GEMM (see step_product) fixes this choice too: oneDNN for =onednn, MKL otherwise.
+constexpr int64_t kGradientChunkRows = 1024;
+
+// dst (cols x rows, contiguous) = src^T for src (rows x cols, unit column stride), float; the columns
+// split across torch's threads.
+void transpose_into(const Tensor& src, const Tensor& dst) {
+  const int64_t rows = src.size(0), cols = src.size(1);
+  if (rows == 0 || cols == 0) return;
+#if AT_MKL_ENABLED()
+  const Tensor dense = src.stride(1) == 1 ? src : src.contiguous();
+  const int64_t lda = std::max<int64_t>(dense.stride(0), cols);
+  const float* a = dense.data_ptr<float>();
+  float* b = dst.data_ptr<float>();
+  at::parallel_for(0, cols, 64, [&](int64_t j0, int64_t j1) {
+    MKL_Somatcopy('R', 'T', rows, j1 - j0, 1.f, a + j0, lda, b + j0 * rows, rows);
+  });
+#else
+  dst.copy_(src.t());
+#endif
+}
+
+bool weight_gradient_on_onednn(int64_t n, int64_t k, const at::TensorOptions& options) {
+#if AT_MKL_ENABLED()
+  if (options.dtype() != at::kFloat || !onednn()) return false;
+  const std::tuple<int64_t, int64_t, int> key{n, k, at::get_num_threads()};
+  if (const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM"))  // reported as the shape's choice
+    return remember(gradient_choices, key, std::string(fixed) == "onednn", /*fixed=*/true);
+  if (const auto kept = recall(gradient_choices, key)) return *kept;
+  constexpr int64_t kRows = 1024;
+  const Tensor a = at::ones({kRows, n}, options), b = at::ones({kRows, k}, options);
+  auto mkl_product = [&] { at::mm(a.t(), b); };
+  Tensor a_t = at::empty({n, kRows}, options), b_t = at::empty({k, kRows}, options);
+  auto onednn_product_of_transposes = [&] {
+    transpose_into(a, a_t);
+    transpose_into(b, b_t);
+    onednn_linear(a_t, b_t);
+  };
+  mkl_product();  // warm-up
+  onednn_product_of_transposes();
+  double mkl_time = 1e30, onednn_time = 1e30;
+  for (int repeat = 0; repeat < 3; ++repeat) {
+    mkl_time = std::min(mkl_time, seconds(mkl_product));
+    onednn_time = std::min(onednn_time, seconds(onednn_product_of_transposes));
+  }
+  return remember(gradient_choices, key, onednn_time < 0.9 * mkl_time, /*fixed=*/false);
+#else
+  return false;
+#endif
+}
+
+Tensor weight_gradient(const Tensor& a, const Tensor& b) {
+  const int64_t rows = a.size(0), n = a.size(1), k = b.size(1);
+  if (rows == 0 || !weight_gradient_on_onednn(n, k, a.options())) return at::mm(a.t(), b);
+  // in chunks of rows, so that the transposed operands fit a kept scratch buffer (no page faults)
+  const int64_t chunk = std::min<int64_t>(rows, kGradientChunkRows);
+  Scratch scratch(a.options(), Scratch::kTransposes);
+  scratch.reserve({n * chunk});
+  scratch.reserve({k * chunk});
+  const Tensor a_space = scratch.take({n * chunk}), b_space = scratch.take({k * chunk});
+  Tensor out;
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t count = std::min(chunk, rows - r0);
+    const Tensor a_t = a_space.narrow(0, 0, n * count).view({n, count});
+    const Tensor b_t = b_space.narrow(0, 0, k * count).view({k, count});
+    transpose_into(a.narrow(0, r0, count), a_t);
+    transpose_into(b.narrow(0, r0, count), b_t);
+    const Tensor part = onednn_linear(a_t, b_t);
+    if (out.defined()) out.add_(part);
+    else out = part;
+  }
+  return out;
+}
 
 // ---- the forward without a tape, one slice of the batch per thread -------------------------------------
 
@@ -943,17 +1041,17 @@ LayerGradients layer_gradients(const Tensor& x, const Tensor& h0, const Tensor& 
   g.d_h0 = independent ? d_r0 * w_hh : at::mm(d_r0, w_hh);
   const Tensor d_p2 = d_p.view({rows, 5 * H});
   g.d_x = need_dx ? sequence_product(d_p2, w_ih.t()).view({T, B, I}) : empty0(x);
-  g.d_w_ih = at::mm(d_p2.t(), x.reshape({rows, I}));
+  g.d_w_ih = weight_gradient(d_p2, x.reshape({rows, I}));
   const Tensor d_q2 = d_q.reshape({rows, 4 * H});
-  g.d_w_mh = at::mm(d_q2.t(), m.reshape({rows, H}));
+  g.d_w_mh = weight_gradient(d_q2, m.reshape({rows, H}));
   const Tensor d_r_rest = d_r.narrow(0, 1, T - 1).reshape({(T - 1) * B, H});
   const Tensor hs_prev = hs.narrow(0, 0, T - 1).reshape({(T - 1) * B, P});
   if (independent) {
     g.d_w_hh = (d_r0 * h0).sum(0);
     if (T > 1) g.d_w_hh.add_((d_r_rest * hs_prev).sum(0));
   } else {
-    g.d_w_hh = at::mm(d_r0.t(), h0);
-    if (T > 1) g.d_w_hh.addmm_(d_r_rest.t(), hs_prev);
+    g.d_w_hh = weight_gradient(d_r0, h0);
+    if (T > 1) g.d_w_hh.add_(weight_gradient(d_r_rest, hs_prev));
   }
   // bias gradients: column sums as matrix-vector products (2-3x faster than sum(0) here)
   const Tensor ones = at::ones({rows}, x.options());
@@ -1384,7 +1482,7 @@ std::vector<Tensor> variant_layer_backward(
   const LayerGradients g = layer_gradients(x, h0, hs, w_ih, w_hh, d_p, d_q, d_r, tape[kM], has_b_ih, has_b_hh,
                                            has_b_mh, need_dx);
   Tensor d_c0 = d_c.clone();
-  Tensor d_w_hr = projection ? at::mm(d_k.view({rows, P}).t(), tape[kK].view({rows, H})) : empty0(x);
+  Tensor d_w_hr = projection ? weight_gradient(d_k.view({rows, P}), tape[kK].view({rows, H})) : empty0(x);
   Tensor d_w_ci = empty0(x), d_w_cf = empty0(x), d_w_co = empty0(x);
   if (peepholes) {
     Tensor cs = tape[kCs];
@@ -1430,6 +1528,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether products can run on oneDNN here (torch's mkldnn::_linear_pointwise operator)");
   m.def("sequence_gemm_choices", &sequence_gemm_choices,
         "the whole-sequence products' choices so far: (n, k, threads, 'onednn' or 'mkl')");
+  m.def("gradient_gemm_choices", &gradient_gemm_choices,
+        "the weight gradients' choices so far: (n, k, threads, 'onednn' or 'mkl')");
   m.def("step_gemm_choices", &step_gemm_choices,
         "the per-step products' choices so far: (rows, n, k, threads, 'packed', 'plain' or 'onednn')");
 }
