@@ -289,6 +289,31 @@ std::vector<std::tuple<int64_t, int64_t, int64_t, int, std::string>> step_gemm_c
 // primitive (nn.LSTM's) at 79 against that MKL's 65, which changed the benchmark's backward by 1.4%, less
 // than converting to its tensors is worth. MLSTM_TORCH_STEP_GEMM (see step_product) fixes this choice
 // too: oneDNN for =onednn, MKL otherwise.
+#if AT_MKL_ENABLED()
+// Whether oneDNN runs a whole-sequence product of (n, k, threads) faster, as MLSTM_TORCH_STEP_GEMM
+// fixes it (=onednn: yes, otherwise no) or as kept from an earlier measurement; nothing if neither.
+std::optional<bool> fixed_or_kept(std::map<std::tuple<int64_t, int64_t, int>, bool>& choices,
+                                  const std::tuple<int64_t, int64_t, int>& key) {
+  if (const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM"))  // reported as the shape's choice
+    return remember(choices, key, std::string(fixed) == "onednn", /*fixed=*/true);
+  return recall(choices, key);
+}
+
+// Whether the oneDNN work is over 10% faster than the MKL work: each run once (warm-up), then the
+// best of `repeats` runs of each, alternated so that a change of load hits both.
+bool onednn_is_faster(const std::function<void()>& mkl_work, const std::function<void()>& onednn_work,
+                      int repeats) {
+  mkl_work();
+  onednn_work();
+  double mkl_time = 1e30, onednn_time = 1e30;
+  for (int repeat = 0; repeat < repeats; ++repeat) {
+    mkl_time = std::min(mkl_time, seconds(mkl_work));
+    onednn_time = std::min(onednn_time, seconds(onednn_work));
+  }
+  return onednn_time < 0.9 * mkl_time;
+}
+#endif
+
 std::map<std::tuple<int64_t, int64_t, int>, bool> sequence_choices;  // (n, k, threads) -> oneDNN is faster
 
 bool sequence_product_on_onednn(const Tensor& w) {
@@ -296,9 +321,7 @@ bool sequence_product_on_onednn(const Tensor& w) {
   if (w.scalar_type() != at::kFloat || !onednn()) return false;
   const int64_t n = w.size(0), k = w.size(1);
   const std::tuple<int64_t, int64_t, int> key{n, k, at::get_num_threads()};
-  if (const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM"))  // reported as the shape's choice
-    return remember(sequence_choices, key, std::string(fixed) == "onednn", /*fixed=*/true);
-  if (const auto kept = recall(sequence_choices, key)) return *kept;
+  if (const auto known = fixed_or_kept(sequence_choices, key)) return *known;
   constexpr int64_t kRows = 512;
   constexpr int kTimedProducts = 2;
   const Tensor a = at::ones({kRows, k}, w.options()), w_dense = at::ones({n, k}, w.options());
@@ -309,14 +332,7 @@ bool sequence_product_on_onednn(const Tensor& w) {
   auto onednn_products = [&] {
     for (int step = 0; step < kTimedProducts; ++step) onednn_product(a, w_dense, false, c.data_ptr<float>(), n);
   };
-  mkl_products();  // warm-up
-  onednn_products();
-  double mkl_time = 1e30, onednn_time = 1e30;
-  for (int repeat = 0; repeat < 4; ++repeat) {
-    mkl_time = std::min(mkl_time, seconds(mkl_products));
-    onednn_time = std::min(onednn_time, seconds(onednn_products));
-  }
-  return remember(sequence_choices, key, onednn_time < 0.9 * mkl_time, /*fixed=*/false);
+  return remember(sequence_choices, key, onednn_is_faster(mkl_products, onednn_products, 4), /*fixed=*/false);
 #else
   return false;
 #endif
@@ -670,9 +686,7 @@ bool weight_gradient_on_onednn(int64_t n, int64_t k, const at::TensorOptions& op
 #if AT_MKL_ENABLED()
   if (options.dtype() != at::kFloat || !onednn()) return false;
   const std::tuple<int64_t, int64_t, int> key{n, k, at::get_num_threads()};
-  if (const char* fixed = std::getenv("MLSTM_TORCH_STEP_GEMM"))  // reported as the shape's choice
-    return remember(gradient_choices, key, std::string(fixed) == "onednn", /*fixed=*/true);
-  if (const auto kept = recall(gradient_choices, key)) return *kept;
+  if (const auto known = fixed_or_kept(gradient_choices, key)) return *known;
   constexpr int64_t kRows = 1024;
   const Tensor a = at::ones({kRows, n}, options), b = at::ones({kRows, k}, options);
   auto mkl_product = [&] { at::mm(a.t(), b); };
@@ -682,14 +696,8 @@ bool weight_gradient_on_onednn(int64_t n, int64_t k, const at::TensorOptions& op
     transpose_into(b, b_t);
     onednn_linear(a_t, b_t);
   };
-  mkl_product();  // warm-up
-  onednn_product_of_transposes();
-  double mkl_time = 1e30, onednn_time = 1e30;
-  for (int repeat = 0; repeat < 3; ++repeat) {
-    mkl_time = std::min(mkl_time, seconds(mkl_product));
-    onednn_time = std::min(onednn_time, seconds(onednn_product_of_transposes));
-  }
-  return remember(gradient_choices, key, onednn_time < 0.9 * mkl_time, /*fixed=*/false);
+  return remember(gradient_choices, key, onednn_is_faster(mkl_product, onednn_product_of_transposes, 3),
+                  /*fixed=*/false);
 #else
   return false;
 #endif

@@ -139,28 +139,7 @@ def write_results(path: str, units: list) -> None:
         pickle.dump({unit_key(target, dtype): results for target, dtype, results in units}, out)
 
 
-class ChildProgress:
-    """A child's progress: one JSON line per finished unit on standard output, for the parent."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stdout
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def start(self, label, max_examples):
-        pass
-
-    def example(self, n):
-        pass
-
-    def finish(self, label, results, seconds):
-        from .runner import _verdict
-
-        verdict, examples = _verdict(results)
-        event = {"event": "finished", "label": label, "verdict": verdict, "examples": examples,
-                 "seconds": round(seconds, 3)}
-        print(json.dumps(event), file=self.stream, flush=True)
+def progress_line(label: str, verdict: str, examples: int, seconds: float) -> str:
+    """A child's report of one finished unit, as :meth:`Child._relay` reads it."""
+    return json.dumps({"event": "finished", "label": label, "verdict": verdict, "examples": examples,
+                       "seconds": round(seconds, 3)})

@@ -528,6 +528,16 @@ class PlainProgress:
                   file=self.stream, flush=True)
 
 
+class ChildProgress(PlainProgress):
+    """A --jobs child's progress: one line per finished unit on standard output, for the parent to show."""
+
+    def __init__(self):
+        super().__init__(sys.stdout, 0)
+
+    def finished_elsewhere(self, label, verdict, examples, seconds):
+        print(lanes.progress_line(label, verdict, examples, seconds), file=self.stream, flush=True)
+
+
 class RichProgress:
     """A live display: one bar per (implementation, device, dtype), the current one moving."""
 
@@ -717,7 +727,7 @@ def main(argv=None) -> int:
     jobs = lanes.default_jobs() if args.jobs is None else args.jobs
     here, *elsewhere = lanes.split(units, jobs)
     if args.lane_results:  # a child of a --jobs run: its units, reported to the parent
-        with lanes.ChildProgress() as progress:
+        with ChildProgress() as progress:
             done = [(t, d, run_target(t, d, settings, seed, progress, large, timeout, small)) for t, d in units]
         lanes.write_results(args.lane_results, done)
         return EXIT_PASS
