@@ -5,7 +5,7 @@ lane runs in the runner's own process, each other one in a child process (``pyth
 mlstm_spec.conformance`` on the same targets, restricted to the lane's dtypes with ``--dtypes``).
 Split by dtype, because the JAX-based adapters (jax, flax, flax_nnx) share their compilations within a
 process and compile once per case and dtype: the implementations of one dtype stay together. Measured
-on a 2-core Intel Xeon (the default run, every backend): 175-184 s in one process, 134 s in two.
+on a 2-core Intel Xeon (the default run, every backend): 175-184 s in one process, 115-134 s in two.
 
 A child reports each finished unit as one JSON line on its standard output (the parent's progress
 display shows it as it comes) and, at its end, every unit's results in a pickle file that the parent
