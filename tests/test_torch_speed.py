@@ -212,9 +212,10 @@ def test_every_kind_of_product_computes_the_layer(kind, options, monkeypatch):
 
 
 @pytest.mark.parametrize("options", [{}, dict(proj_size=6)], ids=["default", "projection"])
-def test_weight_gradients_on_onednn_add_up_over_several_chunks(options, monkeypatch):
+def test_weight_gradients_on_onednn_add_up_over_several_chunks(options, monkeypatch, two_threads):
     """On oneDNN the weight gradients are summed over chunks of 1024 rows (cpu_loops.cpp,
-    weight_gradient): 1200 rows here, so two chunks, the second a partial one."""
+    weight_gradient): 1200 rows here, so two chunks, the second a partial one. Each chunk is transposed
+    first, its columns split across the two threads (transpose_into: 120 columns of d_p, 64 per piece)."""
     from backends.torch import build
     from mlstm_spec.conformance.tolerances import tolerance
 
@@ -222,7 +223,7 @@ def test_weight_gradients_on_onednn_add_up_over_several_chunks(options, monkeypa
     if not loops.onednn_products():
         pytest.skip("this torch has no oneDNN linear operator (mkldnn::_linear_pointwise)")
     torch.manual_seed(9)
-    wide = bt.MLSTM(5, 8, dtype=torch.float64, **options)
+    wide = bt.MLSTM(5, 24, dtype=torch.float64, **options)
     narrow = bt.MLSTM.from_canonical(wide.to_canonical(), dtype=torch.float32, **options)
     x = torch.randn(30, 40, 5, dtype=torch.float64)  # T * B = 1200 rows
     grads = {}
@@ -237,7 +238,7 @@ def test_weight_gradients_on_onednn_add_up_over_several_chunks(options, monkeypa
         assert error <= bound, f"{key}: relative error {error:.2e} at {where} > {bound:.0e}"
     chosen = {(n, k): kind for n, k, threads, kind in loops.gradient_gemm_choices()
               if threads == torch.get_num_threads()}
-    assert chosen.get((40, 5)) == "onednn"
+    assert chosen.get((120, 5)) == "onednn"
 
 
 def test_the_measured_choices_are_reported(monkeypatch):

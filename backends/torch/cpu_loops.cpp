@@ -284,11 +284,8 @@ std::vector<std::tuple<int64_t, int64_t, int64_t, int, std::string>> step_gemm_c
 // process on 512-row products (a product's speed changes little with more rows): MKL unless oneDNN is
 // over 10% faster. Measured here (Intel Xeon, 2 threads, 6400 rows): MKL 83 and 115 G multiply-adds/s for
 // the projection and d_x of the large benchmark, oneDNN 80 and 107; with MKL held to AVX2 MKL 52 and
-// 57, oneDNN 81 and 111. The weight gradients (their k is T * B) stay on MKL: oneDNN's inner product
-// ran them at 41-55 against MKL's 110-124 here, and no faster than MKL held to AVX2; its weight-gradient
-// primitive (nn.LSTM's) at 79 against that MKL's 65, which changed the benchmark's backward by 1.4%, less
-// than converting to its tensors is worth. MLSTM_TORCH_STEP_GEMM (see step_product) fixes this choice
-// too: oneDNN for =onednn, MKL otherwise.
+// 57, oneDNN 81 and 111. (The weight gradients, whose k is T * B, choose apart: see weight_gradient.)
+// MLSTM_TORCH_STEP_GEMM (see step_product) fixes this choice too: oneDNN for =onednn, MKL otherwise.
 #if AT_MKL_ENABLED()
 // Whether oneDNN runs a whole-sequence product of (n, k, threads) faster, as MLSTM_TORCH_STEP_GEMM
 // fixes it (=onednn: yes, otherwise no) or as kept from an earlier measurement; nothing if neither.
@@ -361,6 +358,32 @@ std::vector<std::tuple<int64_t, int64_t, int, std::string>> gradient_gemm_choice
   return listed(gradient_choices);
 }
 
+// dst (cols x rows, contiguous) = src^T for src (rows x cols, unit column stride), the columns split
+// across torch's threads: MKL's omatcopy (for the weight gradients' 6400 x 2560 operand 18 ms, where
+// torch's strided copy took 59-77 ms), or by hand. Never a torch copy, which would start an OpenMP team
+// of its own from a slice's (non-OpenMP) thread (StepWeight runs in the slices; their OpenMP team is one
+// thread, so at::parallel_for runs inline there).
+template <typename scalar_t>
+void transpose_into(const Tensor& src, const Tensor& dst) {
+  const int64_t rows = src.size(0), cols = src.size(1);
+  if (rows == 0 || cols == 0) return;
+  TORCH_INTERNAL_ASSERT(src.stride(1) == 1 && dst.is_contiguous());
+  const int64_t lda = std::max<int64_t>(src.stride(0), cols);
+  const scalar_t* a = src.data_ptr<scalar_t>();
+  scalar_t* b = dst.data_ptr<scalar_t>();
+  at::parallel_for(0, cols, 64, [&](int64_t j0, int64_t j1) {
+#if AT_MKL_ENABLED()
+    if constexpr (std::is_same_v<scalar_t, float>)
+      MKL_Somatcopy('R', 'T', rows, j1 - j0, 1.f, a + j0, lda, b + j0 * rows, rows);
+    else
+      MKL_Domatcopy('R', 'T', rows, j1 - j0, 1.0, a + j0, lda, b + j0 * rows, rows);
+#else
+    for (int64_t col = j0; col < j1; ++col)
+      for (int64_t row = 0; row < rows; ++row) b[col * rows + row] = a[row * lda + col];
+#endif
+  });
+}
+
 // The right-hand operand of every step's product, W (k x n), for products with `rows` rows: given as
 // it is (row-major k x n, contiguous), or with `stored` as the weight (n x k, contiguous) whose
 // transpose it is. In float with MKL it runs as step_product measured fastest for this shape: packed
@@ -414,15 +437,9 @@ class StepWeight {
   }
 
  private:
-  // The contiguous transpose of a contiguous matrix, by hand: a torch copy would start an OpenMP team of
-  // its own from a slice's (non-OpenMP) thread.
-  static Tensor transposed(const Tensor& w) {
-    const int64_t rows = w.size(0), cols = w.size(1);
-    Tensor out = at::empty({cols, rows}, w.options());
-    const scalar_t* from = w.data_ptr<scalar_t>();
-    scalar_t* to = out.data_ptr<scalar_t>();
-    for (int64_t row = 0; row < rows; ++row)
-      for (int64_t col = 0; col < cols; ++col) to[col * rows + row] = from[row * cols + col];
+  static Tensor transposed(const Tensor& w) {  // of a contiguous matrix, contiguous
+    Tensor out = at::empty({w.size(1), w.size(0)}, w.options());
+    transpose_into<scalar_t>(w, out);
     return out;
   }
   Tensor w_, packed_, onednn_weight_;  // W as given or transposed (plain), packed, or stored (oneDNN)
@@ -657,30 +674,12 @@ class Scratch {
 // whichever measured faster for (n, k) and the thread count, once per process on 1024-row operands,
 // transposes included: MKL unless oneDNN is over 10% faster. Measured here (Intel Xeon, 2 threads, the
 // large benchmark's 6400 x 2560 by 6400 x 512): MKL 125 G multiply-adds/s, oneDNN 127 on operands
-// already transposed; with MKL held to AVX2 MKL 67. So the transposes must be cheap: MKL's omatcopy took
-// 18 ms for the 6400 x 2560 operand where torch's strided copy took 59-77 ms (and oneDNN, given
-// transposed views, copies them as slowly itself: 145 ms in all). They go kGradientChunkRows rows at a
-// time into a scratch buffer kept from call to call, so they fault no fresh pages in.
+// already transposed; with MKL held to AVX2 MKL 67. So the transposes must be cheap (transpose_into;
+// oneDNN, given transposed views, copies them as slowly as torch does: 145 ms in all). They go
+// kGradientChunkRows rows at a time into a scratch buffer kept from call to call, so they fault no
+// fresh pages in.
 // MLSTM_TORCH_STEP_GEMM (see step_product) fixes this choice too: oneDNN for =onednn, MKL otherwise.
 constexpr int64_t kGradientChunkRows = 1024;
-
-// dst (cols x rows, contiguous) = src^T for src (rows x cols, unit column stride), float; the columns
-// split across torch's threads.
-void transpose_into(const Tensor& src, const Tensor& dst) {
-  const int64_t rows = src.size(0), cols = src.size(1);
-  if (rows == 0 || cols == 0) return;
-#if AT_MKL_ENABLED()
-  const Tensor dense = src.stride(1) == 1 ? src : src.contiguous();
-  const int64_t lda = std::max<int64_t>(dense.stride(0), cols);
-  const float* a = dense.data_ptr<float>();
-  float* b = dst.data_ptr<float>();
-  at::parallel_for(0, cols, 64, [&](int64_t j0, int64_t j1) {
-    MKL_Somatcopy('R', 'T', rows, j1 - j0, 1.f, a + j0, lda, b + j0 * rows, rows);
-  });
-#else
-  dst.copy_(src.t());
-#endif
-}
 
 bool weight_gradient_on_onednn(int64_t n, int64_t k, const at::TensorOptions& options) {
 #if AT_MKL_ENABLED()
@@ -692,8 +691,8 @@ bool weight_gradient_on_onednn(int64_t n, int64_t k, const at::TensorOptions& op
   auto mkl_product = [&] { at::mm(a.t(), b); };
   Tensor a_t = at::empty({n, kRows}, options), b_t = at::empty({k, kRows}, options);
   auto onednn_product_of_transposes = [&] {
-    transpose_into(a, a_t);
-    transpose_into(b, b_t);
+    transpose_into<float>(a, a_t);
+    transpose_into<float>(b, b_t);
     onednn_linear(a_t, b_t);
   };
   return remember(gradient_choices, key, onednn_is_faster(mkl_product, onednn_product_of_transposes, 3),
@@ -717,8 +716,8 @@ Tensor weight_gradient(const Tensor& a, const Tensor& b) {
     const int64_t count = std::min(chunk, rows - r0);
     const Tensor a_t = a_space.narrow(0, 0, n * count).view({n, count});
     const Tensor b_t = b_space.narrow(0, 0, k * count).view({k, count});
-    transpose_into(a.narrow(0, r0, count), a_t);
-    transpose_into(b.narrow(0, r0, count), b_t);
+    transpose_into<float>(a.narrow(0, r0, count), a_t);
+    transpose_into<float>(b.narrow(0, r0, count), b_t);
     const Tensor part = onednn_linear(a_t, b_t);
     if (out.defined()) out.add_(part);
     else out = part;

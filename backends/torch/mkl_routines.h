@@ -34,6 +34,8 @@ void cblas_sgemm_compute(int layout, long long transa, long long transb, long lo
 // Out-of-place transpose (B = A^T for ordering 'R', trans 'T'): ~3x faster here than a strided copy.
 void MKL_Somatcopy(char ordering, char trans, size_t rows, size_t cols, float alpha, const float* a, size_t lda,
                    float* b, size_t ldb);
+void MKL_Domatcopy(char ordering, char trans, size_t rows, size_t cols, double alpha, const double* a, size_t lda,
+                   double* b, size_t ldb);
 int mkl_get_max_threads();  // the threads an MKL call from this thread would use
 // The Fortran-convention entry (by reference), the one libtorch_cpu exports under both names; returns the
 // thread's previous setting (0: none of its own).
