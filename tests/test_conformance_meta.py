@@ -99,6 +99,28 @@ def test_a_check_that_never_ran_is_not_run_not_passed():
     assert results["outputs"].status == "pass"
 
 
+def test_an_error_raised_once_outside_the_adapter_is_reported_with_what_and_where(monkeypatch):
+    """Hypothesis reports an example that failed once and then passed as a FlakyFailure group; the
+    report names what its member raised and where, not only "1 sub-exception"."""
+    import mlstm_spec.conformance.suite as suite
+
+    calls = [0]
+    reference_gradients = suite.reference_gradients
+
+    def spurious_once(*args, **kwargs):  # as NumPy's "invalid value encountered in matmul" under -W error
+        calls[0] += 1
+        if calls[0] == 3:
+            raise FloatingPointError("invalid value encountered in matmul")
+        return reference_gradients(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "reference_gradients", spurious_once)
+    results = run(defects.SpecAdapter())
+    message = results["suite"].message
+    assert results["suite"].status == "fail" and "FlakyFailure" in message
+    assert "FloatingPointError: invalid value encountered in matmul (at " in message
+    assert "in spurious_once)" in message
+
+
 # ---- distinct failures ----
 
 def test_two_distinct_failures_are_reported_with_two_reproducers_that_reproduce_them(monkeypatch):

@@ -25,6 +25,7 @@ import random
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from . import lanes
@@ -702,6 +703,10 @@ def main(argv=None) -> int:
     set_framework_environment()  # before any framework is imported: quiet logs, no GPU memory grab
     # The suite draws many shapes on purpose; TensorFlow's "retracing" warnings would bury the report.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    # NumPy's bundled OpenBLAS can leave floating-point flags set after a product of finite values, and
+    # NumPy then warns about the product at random (pyproject.toml's filterwarnings says more).
+    warnings.filterwarnings("ignore", r"(divide by zero|overflow|invalid value) encountered in matmul",
+                            RuntimeWarning)
     from .profiles import profile_from_environment
 
     started = time.perf_counter()

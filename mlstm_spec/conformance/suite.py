@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -546,6 +547,15 @@ class _Tracker:
                                        outcome.error, outcome.tolerance, outcome.where))
 
 
+def _described(exc: BaseException) -> str:
+    """An exception's type and message, and the innermost line of code that raised it."""
+    text = f"{type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        text += f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})"
+    return text
+
+
 def _flatten(exc):
     if isinstance(exc, _ExceptionGroup):
         for inner in exc.exceptions:
@@ -629,9 +639,12 @@ def check(adapter, dtype: str, *, settings: hypothesis_settings | None = None,
     except BaseException as exc:  # noqa: BLE001 - failures found (one, or a group), or a flaky adapter
         if isinstance(exc, KeyboardInterrupt):
             raise
-        found = [e for e in _flatten(exc) if isinstance(e, ConformanceError) and e.case is not None]
+        leaves = list(_flatten(exc))
+        found = [e for e in leaves if isinstance(e, ConformanceError) and e.case is not None]
         if not found:
             suite_error = f"the suite could not run: {type(exc).__name__}: {exc}"
+            if leaves != [exc]:  # a group (e.g. Hypothesis's FlakyFailure): what each member raised, and where
+                suite_error += "".join(f"\n  - {_described(e)}" for e in leaves)
         flaky = "" if isinstance(exc, ConformanceError) or isinstance(exc, _ExceptionGroup) and all(
             isinstance(e, ConformanceError) for e in exc.exceptions) else \
             f" (Hypothesis: {type(exc).__name__}; the implementation may not give the same result twice)"
