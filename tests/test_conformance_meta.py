@@ -121,6 +121,30 @@ def test_an_error_raised_once_outside_the_adapter_is_reported_with_what_and_wher
     assert "in spurious_once)" in message
 
 
+@pytest.mark.parametrize("message, passes", [("invalid value encountered in matmul", True),
+                                             ("overflow encountered in exp", False)])
+def test_only_numpys_warning_about_a_product_is_ignored_in_the_references(monkeypatch, message, passes):
+    """Under ``-W error``, as a user's pytest may run the suite: the spurious matmul warning of NumPy's
+    OpenBLAS (cases.SPURIOUS_PRODUCT_WARNING) does not break the run; any other warning still does."""
+    import warnings
+
+    import mlstm_spec.conformance.suite as suite
+
+    reference_gradients = suite.reference_gradients
+
+    def warning(*args, **kwargs):
+        warnings.warn(message, RuntimeWarning)
+        return reference_gradients(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "reference_gradients", warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        results = run(defects.SpecAdapter())
+    assert all(r.status == "pass" for r in results.values()) is passes
+    if not passes:
+        assert results["suite"].status == "fail" and f"RuntimeWarning: {message}" in results["suite"].message
+
+
 # ---- distinct failures ----
 
 def test_two_distinct_failures_are_reported_with_two_reproducers_that_reproduce_them(monkeypatch):

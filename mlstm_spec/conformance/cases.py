@@ -21,7 +21,9 @@ case's own values (:func:`with_clips`), so that it clips some of them and none w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,6 +207,23 @@ def cast_tree(tree, dtype):
 
 
 # ---- the reference for a case: mlstm_spec, chained over layers for a stack ----
+
+#: NumPy's bundled OpenBLAS can leave the processor's floating-point flags set after a product of finite
+#: values whose result is finite, and NumPy then warns about the product. It depends on memory contents,
+#: so it comes and goes (1 in ~12 runs of one float32 conformance test, the product clean when rerun),
+#: and under ``-W error`` it failed the suite at random. A real overflow there still shows, as inf or nan
+#: in the values the suite compares. (pyproject.toml's filterwarnings repeats it for the spec's tests.)
+SPURIOUS_PRODUCT_WARNING = r"(divide by zero|overflow|invalid value) encountered in matmul"
+
+
+@contextlib.contextmanager
+def spurious_product_warnings_ignored():
+    """Within the block, NumPy's warning about a matrix product (:data:`SPURIOUS_PRODUCT_WARNING`) is
+    ignored; every other warning is handled as before."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", SPURIOUS_PRODUCT_WARNING, RuntimeWarning)
+        yield
+
 
 def reference_forward(arrays: CaseArrays, integration_mode: str, work=np.float64, between_layers=None,
                       **runtime):

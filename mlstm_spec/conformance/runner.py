@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from . import lanes
 from .calls import DEFAULT_TIMEOUT
+from .cases import SPURIOUS_PRODUCT_WARNING
 from .report import (EXIT_FAIL, EXIT_NOTHING_CHECKED, EXIT_PASS, EXIT_USAGE, Report, markdown, plain_text,
                      print_rich, to_json)
 from .tolerances import DTYPES, device_kind
@@ -703,10 +704,8 @@ def main(argv=None) -> int:
     set_framework_environment()  # before any framework is imported: quiet logs, no GPU memory grab
     # The suite draws many shapes on purpose; TensorFlow's "retracing" warnings would bury the report.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    # NumPy's bundled OpenBLAS can leave floating-point flags set after a product of finite values, and
-    # NumPy then warns about the product at random (pyproject.toml's filterwarnings says more).
-    warnings.filterwarnings("ignore", r"(divide by zero|overflow|invalid value) encountered in matmul",
-                            RuntimeWarning)
+    # the spec's products can warn at random (cases.py says why), here also in the diagnosis
+    warnings.filterwarnings("ignore", SPURIOUS_PRODUCT_WARNING, RuntimeWarning)
     from .profiles import profile_from_environment
 
     started = time.perf_counter()
@@ -729,13 +728,12 @@ def main(argv=None) -> int:
     large = profile if "large" in args.tiers else None
     small = "small" in args.tiers
     units = [(target, dtype) for target in plan.targets for dtype in target.dtypes]
-    jobs = lanes.default_jobs() if args.jobs is None else args.jobs
-    here, *elsewhere = lanes.split(units, jobs)
     if args.lane_results:  # a child of a --jobs run: its units, reported to the parent
         with ChildProgress() as progress:
             done = [(t, d, run_target(t, d, settings, seed, progress, large, timeout, small)) for t, d in units]
         lanes.write_results(args.lane_results, done)
         return EXIT_PASS
+    here, *elsewhere = lanes.split(units, lanes.default_jobs() if args.jobs is None else args.jobs)
     results, counted, failing = [], 0, []
     console = _console()
     progress = (RichProgress(console, len(units)) if console is not None and console.is_terminal
