@@ -7,6 +7,9 @@ Compared, at each size (B, T, I, H), one layer, float32, time-major input (T, B,
 - ``MLSTM (no slices)``: the same layer with its inference forward on the step-parallel loop instead of
   one slice of the batch per thread (``MLSTM_TORCH_FORWARD_SLICES=off`` during its calls); its
   forward+backward is the same code as ``MLSTM``'s;
+- ``MLSTM (no help)``: the same layer with each slice's thread computing only its own slice's input
+  projections (``MLSTM_TORCH_FORWARD_HELP=off``), so a faster core cannot take over part of a slower
+  one's work; forward+backward is again ``MLSTM``'s code;
 - ``MLSTM (Python loops)``: the same fused layer with its time loops in Python, as on a machine
   without a C++ compiler (``MLSTM(..., cpu_loops="python")``);
 - ``MLSTM (plain)``: the same layer with ``fused=False`` (ordinary autograd, one step at a time);
@@ -102,30 +105,32 @@ class NaiveMLSTM(nn.Module):
         return torch.stack(outputs), (h, c)
 
 
-class WithoutSlices(nn.Module):
-    """A layer whose calls run with MLSTM_TORCH_FORWARD_SLICES=off (the C++ loops read it per call)."""
+class WithSetting(nn.Module):
+    """A layer whose calls run with an environment variable set (the C++ loops read theirs per call)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, variable: str, value: str):
         super().__init__()
-        self.layer = layer
+        self.layer, self.variable, self.value = layer, variable, value
 
     def forward(self, x):
-        before = os.environ.get("MLSTM_TORCH_FORWARD_SLICES")
-        os.environ["MLSTM_TORCH_FORWARD_SLICES"] = "off"
+        before = os.environ.get(self.variable)
+        os.environ[self.variable] = self.value
         try:
             return self.layer(x)
         finally:
             if before is None:
-                del os.environ["MLSTM_TORCH_FORWARD_SLICES"]
+                del os.environ[self.variable]
             else:
-                os.environ["MLSTM_TORCH_FORWARD_SLICES"] = before
+                os.environ[self.variable] = before
 
 
 def build(name, input_size, hidden_size):
     if name == "MLSTM":
         return MLSTM(input_size, hidden_size)
     if name == "MLSTM (no slices)":
-        return WithoutSlices(MLSTM(input_size, hidden_size))
+        return WithSetting(MLSTM(input_size, hidden_size), "MLSTM_TORCH_FORWARD_SLICES", "off")
+    if name == "MLSTM (no help)":
+        return WithSetting(MLSTM(input_size, hidden_size), "MLSTM_TORCH_FORWARD_HELP", "off")
     if name == "MLSTM (Python loops)":
         return MLSTM(input_size, hidden_size, cpu_loops="python")
     if name == "MLSTM (plain)":
@@ -141,7 +146,7 @@ def build(name, input_size, hidden_size):
     raise ValueError(f"unknown implementation {name!r}")
 
 
-IMPLEMENTATIONS = ("MLSTM", "MLSTM (no slices)", "MLSTM (Python loops)", "MLSTM (plain)", "nn.LSTM", PEER, "naive")
+IMPLEMENTATIONS = ("MLSTM", "MLSTM (no slices)", "MLSTM (no help)", "MLSTM (Python loops)", "MLSTM (plain)", "nn.LSTM", PEER, "naive")
 
 
 def unavailable(device: str) -> dict:
@@ -154,6 +159,7 @@ def unavailable(device: str) -> dict:
     if device != "cpu":
         reasons["MLSTM (Python loops)"] = "on a GPU the fused layer's loops are Python code already"
         reasons["MLSTM (no slices)"] = "on a GPU the fused layer runs no C++ loops to slice"
+        reasons["MLSTM (no help)"] = reasons["MLSTM (no slices)"]
     return reasons
 
 

@@ -1,10 +1,16 @@
 """The compiled forward without a tape (inference) splits the batch into one slice of rows per thread,
-each running the whole recurrence for its rows (``sliced_layer_forward`` in ``cpu_loops.cpp``). These
-tests force that path (more than one torch thread, enough rows) and hold it to the spec; its speed is
-shown by ``benchmarks/bench_torch.py``, not here."""
+each running the whole recurrence for its rows (``sliced_layer_forward`` in ``cpu_loops.cpp``), where a
+thread ahead of another computes some of that slice's input projections for it. These tests force that
+path (more than one torch thread, enough rows) and hold it to the spec; its speed is shown by
+``benchmarks/bench_torch.py``, not here."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -21,6 +27,7 @@ import mlstm_spec  # noqa: E402
 from mlstm_spec.conformance import relative_error, tolerance  # noqa: E402
 
 MODES = ("addition", "multiplicative_integration")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +132,64 @@ def test_sliced_forward_float32_equals_the_step_parallel_loop_and_spec(compiled,
     for got, want in zip((results[2][0], *results[2][1]), (results[1][0], *results[1][1])):
         error, where = relative_error(got.double().numpy(), want.double().numpy())
         assert error <= bound, f"sliced vs step-parallel: {error:.2e} at {where}"
+
+
+# The one thread of torch's inter-op pool is kept busy by a TorchScript task while the layer runs, so
+# the task the layer launches for its second slice cannot start: the calling thread runs slice 0, then
+# slice 1. Which thread is ahead of which is then known, and so is what each slice's thread computes
+# for the other: the caller, on its chunks 0 and 1, finds slice 1 not started and computes slice 1's
+# projections of chunks 0 and 1 (the most it may hold ahead); slice 1 then finds them done.
+_BUSY_POOL_SCRIPT = """
+import json, sys, torch
+torch.set_num_interop_threads(1)
+torch.set_num_threads(2)
+from unittest import mock
+from backends.torch import MLSTM, build, loops
+
+@torch.jit.script
+def busy(x: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        x = torch.tanh(x @ x)
+    return x
+
+@torch.jit.script
+def occupy(x: torch.Tensor, n: int) -> torch.jit.Future[torch.Tensor]:
+    return torch.jit.fork(busy, x, n)
+
+compiled = build.cpu_loops()
+torch.manual_seed(0)
+steps, batch, inputs, hidden = 30, 16, 8, 16
+layer = MLSTM(inputs, hidden)
+x = torch.randn(steps, batch, inputs)
+three_steps = 3 * batch * 5 * hidden * 4  # the projection in chunks of 3 steps: 10 chunks
+with mock.patch.object(loops, "PROJECTION_CHUNK_BYTES", three_steps), torch.no_grad():
+    layer(x)  # measures the products' kinds, outside what is compared
+    free = layer(x)
+    pending = occupy(torch.randn(128, 128), 4000)
+    blocked = layer(x)
+    record = compiled.last_sliced_forward()
+    busy_throughout = not pending.done()
+    torch.jit.wait(pending)
+same = all(torch.equal(a, b) for a, b in zip((free[0], *free[1]), (blocked[0], *blocked[1])))
+print(json.dumps(dict(record=[(rows, by_others) for rows, by_others, _ in record], same=same,
+                      busy_throughout=busy_throughout, help=compiled.forward_help())))
+"""
+
+
+@pytest.mark.parametrize("setting", [None, "off"], ids=["helping", "MLSTM_TORCH_FORWARD_HELP=off"])
+def test_a_thread_ahead_computes_another_slices_projections_with_the_same_values(compiled, setting, tmp_path):
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MLSTM_TORCH_FORWARD_HELP", "MLSTM_TORCH_FORWARD_SLICES")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if setting:
+        env["MLSTM_TORCH_FORWARD_HELP"] = setting
+    script = tmp_path / "busy_pool.py"  # a file: TorchScript reads the functions' source
+    script.write_text(_BUSY_POOL_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["busy_throughout"], "the pool's task ended before the layer's call: nothing was tested"
+    assert result["help"] is (setting is None)
+    # per slice: (rows, how many of its chunks' projections another slice's thread computed)
+    assert result["record"] == ([[8, 0], [8, 2]] if setting is None else [[8, 0], [8, 0]])
+    assert result["same"], "the outputs with the pool busy differ from those with it free"

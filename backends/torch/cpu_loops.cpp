@@ -32,6 +32,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <optional>
 #include <set>
 #include <string>
@@ -804,23 +805,55 @@ int64_t forward_slices(int64_t B, bool keep_tape) {
 #endif
 }
 
+// What the last sliced forward of this process did, slice by slice: its rows, how many of its chunks'
+// projections another slice's thread computed, and when it finished (seconds after the call began).
+// For bench_torch.py and the tests; last_sliced_forward() returns it.
+struct SliceRecord {
+  int64_t rows, projections_by_others;
+  double finished;
+};
+std::mutex last_sliced_mutex;
+std::vector<SliceRecord> last_sliced;
+
+// Whether the threads of a sliced forward compute projections for one another (see below):
+// MLSTM_TORCH_FORWARD_HELP=off (read at every call) keeps each to its own, for comparing the two.
+bool forward_help() {
+  const char* setting = std::getenv("MLSTM_TORCH_FORWARD_HELP");
+  return !(setting && std::string(setting) == "off");
+}
+
 // layer_forward without a tape, with the batch split into `slices` row ranges that are independent
 // through the whole recurrence: each thread runs every step for its rows, with single-threaded
 // products, so a step needs no fork and join (layer_forward's own loop has MKL fork and join its
 // threads twice a step), and the thread's projection chunk, h and c stay in its own core's cache. The
 // same products and passes as that loop, on fewer rows; the input projection is one product per chunk
 // of steps on a weight packed once per call (where measured faster, as for the per-step products).
+//
+// A slice's projection of a chunk does not depend on the recurrence, so any thread can compute it
+// before the slice needs it. A thread that starts a chunk while another slice is still on an earlier
+// one first computes that slice's projection of one of its next two chunks, if no thread has taken it
+// yet (a slice keeps three chunks' projections: the one it is on and the next two); a thread done with
+// its own rows goes on doing so while the others run. So a faster core takes over part of a slower
+// one's work (the projection is about half the multiply-adds where inputs and hidden units are equally
+// many) without the threads ever waiting for one another at a barrier. Cores are not equally fast for
+// long: on this project's 2-vCPU VM one vCPU ran single-threaded products at 0.7-0.9x the other's rate
+// for seconds at a time (host contention), and hybrid processors pair fast and slow cores; with a fixed
+// share each, the faster thread waited for the slower one at the end of every call. A chunk's values do
+// not depend on the thread that computed them: every thread packs the same weight for the same rows.
 std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0, const Tensor& c0,
                                          const Tensor& w_ih, const Tensor& w_hh, const Tensor& w_mh,
                                          const std::optional<Tensor>& bias, const std::optional<Tensor>& b_hh,
                                          const std::optional<Tensor>& b_mh, bool multiplicative, int64_t chunk_bytes,
                                          int64_t slices) {
+  const auto call_start = std::chrono::steady_clock::now();
   const Tensor x = x_given.contiguous();
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(-1);
   const int64_t base_rows = B / slices, extra_rows = B % slices, most_rows = base_rows + (extra_rows > 0);
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(T, chunk_bytes / (B * 5 * H * x.element_size())));
+  const int64_t chunks = (T + chunk - 1) / chunk;
+  constexpr int64_t kRing = 3;  // projections kept per slice: of the chunk it is on, and of the next two
   Scratch scratch(x.options());
-  const std::vector<int64_t> p_shape{slices, chunk * most_rows, 5 * H}, x_shape{slices, chunk * most_rows, I},
+  const std::vector<int64_t> p_shape{slices, kRing, chunk * most_rows, 5 * H}, x_shape{slices, chunk * most_rows, I},
       rows_shape{slices, most_rows, H}, gates_shape{slices, most_rows, 4 * H}, c_shape{slices, 2, most_rows, H};
   for (const auto& shape : {p_shape, x_shape, rows_shape, rows_shape, gates_shape, rows_shape, rows_shape, c_shape})
     scratch.reserve(shape);
@@ -831,14 +864,29 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
   const bool independent = w_hh.dim() == 1;
   const Tensor w_hh_c = w_hh.contiguous(), w_mh_c = w_mh.contiguous(), w_ih_c = w_ih.contiguous();
   const Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
+  const bool help_others = forward_help();
+  auto first_row = [&](int64_t s) { return s * base_rows + std::min(s, extra_rows); };
+  auto row_count = [&](int64_t s) { return base_rows + (s < extra_rows); };
+  // Each slice's chunk projections: free to take, being computed, or done; the chunk each slice is on
+  // (-1: not started; chunks: finished).
+  enum : int { kFree = 0, kTaken = 1, kDone = 2 };
+  std::unique_ptr<std::atomic<int>[]> projection(new std::atomic<int>[slices * chunks]);
+  std::unique_ptr<std::atomic<int64_t>[]> on_chunk(new std::atomic<int64_t>[slices]);
+  for (int64_t i = 0; i < slices * chunks; ++i) projection[i].store(kFree);
+  for (int64_t s = 0; s < slices; ++s) on_chunk[s].store(-1);
+  std::vector<SliceRecord> record(slices);
+  for (int64_t s = 0; s < slices; ++s) record[s] = {row_count(s), 0, 0.0};
+  std::vector<int64_t> computed_by(slices * chunks, -1);  // the slice whose thread computed each projection
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlstm_sliced_layer_forward", [&] {
     const scalar_t* b_hh_p = ptr_or_null<scalar_t>(b_hh);
     const scalar_t* bias_p = ptr_or_null<scalar_t>(bias);  // (5H): bias_ih, plus bias_mh under addition
     const scalar_t* b_mh_p = multiplicative ? ptr_or_null<scalar_t>(b_mh) : nullptr;
     const scalar_t* w_hh_vector = independent ? w_hh_c.data_ptr<scalar_t>() : nullptr;
-    auto run_slice = [&](int64_t s) {
-      const int64_t b0 = s * base_rows + std::min(s, extra_rows), rows = base_rows + (s < extra_rows);
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    auto projection_of = [&](int64_t s, int64_t k) { return p_all[s][k % kRing].template data_ptr<scalar_t>(); };
+    auto run_slice = [&](int64_t me) {
+      const int64_t b0 = first_row(me), rows = row_count(me);
       // Weights packed (where measured faster) for this slice's row count, by the thread that uses them.
       std::optional<StepWeight<scalar_t>> w_hh_step;
       if (!independent) w_hh_step.emplace(w_hh_c, rows, /*stored=*/true);
@@ -847,46 +895,94 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
       // shorter chunk) plain products. So only one projection shape per (B, H) is ever measured.
       std::optional<StepWeight<scalar_t>> w_ih_chunk;
       if (T >= 2 * chunk) w_ih_chunk.emplace(w_ih_c, chunk * rows, /*stored=*/true);
-      scalar_t* p_slice = p_all[s].data_ptr<scalar_t>();
-      scalar_t* x_slice = x_all[s].data_ptr<scalar_t>();
-      scalar_t* r = r_all[s].data_ptr<scalar_t>();
-      scalar_t* m = m_all[s].data_ptr<scalar_t>();
-      scalar_t* pre = pre_all[s].data_ptr<scalar_t>();
-      scalar_t* zt = z_all[s].data_ptr<scalar_t>();
-      scalar_t* tc = tanh_c_all[s].data_ptr<scalar_t>();
-      scalar_t* cs = c_all[s].data_ptr<scalar_t>();  // c_{t-1} and c_t, alternating, most_rows apart
-      const scalar_t* x_p = x.data_ptr<scalar_t>();
+      scalar_t* x_slice = x_all[me].data_ptr<scalar_t>();
+      // Computes slice s's projection of chunk k here if no thread has taken it yet: the rows' inputs of
+      // the chunk side by side, then one product. Only for slices with as many rows as this one, so that
+      // it runs on this thread's packed weight, as it would on theirs (same values, bit for bit).
+      auto project = [&](int64_t s, int64_t k) {
+        int expected = kFree;
+        if (!projection[s * chunks + k].compare_exchange_strong(expected, kTaken)) return false;
+        const int64_t s0 = first_row(s), s_rows = row_count(s), t0 = k * chunk, n = std::min(chunk, T - t0);
+        try {
+          for (int64_t step = 0; step < n; ++step) {
+            const scalar_t* from = x_p + ((t0 + step) * B + s0) * I;
+            std::copy(from, from + s_rows * I, x_slice + step * s_rows * I);
+          }
+          scalar_t* p = projection_of(s, k);
+          if (w_ih_chunk && n == chunk) w_ih_chunk->multiply(x_slice, I, false, p, 5 * H);
+          else gemm<scalar_t>(n * s_rows, 5 * H, I, x_slice, I, w_ih_c.data_ptr<scalar_t>(), I, false, p, 5 * H,
+                              /*b_stored=*/true);
+        } catch (...) {  // left to its own slice, which then meets the error itself
+          projection[s * chunks + k].store(kFree);
+          throw;
+        }
+        computed_by[s * chunks + k] = me;
+        projection[s * chunks + k].store(kDone, std::memory_order_release);
+        return true;
+      };
+      // Computes, for the slice furthest behind chunk k, the first of its next two chunks' projections
+      // that no thread has taken; whether it computed one.
+      auto help = [&](int64_t k) {
+        if (!help_others) return false;
+        int64_t behind = -1, behind_on = k;
+        for (int64_t s = 0; s < slices; ++s) {
+          const int64_t on = on_chunk[s].load(std::memory_order_acquire);
+          if (s != me && row_count(s) == rows && on < behind_on) behind = s, behind_on = on;
+        }
+        for (int64_t ahead = behind_on + 1; behind >= 0 && ahead < std::min(chunks, behind_on + kRing); ++ahead)
+          if (project(behind, ahead)) return true;
+        return false;
+      };
+      scalar_t* r = r_all[me].data_ptr<scalar_t>();
+      scalar_t* m = m_all[me].data_ptr<scalar_t>();
+      scalar_t* pre = pre_all[me].data_ptr<scalar_t>();
+      scalar_t* zt = z_all[me].data_ptr<scalar_t>();
+      scalar_t* tc = tanh_c_all[me].data_ptr<scalar_t>();
+      scalar_t* cs = c_all[me].data_ptr<scalar_t>();  // c_{t-1} and c_t, alternating, most_rows apart
       const scalar_t* c0_rows = c0c.data_ptr<scalar_t>() + b0 * H;
       std::copy(c0_rows, c0_rows + rows * H, cs);
       scalar_t* hs_p = hs.data_ptr<scalar_t>();
       const scalar_t* h_prev = h0c.data_ptr<scalar_t>() + b0 * H;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t j = t % chunk;
-        if (j == 0) {  // this slice's rows of the next chunk of steps, side by side, then one product
-          const int64_t n = std::min(chunk, T - t);
-          for (int64_t step = 0; step < n; ++step) {
-            const scalar_t* from = x_p + ((t + step) * B + b0) * I;
-            std::copy(from, from + rows * I, x_slice + step * rows * I);
-          }
-          if (w_ih_chunk && n == chunk) w_ih_chunk->multiply(x_slice, I, false, p_slice, 5 * H);
-          else gemm<scalar_t>(n * rows, 5 * H, I, x_slice, I, w_ih_c.data_ptr<scalar_t>(), I, false, p_slice, 5 * H,
-                              /*b_stored=*/true);
+      for (int64_t k = 0; k < chunks; ++k) {
+        on_chunk[me].store(k, std::memory_order_release);
+        // Taken by another thread: done, or done within one product (or freed again if that one failed).
+        while (!project(me, k) && projection[me * chunks + k].load(std::memory_order_acquire) != kDone)
+          std::this_thread::yield();
+        help(k);
+        scalar_t* p_chunk = projection_of(me, k);
+        for (int64_t t = k * chunk; t < std::min(T, (k + 1) * chunk); ++t) {
+          scalar_t* p_t = p_chunk + (t - k * chunk) * rows * 5 * H;
+          const scalar_t* c_prev = cs + (t % 2) * most_rows * H;
+          scalar_t* c = cs + ((t + 1) % 2) * most_rows * H;
+          scalar_t* h = hs_p + (t * B + b0) * H;
+          if (!independent) w_hh_step->multiply(h_prev, H, false, r, H);
+          mix_rows<scalar_t>(0, rows, H, r, h_prev, w_hh_vector, b_hh_p, p_t, 5 * H, bias_p, nullptr, 0, m);
+          if (b_mh_p)
+            for (int64_t b = 0; b < rows; ++b) std::copy(b_mh_p, b_mh_p + 4 * H, pre + b * 4 * H);
+          w_mh_step.multiply(m, H, b_mh_p != nullptr, pre, 4 * H);
+          gate_rows<scalar_t>(0, rows, H, pre, p_t + H, 5 * H, bias_p ? bias_p + H : nullptr, false, multiplicative,
+                              c_prev, c, h, zt, tc, nullptr, nullptr, nullptr);
+          h_prev = h;
         }
-        scalar_t* p_t = p_slice + j * rows * 5 * H;
-        const scalar_t* c_prev = cs + (t % 2) * most_rows * H;
-        scalar_t* c = cs + ((t + 1) % 2) * most_rows * H;
-        scalar_t* h = hs_p + (t * B + b0) * H;
-        if (!independent) w_hh_step->multiply(h_prev, H, false, r, H);
-        mix_rows<scalar_t>(0, rows, H, r, h_prev, w_hh_vector, b_hh_p, p_t, 5 * H, bias_p, nullptr, 0, m);
-        if (b_mh_p)
-          for (int64_t b = 0; b < rows; ++b) std::copy(b_mh_p, b_mh_p + 4 * H, pre + b * 4 * H);
-        w_mh_step.multiply(m, H, b_mh_p != nullptr, pre, 4 * H);
-        gate_rows<scalar_t>(0, rows, H, pre, p_t + H, 5 * H, bias_p ? bias_p + H : nullptr, false, multiplicative,
-                            c_prev, c, h, zt, tc, nullptr, nullptr, nullptr);
-        h_prev = h;
       }
+      on_chunk[me].store(chunks, std::memory_order_release);
       const scalar_t* c_last = cs + (T % 2) * most_rows * H;
       std::copy(c_last, c_last + rows * H, c_T.data_ptr<scalar_t>() + b0 * H);
+      record[me].finished = std::chrono::duration<double>(std::chrono::steady_clock::now() - call_start).count();
+      // Then the projections of the slices still running, waiting for them to come within reach while one
+      // that no thread has taken is left. (Not for a slice no thread has started: the pool may never
+      // start it, and this thread may be the one to run it next.)
+      while (help_others) {
+        if (help(chunks)) continue;
+        bool left = false;
+        for (int64_t s = 0; s < slices && !left; ++s) {
+          const int64_t on = on_chunk[s].load(std::memory_order_acquire);
+          for (int64_t k = on + 1; s != me && row_count(s) == rows && on >= 0 && k < chunks && !left; ++k)
+            left = projection[s * chunks + k].load(std::memory_order_acquire) == kFree;
+        }
+        if (!left) break;
+        std::this_thread::yield();
+      }
     };
 #if AT_MKL_ENABLED()
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -903,9 +999,20 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
 #endif
     run_on_threads(slices, [&](int64_t s) {
       OneThread alone;
-      run_slice(s);
+      try {
+        run_slice(s);
+      } catch (...) {  // so that no thread waits for this slice's chunks
+        on_chunk[s].store(chunks, std::memory_order_release);
+        throw;
+      }
     });
   });
+  for (int64_t i = 0; i < slices * chunks; ++i)
+    if (computed_by[i] != i / chunks) ++record[i / chunks].projections_by_others;
+  {
+    std::lock_guard<std::mutex> guard(last_sliced_mutex);
+    last_sliced = record;
+  }
   Tensor h_T = hs[T - 1].clone();
   std::vector<Tensor> out{hs, h_T, c_T};
   for (int n = 0; n < 7; ++n) out.push_back(empty0(x));
@@ -1526,6 +1633,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("variant_layer_forward", &variant_layer_forward, "the fused forward loop with the spec's variants");
   m.def("variant_layer_backward", &variant_layer_backward, "the fused backward loop with the spec's variants");
   define_cell_step(m);
+  m.def(
+      "last_sliced_forward",
+      [] {
+        std::lock_guard<std::mutex> guard(last_sliced_mutex);
+        std::vector<std::tuple<int64_t, int64_t, double>> out;
+        for (const SliceRecord& slice : last_sliced) out.emplace_back(slice.rows, slice.projections_by_others, slice.finished);
+        return out;
+      },
+      "the last sliced forward of this process, per slice: (rows, how many of its chunks' projections other "
+      "slices' threads computed, seconds from the call's start to the end of its own steps)");
+  m.def("forward_help", &forward_help, "whether a sliced forward's threads compute projections for one another");
   m.def("forward_slices", &forward_slices,
         "the slices of the batch a forward of this many rows runs on (1: the step-parallel loop), given "
         "whether it keeps the tape");
