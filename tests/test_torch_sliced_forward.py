@@ -193,3 +193,21 @@ def test_a_thread_ahead_computes_another_slices_projections_with_the_same_values
     # per slice: (rows, how many of its chunks' projections another slice's thread computed)
     assert result["record"] == ([[8, 0], [8, 2]] if setting is None else [[8, 0], [8, 0]])
     assert result["same"], "the outputs with the pool busy differ from those with it free"
+
+
+def test_packed_weights_reused_memory_never_carries_another_layers_weights(compiled, threads, monkeypatch):
+    """MKL's packed weights live in memory kept from call to call (PackedBuffer): every call must pack its
+    own weights into it. Layers of the same shape, called in turn, each give their own plain path's values."""
+    monkeypatch.setenv("MLSTM_TORCH_STEP_GEMM", "packed")
+    threads(2)
+    torch.manual_seed(3)
+    steps, batch, inputs, hidden = 12, 16, 24, 32
+    layers = [bt.MLSTM(inputs, hidden) for _ in range(2)]
+    x = torch.randn(steps, batch, inputs)
+    with torch.no_grad():
+        for layer in (*layers, layers[0], layers[1], layers[0]):
+            plain = bt.MLSTM(inputs, hidden, fused=False)
+            plain.load_state_dict(layer.state_dict())
+            got, want = layer(x)[0], plain(x)[0]
+            error, where = relative_error(got.double().numpy(), want.double().numpy())
+            assert error <= tolerance("float32"), f"{error:.2e} at {where}"

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <exception>
 #include <memory>
 #include <chrono>
@@ -32,6 +33,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <optional>
 #include <set>
@@ -385,6 +387,62 @@ void transpose_into(const Tensor& src, const Tensor& dst) {
   });
 }
 
+// Memory for MKL's packed weights, kept from call to call in one pool for all threads. A weight is packed
+// afresh at every call (its values may have changed), but into memory that has been touched before: a
+// fresh buffer (MKL asks 9-14 MB for each of the large benchmark size's weights) cost each thread of
+// the sliced forward 3-6 ms of page faults per call there, more than the packing itself (~1.5 ms).
+// Up to kKeptPackedBytes are kept; a buffer that would exceed it is freed after its call.
+constexpr size_t kKeptPackedBytes = size_t{128} << 20;
+class PackedBuffer {
+ public:
+  explicit PackedBuffer(size_t bytes) {
+    std::lock_guard<std::mutex> guard(pool_mutex());
+    for (Block& block : pool()) {
+      if (block.in_use || block.bytes < bytes) continue;
+      block.in_use = true;
+      block_ = &block;
+      return;
+    }
+    own_.bytes = (bytes + 63) / 64 * 64;
+    own_.memory.reset(static_cast<char*>(std::aligned_alloc(64, own_.bytes)));
+    if (!own_.memory) throw std::bad_alloc();
+    if (kept_bytes() + own_.bytes > kKeptPackedBytes) return;  // this call's own
+    kept_bytes() += own_.bytes;
+    own_.in_use = true;
+    pool().push_back(std::move(own_));
+    block_ = &pool().back();
+  }
+  ~PackedBuffer() {
+    if (!block_) return;
+    std::lock_guard<std::mutex> guard(pool_mutex());
+    block_->in_use = false;
+  }
+  PackedBuffer(const PackedBuffer&) = delete;
+  PackedBuffer& operator=(const PackedBuffer&) = delete;
+  float* data() const { return reinterpret_cast<float*>(block_ ? block_->memory.get() : own_.memory.get()); }
+
+ private:
+  struct Block {
+    std::unique_ptr<char, decltype(&std::free)> memory{nullptr, &std::free};
+    size_t bytes = 0;
+    bool in_use = false;
+  };
+  static std::mutex& pool_mutex() {
+    static std::mutex mutex;
+    return mutex;
+  }
+  static std::deque<Block>& pool() {  // a deque: its blocks stay where they are as it grows
+    static std::deque<Block> blocks;
+    return blocks;
+  }
+  static size_t& kept_bytes() {
+    static size_t bytes = 0;
+    return bytes;
+  }
+  Block* block_ = nullptr;  // in the pool, or null for own_
+  Block own_;
+};
+
 // The right-hand operand of every step's product, W (k x n), for products with `rows` rows: given as
 // it is (row-major k x n, contiguous), or with `stored` as the weight (n x k, contiguous) whose
 // transpose it is. In float with MKL it runs as step_product measured fastest for this shape: packed
@@ -404,10 +462,9 @@ class StepWeight {
       // as one (the values do not change a product's time; the choice concerns the shape).
       const Product kind = step_product(w.data_ptr<float>(), rows, n_, k_);
       if (kind == Product::packed) {
-        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_);
-        packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
+        packed_ = std::make_unique<PackedBuffer>(cblas_sgemm_pack_get_size(kBMatrix, rows, n_, k_));
         cblas_sgemm_pack(kRowMajor, kBMatrix, stored ? kTrans : kNoTrans, rows, n_, k_, 1.f, w.data_ptr<float>(),
-                         stored ? k_ : n_, packed_.data_ptr<float>());
+                         stored ? k_ : n_, packed_->data());
         return;
       }
       if (kind == Product::onednn) {
@@ -422,8 +479,8 @@ class StepWeight {
   void multiply(const scalar_t* A, int64_t lda, bool accumulate, scalar_t* C, int64_t ldc) const {
 #if AT_MKL_ENABLED()
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (packed_.defined()) {
-        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows_, n_, k_, A, lda, packed_.data_ptr<float>(), n_,
+      if (packed_) {
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows_, n_, k_, A, lda, packed_->data(), n_,
                             accumulate ? 1.f : 0.f, C, ldc);
         return;
       }
@@ -443,7 +500,8 @@ class StepWeight {
     transpose_into<scalar_t>(w, out);
     return out;
   }
-  Tensor w_, packed_, onednn_weight_;  // W as given or transposed (plain), packed, or stored (oneDNN)
+  Tensor w_, onednn_weight_;  // W as given or transposed (plain), or stored (oneDNN)
+  std::unique_ptr<PackedBuffer> packed_;  // or packed
   int64_t k_, n_, rows_;
 };
 
