@@ -140,7 +140,7 @@ def test_sliced_forward_float32_equals_the_step_parallel_loop_and_spec(compiled,
 # for the other: the caller, on its chunks 0 and 1, finds slice 1 not started and computes slice 1's
 # projections of chunks 0 and 1 (the most it may hold ahead); slice 1 then finds them done.
 _BUSY_POOL_SCRIPT = """
-import json, sys, torch
+import json, sys, time, torch
 torch.set_num_interop_threads(1)
 torch.set_num_threads(2)
 from unittest import mock
@@ -153,8 +153,10 @@ def busy(x: torch.Tensor, n: int) -> torch.Tensor:
     return x
 
 @torch.jit.script
-def occupy(x: torch.Tensor, n: int) -> torch.jit.Future[torch.Tensor]:
-    return torch.jit.fork(busy, x, n)
+def occupy(n: int) -> torch.jit.Future[torch.Tensor]:
+    # The task's tensor is made here, not passed from Python: a tensor known to Python needs the GIL
+    # when the task releases it, and a Python thread blocked in torch.jit.wait holds the GIL.
+    return torch.jit.fork(busy, torch.full([128, 128], 1.0 / 128), n)
 
 compiled = build.cpu_loops()
 torch.manual_seed(0)
@@ -165,11 +167,12 @@ three_steps = 3 * batch * 5 * hidden * 4  # the projection in chunks of 3 steps:
 with mock.patch.object(loops, "PROJECTION_CHUNK_BYTES", three_steps), torch.no_grad():
     layer(x)  # measures the products' kinds, outside what is compared
     free = layer(x)
-    pending = occupy(torch.randn(128, 128), 4000)
+    pending = occupy(4000)
     blocked = layer(x)
     record = compiled.last_sliced_forward()
     busy_throughout = not pending.done()
-    torch.jit.wait(pending)
+    while not pending.done():  # sleeping, so without the GIL
+        time.sleep(0.01)
 same = all(torch.equal(a, b) for a, b in zip((free[0], *free[1]), (blocked[0], *blocked[1])))
 print(json.dumps(dict(record=[(rows, by_others) for rows, by_others, _ in record], same=same,
                       busy_throughout=busy_throughout, help=compiled.forward_help())))
@@ -185,7 +188,7 @@ def test_a_thread_ahead_computes_another_slices_projections_with_the_same_values
         env["MLSTM_TORCH_FORWARD_HELP"] = setting
     script = tmp_path / "busy_pool.py"  # a file: TorchScript reads the functions' source
     script.write_text(_BUSY_POOL_SCRIPT)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["busy_throughout"], "the pool's task ended before the layer's call: nothing was tested"
