@@ -502,7 +502,7 @@ class Shape:
 #: The large tier of each profile. Each shape sits just past (or just below) a size that optimised
 #: code tiles or vectorises on: hidden and input sizes around 8, 16, 32, 64 and 128 (non-multiples,
 #: so that a vector tail or a partial tile is left over), steps past 16, 32 and 64 (time chunks, and
-#: a backward pass that must reach back further than a chunk), batches past 4, 8 and 16 (batch
+#: a backward pass that must reach back further than a chunk), batches past 4 and 16 (batch
 #: tiles), a stack of layers. Each is checked once per implementation, device and dtype: few and
 #: cheap, so that the default run stays within a few minutes with JIT backends that compile once
 #: per shape. ``thorough`` adds exact multiples, longer sequences, a stack of three and H = 257.
@@ -516,7 +516,9 @@ class Shape:
 #: may take another path for it).
 LARGE_SHAPES = {
     "default": (
-        Shape(9, 33, 33, 31),                # B past 8, T past 32, I past 32, H past 16 (below 32)
+        Shape(18, 33, 33, 31),               # B past 16 in two even halves (the torch layer's inference
+                                             # forward splits rows across threads), T past 32, I past 32,
+                                             # H past 16 (below 32)
         Shape(17, 20, 15, 33, proj_size=31, proj_clip=True, forget_bias=1.0),  # B past 16, T past 16,
                                              # I past 8 (below 16), H past 32, P below 32
         Shape(None, 65, 65, 9, peepholes=True, cell_clip=True, forget_bias=-0.5),  # unbatched, T past 64,
