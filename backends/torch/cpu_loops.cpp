@@ -682,9 +682,76 @@ const scalar_t* ptr_or_null(const std::optional<Tensor>& t) {
 
 Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
 
+// ---- memory kept from call to call for a training call's large arrays ---------------------------------
+
+// The tape of a forward that keeps one (its K alone holds T*B*4H values: 52 MB at the large benchmark
+// size) and the backward's scratch are too large for glibc to hold on to: it hands such a block back to
+// the system when it is freed, and the next call's first writes fault every 4 KB page in again, each
+// zeroed by the kernel (~38,000 faults per forward+backward there). So these arrays come from blocks
+// kept process-wide: a block goes back to the pool when the last tensor on it is freed (the tape's when
+// autograd frees it after the backward) and serves a later array of up to its size. Free blocks are
+// kept up to MLSTM_TORCH_KEPT_MEGABYTES (read once; default 512, 0: none kept); past that a freed block
+// goes back to the system. Only for arrays no user sees: outputs and gradients stay ordinary tensors.
+class KeptBlocks {
+ public:
+  static Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
+    const size_t bytes = static_cast<size_t>(c10::multiply_integers(shape)) * options.dtype().itemsize();
+    KeptBlocks& pool = instance();
+    if (bytes < kSmallest || pool.limit_ == 0) return at::empty(shape, options);
+    const auto [block, size] = pool.take((bytes + kGranule - 1) / kGranule * kGranule);
+    return at::from_blob(block, shape, [size = size](void* freed) { instance().give_back(freed, size); }, options);
+  }
+  // The bytes held in free blocks now (for the tests).
+  static size_t free_bytes() {
+    KeptBlocks& pool = instance();
+    std::lock_guard<std::mutex> guard(pool.mutex_);
+    return pool.free_total_;
+  }
+
+ private:
+  static constexpr size_t kSmallest = size_t{1} << 20, kGranule = size_t{2} << 20;
+  KeptBlocks() {
+    const char* setting = std::getenv("MLSTM_TORCH_KEPT_MEGABYTES");
+    limit_ = (setting ? static_cast<size_t>(std::max(0LL, std::atoll(setting))) : 512) << 20;
+  }
+  static KeptBlocks& instance() {  // never destroyed: a tensor freed during exit still finds it
+    static KeptBlocks* pool = new KeptBlocks();
+    return *pool;
+  }
+  // The smallest free block of at least `size` bytes and at most an eighth (or a granule) larger, else a
+  // new one; with its size.
+  std::pair<void*, size_t> take(size_t size) {
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      const auto found = free_.lower_bound(size);
+      if (found != free_.end() && found->first <= size + std::max(size / 8, kGranule)) {
+        const std::pair<void*, size_t> block{found->second, found->first};
+        free_total_ -= found->first;
+        free_.erase(found);
+        return block;
+      }
+    }
+    void* block = std::aligned_alloc(64, size);
+    if (!block) throw std::bad_alloc();
+    return {block, size};
+  }
+  void give_back(void* block, size_t size) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    if (free_total_ + size > limit_) {
+      std::free(block);
+      return;
+    }
+    free_.emplace(size, block);
+    free_total_ += size;
+  }
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;  // by size
+  size_t free_total_ = 0, limit_ = 0;
+};
+
 // Scratch arrays that no result aliases, carved from one buffer that this thread keeps from call to
 // call (one per dtype; it grows to the largest call's needs, up to kKeptBytes; a call needing more
-// gets a buffer of its own). A fresh allocation of that size costs a page fault per 4 KB on every
+// takes its buffer from KeptBlocks). A fresh allocation of that size costs a page fault per 4 KB on every
 // call, as glibc hands large blocks back to the system: measured ~4 ms of a 21 ms forward at B=32,
 // T=128, I=64, H=256. The forward's scratch is bounded by the projection chunk (a few MB); the
 // backward's grows with T*B*H.
@@ -702,7 +769,7 @@ class Scratch {
       thread_local Tensor kept[2][2];  // by slot: float32, float64
       Tensor& mine = kept[slot_][options_.dtype() == at::kDouble ? 1 : 0];
       const bool keep = total_ * static_cast<int64_t>(options_.dtype().itemsize()) <= kKeptBytes;
-      if (!keep) buffer_ = at::empty({total_}, options_);  // too large to hold on to: this call's own
+      if (!keep) buffer_ = KeptBlocks::empty({total_}, options_);  // too large for this thread: from the pool
       else if (!mine.defined() || mine.numel() < total_) {
         // Kept across calls, so it must not become an inference tensor when the first call runs under
         // torch.inference_mode(): a later call outside it could then not write to it.
@@ -1132,10 +1199,11 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
   if (slices > 1)
     return sliced_layer_forward(x, h0, c0, w_ih, w_hh, w_mh, bias, b_hh, b_mh, multiplicative, chunk_bytes, slices);
   auto empty = [&](at::IntArrayRef shape) { return at::empty(shape, x.options()); };
+  auto tape_array = [&](at::IntArrayRef shape) { return KeptBlocks::empty(shape, x.options()); };
   const bool keep_all_p = keep_tape && multiplicative;  // the backward needs p_gates only then
   const int64_t chunk = keep_all_p ? T
       : std::max<int64_t>(1, std::min<int64_t>(T, chunk_bytes / (B * 5 * H * x.element_size())));
-  // What the tape keeps is allocated afresh (autograd holds it); the rest is scratch.
+  // What the tape keeps comes from the kept blocks (autograd holds it; see KeptBlocks); the rest is scratch.
   Scratch scratch(x.options());
   const std::vector<int64_t> p_shape{chunk, B, 5 * H}, step_shape{1, B, H}, step_gates_shape{1, B, 4 * H};
   if (!keep_all_p) scratch.reserve(p_shape);
@@ -1148,15 +1216,15 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
   scratch.reserve({B, H});  // tanh(c)
   scratch.reserve({B, 4 * H});
   scratch.reserve({2, B, H});
-  Tensor p_buffer = keep_all_p ? empty({T, B, 5 * H}) : scratch.take(p_shape);
-  Tensor p_m_tape = keep_tape && !multiplicative ? empty({T, B, H}) : empty0(x);
+  Tensor p_buffer = keep_all_p ? tape_array({T, B, 5 * H}) : scratch.take(p_shape);
+  Tensor p_m_tape = keep_tape && !multiplicative ? tape_array({T, B, H}) : empty0(x);
   Tensor hs = empty({T, B, H});
-  Tensor r_all = keep_tape ? empty({T, B, H}) : scratch.take(step_shape);
-  Tensor m_all = keep_tape ? empty({T, B, H}) : scratch.take(step_shape);
-  Tensor q_all = !multiplicative ? empty0(x) : keep_tape ? empty({T, B, 4 * H}) : scratch.take(step_gates_shape);
-  Tensor f_tape = keep_tape ? empty({T, B, H}) : empty0(x);
-  Tensor K = keep_tape ? empty({T, B, 4 * H}) : empty0(x);
-  Tensor dh_to_dc = keep_tape ? empty({T, B, H}) : empty0(x);
+  Tensor r_all = keep_tape ? tape_array({T, B, H}) : scratch.take(step_shape);
+  Tensor m_all = keep_tape ? tape_array({T, B, H}) : scratch.take(step_shape);
+  Tensor q_all = !multiplicative ? empty0(x) : keep_tape ? tape_array({T, B, 4 * H}) : scratch.take(step_gates_shape);
+  Tensor f_tape = keep_tape ? tape_array({T, B, H}) : empty0(x);
+  Tensor K = keep_tape ? tape_array({T, B, 4 * H}) : empty0(x);
+  Tensor dh_to_dc = keep_tape ? tape_array({T, B, H}) : empty0(x);
   Tensor z_scratch = scratch.take({B, H}), tanh_c_scratch = scratch.take({B, H});
   Tensor gates = scratch.take({B, 4 * H});
   Tensor cs = scratch.take({2, B, H});  // c_{t-1} and c_t, alternating
@@ -1527,7 +1595,7 @@ std::vector<Tensor> variant_layer_forward(
   std::vector<Tensor> field(kVariantFields);
   for (int n = 0; n < kVariantFields; ++n)
     field[n] = !computed[n] ? empty0(x)
-        : kept(n) ? at::empty({n == kCs ? T + 1 : T, B, width[n]}, x.options())
+        : kept(n) ? KeptBlocks::empty({n == kCs ? T + 1 : T, B, width[n]}, x.options())
         : scratch.take({scratch_steps(n), B, width[n]});
   Tensor hs = at::empty({T, B, P}, x.options());
   field[kCs][0].copy_(c0);
@@ -1736,6 +1804,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "the last sliced forward of this process, per slice: (rows, how many of its chunks' projections other "
       "slices' threads computed, seconds from the call's start to the end of its own steps)");
+  m.def("kept_free_bytes", &KeptBlocks::free_bytes,
+        "bytes held in free blocks for a training call's large arrays (MLSTM_TORCH_KEPT_MEGABYTES)");
   m.def("forward_help", &forward_help, "whether a sliced forward's threads compute projections for one another");
   m.def("forward_slices", &forward_slices,
         "the slices of the batch a forward of this many rows runs on (1: the step-parallel loop), given "
