@@ -690,8 +690,10 @@ Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
 // zeroed by the kernel (~38,000 faults per forward+backward there). So these arrays come from blocks
 // kept process-wide: a block goes back to the pool when the last tensor on it is freed (the tape's when
 // autograd frees it after the backward) and serves a later array of up to its size. Free blocks are
-// kept up to MLSTM_TORCH_KEPT_MEGABYTES (read once; default 512, 0: none kept); past that a freed block
-// goes back to the system. Only for arrays no user sees: outputs and gradients stay ordinary tensors.
+// kept up to MLSTM_TORCH_KEPT_MEGABYTES (read once; default 512, 0: none kept); to keep a freed block
+// within that, the blocks freed longest ago go back to the system first (so that the pool follows the
+// shapes of the calls now running), and a block larger than the bound goes back itself. Only for
+// arrays no user sees: outputs and gradients stay ordinary tensors.
 class KeptBlocks {
  public:
   static Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
@@ -725,7 +727,7 @@ class KeptBlocks {
       std::lock_guard<std::mutex> guard(mutex_);
       const auto found = free_.lower_bound(size);
       if (found != free_.end() && found->first <= size + std::max(size / 8, kGranule)) {
-        const std::pair<void*, size_t> block{found->second, found->first};
+        const std::pair<void*, size_t> block{found->second.first, found->first};
         free_total_ -= found->first;
         free_.erase(found);
         return block;
@@ -737,16 +739,25 @@ class KeptBlocks {
   }
   void give_back(void* block, size_t size) {
     std::lock_guard<std::mutex> guard(mutex_);
-    if (free_total_ + size > limit_) {
+    if (size > limit_) {
       std::free(block);
       return;
     }
-    free_.emplace(size, block);
+    while (free_total_ + size > limit_) {  // the oldest free block out (few blocks: a scan is enough)
+      auto oldest = free_.begin();
+      for (auto it = free_.begin(); it != free_.end(); ++it)
+        if (it->second.second < oldest->second.second) oldest = it;
+      std::free(oldest->second.first);
+      free_total_ -= oldest->first;
+      free_.erase(oldest);
+    }
+    free_.emplace(size, std::make_pair(block, ++freed_));
     free_total_ += size;
   }
   std::mutex mutex_;
-  std::multimap<size_t, void*> free_;  // by size
+  std::multimap<size_t, std::pair<void*, uint64_t>> free_;  // size -> (block, when it was freed)
   size_t free_total_ = 0, limit_ = 0;
+  uint64_t freed_ = 0;
 };
 
 // Scratch arrays that no result aliases, carved from one buffer that this thread keeps from call to
