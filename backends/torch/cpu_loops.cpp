@@ -687,7 +687,7 @@ Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
 // The tape of a forward that keeps one (its K alone holds T*B*4H values: 52 MB at the large benchmark
 // size) and the backward's scratch are too large for glibc to hold on to: it hands such a block back to
 // the system when it is freed, and the next call's first writes fault every 4 KB page in again, each
-// zeroed by the kernel (~38,000 faults per forward+backward there). So these arrays come from blocks
+// zeroed by the kernel (~32,000 faults per forward+backward there). So these arrays come from blocks
 // kept process-wide: a block goes back to the pool when the last tensor on it is freed (the tape's when
 // autograd frees it after the backward) and serves a later array of up to its size. Free blocks are
 // kept up to MLSTM_TORCH_KEPT_MEGABYTES (read once; default 512, 0: none kept); to keep a freed block
