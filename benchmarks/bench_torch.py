@@ -54,6 +54,7 @@ It is not part of the test command.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import os
@@ -261,24 +262,51 @@ def targets(results, per_process=()):
     return "\n".join(lines)
 
 
-def gemm_choices() -> str:
-    """The C++ loops' products, each with the kind measured faster for its shape on this machine
-    (cpu_loops.cpp: step_product, sequence_product_on_onednn, weight_gradient_on_onednn)."""
+GEMM_KINDS = ("Per-step products (MKL packed, MKL or oneDNN, as measured on this machine)",
+              "Whole-sequence products (input projection with a tape, d_input)",
+              "Weight gradients (A^T B over all rows)")
+
+
+def gemm_choices() -> list[list[str]] | None:
+    """The C++ loops' products run so far, each as [one of GEMM_KINDS, its shape, the kind measured
+    faster for it on this machine] (cpu_loops.cpp: step_product, sequence_product_on_onednn,
+    weight_gradient_on_onednn); None where the loops are not built."""
     from backends.torch import build
 
     loops = build.cpu_loops()
     if loops is None:
-        return "Matrix products: the C++ loops are not built here."
+        return None
     names = {"packed": "MKL packed", "plain": "MKL", "mkl": "MKL", "onednn": "oneDNN"}
-    steps = ", ".join(f"{rows}x{k} by {k}x{n} ({threads} threads): {names[kind]}"
-                      for rows, n, k, threads, kind in loops.step_gemm_choices())
-    sequences = ", ".join(f"rows x {k} by {k}x{n} ({threads} threads): {names[kind]}"
-                          for n, k, threads, kind in loops.sequence_gemm_choices())
-    gradients = ", ".join(f"rows x {n} by rows x {k} ({threads} threads): {names[kind]}"
-                          for n, k, threads, kind in loops.gradient_gemm_choices())
-    return (f"Per-step products (MKL packed, MKL or oneDNN, as measured on this machine): {steps or 'none run'}. "
-            f"Whole-sequence products (input projection with a tape, d_input): {sequences or 'none run'}. "
-            f"Weight gradients (A^T B over all rows): {gradients or 'none run'}.")
+    steps, sequences, gradients = GEMM_KINDS
+    return ([[steps, f"{rows}x{k} by {k}x{n} ({threads} threads)", names[kind]]
+             for rows, n, k, threads, kind in loops.step_gemm_choices()]
+            + [[sequences, f"rows x {k} by {k}x{n} ({threads} threads)", names[kind]]
+               for n, k, threads, kind in loops.sequence_gemm_choices()]
+            + [[gradients, f"rows x {n} by rows x {k} ({threads} threads)", names[kind]]
+               for n, k, threads, kind in loops.gradient_gemm_choices()])
+
+
+def describe_gemm_choices(per_process: list) -> str:
+    """One paragraph for the choices of every process (each a gemm_choices() result): a shape's kind,
+    or, where the processes measured differently, how many chose each."""
+    if any(choices is None for choices in per_process):
+        return "Matrix products: the C++ loops are not built here."
+    kinds: dict = {}
+    for choices in per_process:
+        for kind_of_product, shape, chosen in choices:
+            kinds.setdefault(kind_of_product, {}).setdefault(shape, []).append(chosen)
+    parts = []
+    for kind_of_product in GEMM_KINDS:
+        shapes = []
+        for shape, chosen in kinds.get(kind_of_product, {}).items():
+            counts = collections.Counter(chosen)
+            if len(counts) == 1 and len(chosen) == len(per_process):
+                shapes.append(f"{shape}: {chosen[0]}")
+            else:
+                shapes.append(f"{shape}: " + ", ".join(f"{name} in {n} of {len(per_process)} processes"
+                                                       for name, n in counts.most_common()))
+        parts.append(f"{kind_of_product}: {', '.join(shapes) or 'none run'}.")
+    return " ".join(parts)
 
 
 def load_average() -> str:
@@ -462,7 +490,7 @@ def main(argv=None):
         args.json.write_text(json.dumps({
             "results": [[list(size), [[name, mode, ms] for (name, mode), ms in m.items()]]
                         for size, m in results.items()],
-            "choices": "" if on_gpu else gemm_choices(), "load": load_average()}))
+            "choices": None if on_gpu else gemm_choices(), "load": load_average()}))
         return results
     date = datetime.date.today().isoformat()
     if on_gpu:
@@ -484,8 +512,8 @@ def main(argv=None):
         header += " Left out: " + "; ".join(f"{n} ({why})" for n, why in left_out.items()) + "."
     report = f"{header}\n\n{ratio_table(results, names, 'MLSTM')}\n\nTargets:\n\n{targets(results, per_process)}\n"
     if not on_gpu:
-        choices = sorted({run["choices"] for run in runs}) if per_process else [gemm_choices()]
-        report += "".join(f"\n{line}\n" for line in choices)
+        choices = [run["choices"] for run in runs] if per_process else [gemm_choices()]
+        report += f"\n{describe_gemm_choices(choices)}\n"
     print(report)
     if args.output is not None:
         write_report(args.output, report)

@@ -775,15 +775,20 @@ def test_benchmark_of_the_variants_runs(capsys):
 def test_benchmark_in_processes_reports_the_median_and_each_process(capsys):
     """--processes: the table holds the median over the processes of each one's median; each target line
     judges the median of the processes' own ratios (each measured side by side in one process), and
-    lists them and how many met the target (the processes' results made up here: 3 processes)."""
+    lists them and how many met the target; the products' choices are listed once, with how many
+    processes chose each kind where they differ (the processes' results made up here: 3 processes)."""
     bench = _bench_module()
     size = bench["TARGET_SIZE"]
+    step_products = bench["GEMM_KINDS"][0]
+    choices = [[[step_products, "32x512 by 512x512 (1 threads)", kind],
+                [step_products, "32x512 by 512x2048 (1 threads)", "MKL packed"]]
+               for kind in ("MKL packed", "MKL", "MKL packed")]
     made_up = [  # MLSTM, nn.LSTM, torchrecurrent forward times (ms) of three processes
         (100.0, 90.0, 175.0), (110.0, 80.0, 200.0), (130.0, 85.0, 220.0)]
     runs = [{"results": {size: {("MLSTM", "forward"): a, ("nn.LSTM", "forward"): b, ("torchrecurrent", "forward"): c,
                                 ("MLSTM", "forward+backward"): 3 * a, ("nn.LSTM", "forward+backward"): 3 * b,
                                 ("torchrecurrent", "forward+backward"): 3 * c}},
-             "choices": "Per-step products: made up.", "load": "load average 0.0"} for a, b, c in made_up]
+             "choices": chosen, "load": "load average 0.0"} for (a, b, c), chosen in zip(made_up, choices)]
     bench["main"].__globals__["in_processes"] = lambda argv, processes: runs[:processes]
     bench["main"].__globals__["unavailable"] = lambda device: {}  # as if torchrecurrent were installed
     results = bench["main"](["--sizes", ",".join(map(str, size)), "--processes", "3",
@@ -797,7 +802,9 @@ def test_benchmark_in_processes_reports_the_median_and_each_process(capsys):
     # MLSTM / nn.LSTM per process: 1.11, 1.38, 1.53 -> median 1.38, met (<= 1.5) in 2 of 3
     assert "MLSTM takes 1.38x the time of nn.LSTM (target <= 1.5x: met; " \
            "median of the per-process ratios 1.11, 1.38, 1.53, met in 2 of 3)" in out
-    assert "Median over 3 processes" in out and "Per-step products: made up." in out
+    assert "Median over 3 processes" in out
+    assert (f"{step_products}: 32x512 by 512x512 (1 threads): MKL packed in 2 of 3 processes, MKL in 1 of 3 "
+            "processes, 32x512 by 512x2048 (1 threads): MKL packed.") in out
 
 
 def test_benchmark_in_processes_runs_them(tmp_path):
