@@ -58,7 +58,7 @@ def test_slices_follow_threads_and_rows(compiled, threads, monkeypatch):
     assert compiled.forward_slices(26, False) == 3  # 9, 9 and 8 rows
     assert compiled.forward_slices(20, False) == 2  # at least 8 rows a slice
     assert compiled.forward_slices(7, False) == 1
-    assert compiled.forward_slices(26, True) == 1  # the forward that writes the tape keeps its loop
+    assert compiled.forward_slices(26, True) == 1  # a tape keeping every projection keeps the loop
     monkeypatch.setenv("MLSTM_TORCH_FORWARD_SLICES", "off")  # read at every call
     assert compiled.forward_slices(26, False) == 1
     monkeypatch.delenv("MLSTM_TORCH_FORWARD_SLICES")
@@ -132,6 +132,43 @@ def test_sliced_forward_float32_equals_the_step_parallel_loop_and_spec(compiled,
     for got, want in zip((results[2][0], *results[2][1]), (results[1][0], *results[1][1])):
         error, where = relative_error(got.double().numpy(), want.double().numpy())
         assert error <= bound, f"sliced vs step-parallel: {error:.2e} at {where}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("options", [dict(), dict(independent_recurrence=True),
+                                     dict(bias=False, recurrent_bias=False, multiplicative_bias=True)],
+                         ids=["all biases", "independent", "only bias_mh"])
+def test_a_training_forward_under_addition_runs_sliced_and_its_tape_gives_the_plain_gradients(compiled, threads,
+                                                                                              mode, options):
+    """Under addition the forward that keeps a tape for the backward runs sliced too, each slice writing its
+    rows of the tape: the outputs and every gradient (input, initial states, weights) equal the plain path's
+    (autograd over torch operations) in float64, with uneven slices (17 and 16 rows) and the projection in
+    several chunks. Under multiplicative integration, whose tape keeps every step's whole projection, the
+    step-parallel loop runs instead: the record of the last sliced call (an inference call of 16 rows, made
+    just before) stays as it was."""
+    threads(2)
+    torch.manual_seed(4)
+    steps, batch, inputs, hidden = 13, 33, 24, 40
+    x, h0, c0 = (torch.randn(*shape, dtype=torch.float64) for shape in
+                 ((steps, batch, inputs), (1, batch, hidden), (1, batch, hidden)))
+    fused = bt.MLSTM(inputs, hidden, dtype=torch.float64, integration_mode=mode, **options)
+    plain = bt.MLSTM(inputs, hidden, dtype=torch.float64, integration_mode=mode, fused=False, **options)
+    plain.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        fused(x[:, :16])
+    assert [rows for rows, _, _ in compiled.last_sliced_forward()] == [8, 8]
+    results = []
+    for layer in (fused, plain):
+        given = [t.clone().requires_grad_(True) for t in (x, h0, c0)]
+        with mock.patch.object(loops, "PROJECTION_CHUNK_BYTES", 3 * batch * 5 * hidden * 8):
+            out, (h_n, c_n) = layer(given[0], (given[1], given[2]))
+        (out.square().sum() + 0.3 * h_n.sum() - c_n.sum()).backward()
+        results.append([out, h_n, c_n, *(t.grad for t in given), *(p.grad for p in layer.parameters())])
+    for index, (got, want) in enumerate(zip(*results)):
+        error, where = relative_error(got.detach().numpy(), want.detach().numpy())
+        assert error <= tolerance("float64"), f"result {index}: relative error {error:.2e} at {where}"
+    sliced = [rows for rows, _, _ in compiled.last_sliced_forward()]
+    assert sliced == ([17, 16] if mode == "addition" else [8, 8])
 
 
 # The one thread of torch's inter-op pool is kept busy by a TorchScript task while the layer runs, so

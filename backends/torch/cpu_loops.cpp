@@ -926,16 +926,17 @@ void run_on_threads(int64_t count, const Body& body) {
   if (shared->error) std::rethrow_exception(shared->error);
 }
 
-// The slices a forward without a tape splits the batch into: one per torch thread, each of at least
-// kMinSliceRows rows (fewer make each thread's products inefficient); 1 keeps the step-parallel loop,
-// as does MLSTM_TORCH_FORWARD_SLICES=off (read at every call; for comparing the two, and for a
-// processor where slices measure slower). Without MKL, whose products can be told to stay on the
-// calling thread, always 1.
+// The slices a forward splits the batch into: one per torch thread, each of at least kMinSliceRows
+// rows (fewer make each thread's products inefficient); 1 keeps the step-parallel loop, as does
+// MLSTM_TORCH_FORWARD_SLICES=off (read at every call; for comparing the two, and for a processor where
+// slices measure slower), and so does a forward whose tape keeps every step's whole projection (under
+// multiplicative integration: a slice computes its projections a chunk at a time, into its own ring).
+// Without MKL, whose products can be told to stay on the calling thread, always 1.
 constexpr int64_t kMinSliceRows = 8;
-int64_t forward_slices(int64_t B, bool keep_tape) {
+int64_t forward_slices(int64_t B, bool keeps_projections) {
 #if AT_MKL_ENABLED()
   const char* setting = std::getenv("MLSTM_TORCH_FORWARD_SLICES");
-  if (keep_tape || (setting && std::string(setting) == "off")) return 1;
+  if (keeps_projections || (setting && std::string(setting) == "off")) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinSliceRows));
 #else
   return 1;
@@ -959,8 +960,8 @@ bool forward_help() {
   return !(setting && std::string(setting) == "off");
 }
 
-// layer_forward without a tape, with the batch split into `slices` row ranges that are independent
-// through the whole recurrence: each thread runs every step for its rows, with single-threaded
+// layer_forward (with a tape only under addition: see forward_slices), with the batch split into
+// `slices` row ranges that are independent through the whole recurrence: each thread runs every step for its rows, with single-threaded
 // products, so a step needs no fork and join (layer_forward's own loop has MKL fork and join its
 // threads twice a step), and the thread's projection chunk, h and c stay in its own core's cache. The
 // same products and passes as that loop, on fewer rows; the input projection is one product per chunk
@@ -980,8 +981,9 @@ bool forward_help() {
 std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0, const Tensor& c0,
                                          const Tensor& w_ih, const Tensor& w_hh, const Tensor& w_mh,
                                          const std::optional<Tensor>& bias, const std::optional<Tensor>& b_hh,
-                                         const std::optional<Tensor>& b_mh, bool multiplicative, int64_t chunk_bytes,
-                                         int64_t slices) {
+                                         const std::optional<Tensor>& b_mh, bool multiplicative, bool keep_tape,
+                                         int64_t chunk_bytes, int64_t slices) {
+  TORCH_INTERNAL_ASSERT(!(keep_tape && multiplicative));  // see forward_slices
   const auto call_start = std::chrono::steady_clock::now();
   const Tensor x = x_given.contiguous();
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(-1);
@@ -998,6 +1000,11 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
   Tensor r_all = scratch.take(rows_shape), m_all = scratch.take(rows_shape), pre_all = scratch.take(gates_shape);
   Tensor z_all = scratch.take(rows_shape), tanh_c_all = scratch.take(rows_shape), c_all = scratch.take(c_shape);
   Tensor hs = at::empty({T, B, H}, x.options()), c_T = at::empty({B, H}, x.options());
+  // The tape, as layer_forward's under addition: p_m plus its bias, r, m, f, K and dh_to_dc for every
+  // step; each slice writes its rows.
+  auto tape_array = [&](int64_t width) { return keep_tape ? KeptBlocks::empty({T, B, width}, x.options()) : empty0(x); };
+  Tensor p_m_tape = tape_array(H), r_tape = tape_array(H), m_tape = tape_array(H), f_tape = tape_array(H);
+  Tensor K = tape_array(4 * H), dh_to_dc = tape_array(H);
   const bool independent = w_hh.dim() == 1;
   const Tensor w_hh_c = w_hh.contiguous(), w_mh_c = w_mh.contiguous(), w_ih_c = w_ih.contiguous();
   const Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
@@ -1125,14 +1132,23 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
           scalar_t* p_t = p_chunk + (t - k * chunk) * rows * 5 * H;
           const scalar_t* c_prev = cs + (t % 2) * most_rows * H;
           scalar_t* c = cs + ((t + 1) % 2) * most_rows * H;
-          scalar_t* h = hs_p + (t * B + b0) * H;
-          if (!independent) w_hh_step->multiply(h_prev, H, false, r, H);
-          mix_rows<scalar_t>(0, rows, H, r, h_prev, w_hh_vector, b_hh_p, p_t, 5 * H, bias_p, nullptr, 0, m);
+          const int64_t at_rows = t * B + b0;  // this step's first row of this slice, in (T, B, .) arrays
+          scalar_t* h = hs_p + at_rows * H;
+          // on the tape where the forward keeps one, else in this slice's scratch
+          auto on_tape = [&](Tensor& array, int64_t width, scalar_t* scratch_rows) {
+            return keep_tape ? array.data_ptr<scalar_t>() + at_rows * width : scratch_rows;
+          };
+          scalar_t* r_t = on_tape(r_tape, H, r);
+          scalar_t* m_t = on_tape(m_tape, H, m);
+          if (!independent) w_hh_step->multiply(h_prev, H, false, r_t, H);
+          mix_rows<scalar_t>(0, rows, H, r_t, h_prev, w_hh_vector, b_hh_p, p_t, 5 * H, bias_p,
+                             on_tape(p_m_tape, H, nullptr), H, m_t);
           if (b_mh_p)
             for (int64_t b = 0; b < rows; ++b) std::copy(b_mh_p, b_mh_p + 4 * H, pre + b * 4 * H);
-          w_mh_step.multiply(m, H, b_mh_p != nullptr, pre, 4 * H);
+          w_mh_step.multiply(m_t, H, b_mh_p != nullptr, pre, 4 * H);
           gate_rows<scalar_t>(0, rows, H, pre, p_t + H, 5 * H, bias_p ? bias_p + H : nullptr, false, multiplicative,
-                              c_prev, c, h, zt, tc, nullptr, nullptr, nullptr);
+                              c_prev, c, h, zt, tc, on_tape(K, 4 * H, nullptr), on_tape(dh_to_dc, H, nullptr),
+                              on_tape(f_tape, H, nullptr));
           h_prev = h;
         }
       }
@@ -1185,6 +1201,7 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
     last_sliced = record;
   }
   Tensor h_T = hs[T - 1].clone();
+  if (keep_tape) return {hs, h_T, c_T, p_m_tape, r_tape, m_tape, f_tape, K, dh_to_dc, empty0(x)};
   std::vector<Tensor> out{hs, h_T, c_T};
   for (int n = 0; n < 7; ++n) out.push_back(empty0(x));
   return out;
@@ -1206,9 +1223,10 @@ std::vector<Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tenso
     Tensor folded = at::cat({at::zeros({H}, b_mh->options()), *b_mh});
     bias = bias ? *bias + folded : folded;
   }
-  const int64_t slices = forward_slices(B, keep_tape);
+  const int64_t slices = forward_slices(B, keep_tape && multiplicative);
   if (slices > 1)
-    return sliced_layer_forward(x, h0, c0, w_ih, w_hh, w_mh, bias, b_hh, b_mh, multiplicative, chunk_bytes, slices);
+    return sliced_layer_forward(x, h0, c0, w_ih, w_hh, w_mh, bias, b_hh, b_mh, multiplicative, keep_tape, chunk_bytes,
+                                slices);
   auto empty = [&](at::IntArrayRef shape) { return at::empty(shape, x.options()); };
   auto tape_array = [&](at::IntArrayRef shape) { return KeptBlocks::empty(shape, x.options()); };
   const bool keep_all_p = keep_tape && multiplicative;  // the backward needs p_gates only then
@@ -1820,7 +1838,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_help", &forward_help, "whether a sliced forward's threads compute projections for one another");
   m.def("forward_slices", &forward_slices,
         "the slices of the batch a forward of this many rows runs on (1: the step-parallel loop), given "
-        "whether it keeps the tape");
+        "whether its tape keeps every step's projection (multiplicative integration)");
   m.def("parallel_for_threads", &parallel_for_threads,
         "the distinct threads at::parallel_for runs this many one-item pieces on");
   m.def("onednn_products", [] { return onednn() != nullptr; },
