@@ -30,6 +30,18 @@ def require_backend(name: str):
     pytest.skip(reason, allow_module_level=True)
 
 
+def compiled_torch_loops():
+    """The torch backend's compiled C++ loops (``backends.torch.build.cpu_loops()``); a skip, with the
+    reason, where they cannot be built here."""
+    torch_backend = require_backend("torch")
+    built, reason = torch_backend.compiled_cpu_loops()
+    if not built:
+        pytest.skip(f"the C++ loops are not built here: {reason}")
+    from backends.torch import build
+
+    return build.cpu_loops()
+
+
 def gpu_required() -> bool:
     return os.environ.get("MLSTM_REQUIRE_GPU", "") not in ("", "0")
 

@@ -13,13 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import require_backend
+from helpers import compiled_torch_loops, require_backend
 
 bt = require_backend("torch")
 
 import torch  # noqa: E402
-
-from backends.torch import build  # noqa: E402
 
 from mlstm_spec.conformance import relative_error, tolerance  # noqa: E402
 
@@ -31,11 +29,7 @@ STEPS, BATCH, INPUTS, HIDDEN = 24, 12, 16, 256
 
 @pytest.fixture(scope="module")
 def compiled():
-    """The compiled loops' module (a skip, with the reason, where they cannot be built)."""
-    built, reason = bt.compiled_cpu_loops()
-    if not built:
-        pytest.skip(f"the C++ loops are not built here: {reason}")
-    return build.cpu_loops()
+    return compiled_torch_loops()
 
 
 def outputs_and_gradients(layer, x):

@@ -15,13 +15,13 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from helpers import random_params, require_backend
+from helpers import compiled_torch_loops, random_params, require_backend
 
 bt = require_backend("torch")
 
 import torch  # noqa: E402
 
-from backends.torch import build, loops  # noqa: E402
+from backends.torch import loops  # noqa: E402
 
 import mlstm_spec  # noqa: E402
 from mlstm_spec.conformance import relative_error, tolerance  # noqa: E402
@@ -32,11 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def compiled():
-    """The compiled loops' module (a skip, with the reason, where they cannot be built)."""
-    built, reason = bt.compiled_cpu_loops()
-    if not built:
-        pytest.skip(f"the C++ loops are not built here: {reason}")
-    return build.cpu_loops()
+    return compiled_torch_loops()
 
 
 @pytest.fixture(autouse=True)
