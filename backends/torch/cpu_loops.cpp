@@ -960,6 +960,26 @@ bool forward_help() {
   return !(setting && std::string(setting) == "off");
 }
 
+// A piece of work any thread of a sliced forward may do, once: free to take, being done, or done.
+enum : int { kFree = 0, kTaken = 1, kDone = 2 };
+
+// Does work() here if no thread has taken it (state free: taken with one compare-and-swap, done after);
+// whether it did. Where work() throws, the piece is free again, for a thread that then meets the error
+// itself.
+template <typename Work>
+bool run_if_free(std::atomic<int>& state, const Work& work) {
+  int expected = kFree;
+  if (!state.compare_exchange_strong(expected, kTaken)) return false;
+  try {
+    work();
+  } catch (...) {
+    state.store(kFree);
+    throw;
+  }
+  state.store(kDone, std::memory_order_release);
+  return true;
+}
+
 // layer_forward (with a tape only under addition: see forward_slices), with the batch split into
 // `slices` row ranges that are independent through the whole recurrence: each thread runs every step for its rows, with single-threaded
 // products, so a step needs no fork and join (layer_forward's own loop has MKL fork and join its
@@ -1011,9 +1031,8 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
   const bool help_others = forward_help();
   auto first_row = [&](int64_t s) { return s * base_rows + std::min(s, extra_rows); };
   auto row_count = [&](int64_t s) { return base_rows + (s < extra_rows); };
-  // Each slice's chunk projections: free to take, being computed, or done; the chunk each slice is on
-  // (-1: not started; chunks: finished).
-  enum : int { kFree = 0, kTaken = 1, kDone = 2 };
+  // Each slice's chunk projections (free to take, being computed, or done: see run_if_free); the chunk
+  // each slice is on (-1: not started; chunks: finished).
   std::unique_ptr<std::atomic<int>[]> projection(new std::atomic<int>[slices * chunks]);
   std::unique_ptr<std::atomic<int64_t>[]> on_chunk(new std::atomic<int64_t>[slices]);
   for (int64_t i = 0; i < slices * chunks; ++i) projection[i].store(kFree);
@@ -1045,19 +1064,12 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
     auto set_of = [&](int64_t rows) { return rows == most_rows ? 0 : 1; };
     // Prepares weight `job` for row set g here if no thread has taken it yet; whether it did.
     auto prepare = [&](int64_t g, int job) {
-      int expected = kFree;
-      if (!packing[g * kJobs + job].compare_exchange_strong(expected, kTaken)) return false;
-      const int64_t rows = g == 0 ? most_rows : base_rows;
-      try {
+      return run_if_free(packing[g * kJobs + job], [&] {
+        const int64_t rows = g == 0 ? most_rows : base_rows;
         if (job == kHh && !independent) packed[g][job].emplace(w_hh_c, rows, /*stored=*/true);
         if (job == kMh) packed[g][job].emplace(w_mh_c, rows, /*stored=*/true);
         if (job == kIh && T >= 2 * chunk) packed[g][job].emplace(w_ih_c, chunk * rows, /*stored=*/true);
-      } catch (...) {  // left to another thread, which then meets the error itself
-        packing[g * kJobs + job].store(kFree);
-        throw;
-      }
-      packing[g * kJobs + job].store(kDone, std::memory_order_release);
-      return true;
+      });
     };
     auto run_slice = [&](int64_t me) {
       const int64_t b0 = first_row(me), rows = row_count(me), g = set_of(rows);
@@ -1078,10 +1090,8 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
       // the chunk side by side, then one product. Only for slices with as many rows as this one, so that
       // it runs on the same packed weight as theirs (same values, bit for bit).
       auto project = [&](int64_t s, int64_t k) {
-        int expected = kFree;
-        if (!projection[s * chunks + k].compare_exchange_strong(expected, kTaken)) return false;
-        const int64_t s0 = first_row(s), s_rows = row_count(s), t0 = k * chunk, n = std::min(chunk, T - t0);
-        try {
+        return run_if_free(projection[s * chunks + k], [&] {
+          const int64_t s0 = first_row(s), s_rows = row_count(s), t0 = k * chunk, n = std::min(chunk, T - t0);
           for (int64_t step = 0; step < n; ++step) {
             const scalar_t* from = x_p + ((t0 + step) * B + s0) * I;
             std::copy(from, from + s_rows * I, x_slice + step * s_rows * I);
@@ -1090,13 +1100,8 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
           if (w_ih_chunk && n == chunk) w_ih_chunk->multiply(x_slice, I, false, p, 5 * H);
           else gemm<scalar_t>(n * s_rows, 5 * H, I, x_slice, I, w_ih_c.data_ptr<scalar_t>(), I, false, p, 5 * H,
                               /*b_stored=*/true);
-        } catch (...) {  // left to its own slice, which then meets the error itself
-          projection[s * chunks + k].store(kFree);
-          throw;
-        }
-        computed_by[s * chunks + k] = me;
-        projection[s * chunks + k].store(kDone, std::memory_order_release);
-        return true;
+          computed_by[s * chunks + k] = me;
+        });
       };
       // Computes, for the slice furthest behind chunk k, the first of its next two chunks' projections
       // that no thread has taken; whether it computed one.
