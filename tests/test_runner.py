@@ -716,12 +716,15 @@ def test_docs_large_tier_variants_and_sharpness_match_the_code():
 
     def shapes(text):
         out = []
-        for b, t, i, h, rest in re.findall(r"\((\d+|unbatched), (\d+), (\d+), (\d+)\)( with \d layers)?", text):
+        for b, t, i, h, rest, mode in re.findall(
+                r"\((\d+|unbatched), (\d+), (\d+), (\d+)\)( with \d layers)?(?: under ([a-z ]+))?", text):
             layers = int(rest.split()[1]) if rest else 1
-            out.append((None if b == "unbatched" else int(b), int(t), int(i), int(h), layers))
+            out.append((None if b == "unbatched" else int(b), int(t), int(i), int(h), layers,
+                        mode.replace(" ", "_") or None))
         return out
 
-    as_tuples = {name: [(s.batch, s.steps, s.input_size, s.hidden_size, s.num_layers) for s in shapes_]
+    as_tuples = {name: [(s.batch, s.steps, s.input_size, s.hidden_size, s.num_layers, s.integration_mode)
+                        for s in shapes_]
                  for name, shapes_ in LARGE_SHAPES.items()}
     table = {row[0]: row[1] for row in _doc_table("profile | shapes")}
     assert shapes(table["`default`, `ci`"]) == as_tuples["default"] == as_tuples["ci"]

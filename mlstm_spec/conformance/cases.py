@@ -469,7 +469,8 @@ class Shape:
     """One entry of the large tier: the sizes of a case; its options are drawn per run. The variants
     named here are switched on for an adapter that computes them (and left off for one that does not,
     which gets the same shape without them): ``cell_clip`` and ``proj_clip`` ask for a clip, whose
-    bound is chosen on the case's values (:func:`with_clips`)."""
+    bound is chosen on the case's values (:func:`with_clips`). ``integration_mode`` pins the mode
+    (None: drawn per run, like the other options)."""
 
     batch: int | None  # None: unbatched
     steps: int
@@ -481,6 +482,12 @@ class Shape:
     cell_clip: bool = False
     proj_clip: bool = False
     forget_bias: float = 0.0
+    integration_mode: str | None = None
+
+    def __post_init__(self):
+        if self.integration_mode not in (None, *INTEGRATION_MODES):
+            raise ValueError(f"integration_mode must be None or one of {INTEGRATION_MODES}, "
+                             f"got {self.integration_mode!r}")
 
     @property
     def variants(self) -> frozenset:
@@ -488,6 +495,7 @@ class Shape:
 
     def __str__(self) -> str:
         parts = [f"B={self.batch}", f"T={self.steps}", f"I={self.input_size}", f"H={self.hidden_size}"]
+        parts += [self.integration_mode] if self.integration_mode else []
         parts += [f"P={self.proj_size}" if name == "proj_size" else
                   f"forget_bias={self.forget_bias:g}" if name == "forget_bias" else name
                   for name in VARIANT_OPTIONS if name in self.variants]
@@ -511,14 +519,17 @@ class Shape:
 #: cost no extra example): a projection whose P sits below the boundary that H passes (P = 31 < 32 <
 #: H = 33; in the stack P = 63 < 64 < H = 65, and layer 2 reads P = 63 inputs), with its clip and a
 #: forget bias; peepholes with a cell clip (and a negative forget bias) over 65 steps (the weights
-#: scaled by the fan-in keep the recurrence contracting there, see tolerances.py). Two shapes stay
+#: scaled by the fan-in keep the recurrence contracting there, see tolerances.py). Three shapes stay
 #: plain, so that the formulation without variants is checked at large sizes too (an optimised kernel
-#: may take another path for it).
+#: may take another path for it); the other options of every shape are drawn per run, save the
+#: integration mode of the first two, one of each.
 LARGE_SHAPES = {
     "default": (
-        Shape(18, 33, 33, 31),               # B past 16 in two even halves (the torch layer's inference
-                                             # forward splits rows across threads), T past 32, I past 32,
-                                             # H past 16 (below 32)
+        # B past 16 in two even halves, T past 32, I past 32, H past 16 (below 32), in each integration
+        # mode: the torch layer splits rows across threads in its forward, and under addition in the
+        # forward that keeps a tape for the gradients too, each thread writing its rows of the tape
+        Shape(18, 33, 33, 31, integration_mode="addition"),
+        Shape(18, 33, 33, 31, integration_mode="multiplicative_integration"),
         Shape(17, 20, 15, 33, proj_size=31, proj_clip=True, forget_bias=1.0),  # B past 16, T past 16,
                                              # I past 8 (below 16), H past 32, P below 32
         Shape(None, 65, 65, 9, peepholes=True, cell_clip=True, forget_bias=-0.5),  # unbatched, T past 64,
@@ -550,9 +561,10 @@ def large_case(shape: Shape, dtype: str, rng: np.random.Generator, variants=froz
     depend on the variants, so a shape gives the same case as before the variants existed where none
     is switched on."""
     pick = lambda: bool(rng.integers(2))  # noqa: E731
+    drawn_mode = INTEGRATION_MODES[int(rng.integers(2))]  # drawn even where pinned: the later draws stay put
     case = Case(
         batch=shape.batch, steps=shape.steps, input_size=shape.input_size, hidden_size=shape.hidden_size,
-        dtype=dtype, integration_mode=INTEGRATION_MODES[int(rng.integers(2))],
+        dtype=dtype, integration_mode=shape.integration_mode or drawn_mode,
         bias=pick(), recurrent_bias=pick(), multiplicative_bias=pick(),
         independent_recurrence=bool(rng.integers(4) == 0),  # the rarer variant
         num_layers=shape.num_layers, with_state=pick(), with_d_state=pick(),
