@@ -1126,6 +1126,10 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
       std::copy(c0_rows, c0_rows + rows * H, cs);
       scalar_t* hs_p = hs.data_ptr<scalar_t>();
       const scalar_t* h_prev = h0c.data_ptr<scalar_t>() + b0 * H;
+      // The tape's arrays (null where the forward keeps none), each (T, B, width)
+      auto tape_of = [&](Tensor& array) { return keep_tape ? array.data_ptr<scalar_t>() : nullptr; };
+      scalar_t *const p_m_tape_p = tape_of(p_m_tape), *const r_tape_p = tape_of(r_tape), *const m_tape_p = tape_of(m_tape);
+      scalar_t *const f_tape_p = tape_of(f_tape), *const K_p = tape_of(K), *const dh_to_dc_p = tape_of(dh_to_dc);
       for (int64_t k = 0; k < chunks; ++k) {
         on_chunk[me].store(k, std::memory_order_release);
         // Taken by another thread: done, or done within one product (or freed again if that one failed).
@@ -1139,21 +1143,21 @@ std::vector<Tensor> sliced_layer_forward(const Tensor& x_given, const Tensor& h0
           scalar_t* c = cs + ((t + 1) % 2) * most_rows * H;
           const int64_t at_rows = t * B + b0;  // this step's first row of this slice, in (T, B, .) arrays
           scalar_t* h = hs_p + at_rows * H;
-          // on the tape where the forward keeps one, else in this slice's scratch
-          auto on_tape = [&](Tensor& array, int64_t width, scalar_t* scratch_rows) {
-            return keep_tape ? array.data_ptr<scalar_t>() + at_rows * width : scratch_rows;
+          // this step's rows on the tape where the forward keeps one, else in this slice's scratch
+          auto on_tape = [&](scalar_t* tape, int64_t width, scalar_t* scratch_rows) {
+            return tape ? tape + at_rows * width : scratch_rows;
           };
-          scalar_t* r_t = on_tape(r_tape, H, r);
-          scalar_t* m_t = on_tape(m_tape, H, m);
+          scalar_t* r_t = on_tape(r_tape_p, H, r);
+          scalar_t* m_t = on_tape(m_tape_p, H, m);
           if (!independent) w_hh_step->multiply(h_prev, H, false, r_t, H);
           mix_rows<scalar_t>(0, rows, H, r_t, h_prev, w_hh_vector, b_hh_p, p_t, 5 * H, bias_p,
-                             on_tape(p_m_tape, H, nullptr), H, m_t);
+                             on_tape(p_m_tape_p, H, nullptr), H, m_t);
           if (b_mh_p)
             for (int64_t b = 0; b < rows; ++b) std::copy(b_mh_p, b_mh_p + 4 * H, pre + b * 4 * H);
           w_mh_step.multiply(m_t, H, b_mh_p != nullptr, pre, 4 * H);
           gate_rows<scalar_t>(0, rows, H, pre, p_t + H, 5 * H, bias_p ? bias_p + H : nullptr, false, multiplicative,
-                              c_prev, c, h, zt, tc, on_tape(K, 4 * H, nullptr), on_tape(dh_to_dc, H, nullptr),
-                              on_tape(f_tape, H, nullptr));
+                              c_prev, c, h, zt, tc, on_tape(K_p, 4 * H, nullptr), on_tape(dh_to_dc_p, H, nullptr),
+                              on_tape(f_tape_p, H, nullptr));
           h_prev = h;
         }
       }
